@@ -1,0 +1,23 @@
+"""fa_triton: feedback-alignment linear layers on fused Triton kernels.
+
+Public API: :class:`FALinear`, :func:`fa_linear`, :func:`reference`. Importing the package
+touches no GPU and does not import Triton; the kernels load on first use.
+"""
+
+from .activations import ACTIVATIONS
+from .functional import FALinearFunction, fa_linear
+from .modules import FALinear
+from .torch_reference import ReferenceFALinearFunction, reference
+from .validation import BACKENDS
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATIONS",
+    "BACKENDS",
+    "FALinear",
+    "FALinearFunction",
+    "ReferenceFALinearFunction",
+    "fa_linear",
+    "reference",
+]

@@ -1,0 +1,81 @@
+"""Activation functions of the FA layer, in plain PyTorch.
+
+The Triton kernels implement the same formulas (``kernels/fa_linear.py``); this module
+is the single list of names, the rule for which tensor the backward pass needs, and the
+PyTorch implementations used by the reference path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu", "identity")
+
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def check_activation(activation: str, negative_slope: float) -> None:
+    """Raise ``ValueError``/``TypeError`` for an unknown activation or a bad slope."""
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+        raise TypeError(f"negative_slope must be a float, got {type(negative_slope).__name__}")
+    if not math.isfinite(negative_slope):
+        raise ValueError(f"negative_slope must be finite, got {negative_slope}")
+
+
+def saves_preactivation(activation: str, negative_slope: float) -> bool:
+    """Whether backward needs z = x Wᵀ + b rather than the output y = f(z).
+
+    f'(z) can be read off y for relu, tanh, sigmoid and leaky_relu with a slope >= 0
+    (y > 0 exactly where z > 0), so only y is kept; gelu, and leaky_relu with a negative
+    slope (where y > 0 on both sides of 0), need z itself.
+    """
+    return activation == "gelu" or (activation == "leaky_relu" and negative_slope < 0)
+
+
+def saves_activation_input(activation: str) -> bool:
+    """Whether backward needs any of y or z (identity needs neither)."""
+    return activation != "identity"
+
+
+def apply_activation(z: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
+    """y = f(z), elementwise, in z's dtype."""
+    if activation == "relu":
+        return torch.relu(z)
+    if activation == "leaky_relu":
+        return torch.nn.functional.leaky_relu(z, negative_slope)
+    if activation == "tanh":
+        return torch.tanh(z)
+    if activation == "sigmoid":
+        return torch.sigmoid(z)
+    if activation == "gelu":
+        return torch.nn.functional.gelu(z)
+    return z
+
+
+def activation_backward(
+    grad_y: torch.Tensor, saved: torch.Tensor | None, activation: str, negative_slope: float
+) -> torch.Tensor:
+    """δ = g ⊙ f'(z), with ``saved`` the tensor chosen by :func:`saves_preactivation`.
+
+    Masked positions use ``where`` rather than a multiply by 0 so that an infinite
+    upstream gradient gives 0 there, as PyTorch's own relu backward does.
+    """
+    if activation == "identity":
+        return grad_y
+    if activation == "relu":
+        return torch.where(saved > 0, grad_y, torch.zeros_like(grad_y))
+    if activation == "leaky_relu":
+        return torch.where(saved > 0, grad_y, grad_y * negative_slope)
+    if activation == "tanh":
+        return grad_y * (1 - saved * saved)
+    if activation == "sigmoid":
+        return grad_y * saved * (1 - saved)
+    # gelu (exact, erf form): f'(z) = Φ(z) + z φ(z)
+    cdf = 0.5 * (1 + torch.erf(saved * _INV_SQRT2))
+    pdf = torch.exp(-0.5 * saved * saved) * _INV_SQRT_2PI
+    return grad_y * (cdf + saved * pdf)

@@ -1,0 +1,130 @@
+"""The functional form of the FA layer and the autograd Function over the Triton kernels."""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .activations import activation_backward, saves_activation_input, saves_preactivation
+from .torch_reference import ReferenceFALinearFunction
+from .validation import check_backend, check_inputs
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernels():
+    # Imported on first use, not with the package: triton may be missing (CPU-only
+    # installs), and TRITON_INTERPRET=1 only takes effect if set before this import.
+    try:
+        from . import kernels
+    except ImportError as err:  # pragma: no cover - depends on the installation
+        raise RuntimeError(f"backend='triton' needs the triton package, which failed to import: {err}") from err
+    return kernels
+
+
+class FALinearFunction(torch.autograd.Function):
+    """Feedback-alignment linear layer on the fused Triton kernels.
+
+    Inputs: x [..., K], weight [N, K], bias [N] or None, feedback [N, K] -> y [..., N].
+    Backward: grad_x = δ B, grad_W = δᵀ x, grad_b = Σ_rows δ with δ = g ⊙ f'(z); feedback gets none.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, feedback, activation, negative_slope):
+        kernels = _kernels()
+        in_features = x.shape[-1]
+        # reshape is a view whenever the strides allow it (transposed 2-D inputs included);
+        # the kernels take any strides, so only un-viewable layouts are copied.
+        x2d = x.reshape(-1, in_features)
+        store_preact = saves_preactivation(activation, negative_slope)
+        # y is allocated in its final shape so that the returned tensor is not a view
+        # (views made inside a Function cannot be modified in place).
+        y = torch.empty((*x.shape[:-1], weight.shape[0]), device=x.device, dtype=x.dtype)
+        _, preact = kernels.fa_linear_forward(
+            x2d, weight, bias, activation, negative_slope, store_preact, out=y.view(-1, weight.shape[0])
+        )
+
+        need_x = ctx.needs_input_grad[0]
+        need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        saved = None
+        if saves_activation_input(activation) and (need_x or need_w or need_b):
+            saved = preact if store_preact else y
+        ctx.save_for_backward(x2d if need_w else None, feedback if need_x else None, saved)
+        ctx.activation = activation
+        ctx.negative_slope = negative_slope
+        ctx.x_shape = x.shape
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        kernels = _kernels()
+        x2d, feedback, saved = ctx.saved_tensors
+        grad_y2d = grad_y.reshape(-1, grad_y.shape[-1])
+        if saved is not None:
+            saved = saved.reshape(-1, saved.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = kernels.fa_linear_backward_input(
+                grad_y2d, saved, feedback, ctx.activation, ctx.negative_slope
+            ).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            grad_w, grad_b = kernels.fa_linear_backward_weight(
+                grad_y2d, saved, x2d, ctx.activation, ctx.negative_slope, bias_grad=ctx.needs_input_grad[2]
+            )
+        elif ctx.needs_input_grad[2]:
+            # Frozen weight, trainable bias: no matmul is needed, only the row sum of δ.
+            delta = activation_backward(grad_y2d.float(), None if saved is None else saved.float(),
+                                        ctx.activation, ctx.negative_slope)
+            grad_b = delta.sum(0).to(grad_y.dtype)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """The backend that runs for ``x``: "triton" or "torch" (see :func:`fa_linear`)."""
+    check_backend(backend)
+    if backend == "auto":
+        return "triton" if x.is_cuda and x.dtype in TRITON_DTYPES else "torch"
+    if backend == "triton":
+        if x.dtype not in TRITON_DTYPES:
+            raise TypeError(
+                f"backend='triton' supports dtypes {TRITON_DTYPES}, got x of dtype {x.dtype}; use backend='torch'"
+            )
+        if x.device.type == "cpu":
+            if not _kernels().INTERPRETED:
+                raise RuntimeError(
+                    "backend='triton' got CPU tensors, which need Triton's interpreter: set the environment "
+                    "variable TRITON_INTERPRET=1 before fa_triton's kernels are first used, move the tensors "
+                    "to CUDA, or use backend='torch'"
+                )
+        elif not x.is_cuda:
+            raise ValueError(f"backend='triton' runs on CUDA tensors (or CPU with TRITON_INTERPRET=1), got {x.device}")
+    return backend
+
+
+def fa_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    feedback: torch.Tensor,
+    activation: str = "relu",
+    *,
+    negative_slope: float = 0.01,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Feedback-alignment linear layer: ``y = f(x Wᵀ + b)``, gradients sent back through ``feedback``.
+
+    Args:
+        x: input [..., in_features].
+        weight: W [out_features, in_features] (nn.Linear's layout).
+        bias: b [out_features] or None.
+        feedback: fixed random B [out_features, in_features]; receives no gradient.
+        activation: one of ``fa_triton.ACTIVATIONS``.
+        negative_slope: slope of ``"leaky_relu"`` for z < 0.
+        backend: ``"triton"`` (fused kernels), ``"torch"`` (reference) or ``"auto"`` (Triton on CUDA).
+    Returns:
+        y [..., out_features].
+    """
+    check_inputs(x, weight, bias, feedback, activation, negative_slope)
+    function = FALinearFunction if resolve_backend(backend, x) == "triton" else ReferenceFALinearFunction
+    return function.apply(x, weight, bias, feedback, activation, float(negative_slope))

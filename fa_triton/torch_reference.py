@@ -1,0 +1,70 @@
+"""The feedback-alignment linear layer in plain PyTorch ops: the CPU path and the reference
+that the Triton kernels are benchmarked against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .activations import activation_backward, apply_activation, saves_activation_input, saves_preactivation
+from .validation import check_inputs
+
+
+class ReferenceFALinearFunction(torch.autograd.Function):
+    """y = f(x Wᵀ + b) forward; backward sends g ⊙ f'(z) through the fixed feedback B.
+
+    Inputs: x [..., K], weight [N, K], bias [N] or None, feedback [N, K].
+    Gradients: x, weight, bias; feedback gets none.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, feedback, activation, negative_slope):
+        z = F.linear(x, weight, bias)
+        y = apply_activation(z, activation, negative_slope)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        saved = None
+        if saves_activation_input(activation) and (need_x or need_w):
+            saved = z if saves_preactivation(activation, negative_slope) else y
+        ctx.save_for_backward(
+            x if ctx.needs_input_grad[1] else None,
+            feedback if need_x else None,
+            saved,
+        )
+        ctx.activation = activation
+        ctx.negative_slope = negative_slope
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, feedback, saved = ctx.saved_tensors
+        delta = activation_backward(grad_y, saved, ctx.activation, ctx.negative_slope)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = delta @ feedback  # B in place of W: the only change from backprop
+        delta2d = delta.reshape(-1, delta.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = delta2d.t() @ x.reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[2]:
+            grad_b = delta2d.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    feedback: torch.Tensor,
+    activation: str = "relu",
+    *,
+    negative_slope: float = 0.01,
+) -> torch.Tensor:
+    """Feedback-alignment linear layer in plain PyTorch; same contract as :func:`fa_triton.fa_linear`.
+
+    x [..., in], weight [out, in], bias [out] or None, feedback [out, in] -> y [..., out].
+    Works on any device and in any floating dtype (float64 included).
+    """
+    check_inputs(x, weight, bias, feedback, activation, negative_slope)
+    return ReferenceFALinearFunction.apply(x, weight, bias, feedback, activation, float(negative_slope))
