@@ -28,7 +28,8 @@ def activation_and_derivative(z: torch.Tensor, activation: str, negative_slope: 
     if activation == "relu":
         return torch.where(z > 0, z, 0.0), (z > 0).to(z.dtype)
     if activation == "leaky_relu":
-        return torch.where(z > 0, z, negative_slope * z), torch.where(z > 0, 1.0, negative_slope).to(z.dtype)
+        one = torch.ones_like(z)
+        return torch.where(z > 0, z, negative_slope * z), torch.where(z > 0, one, negative_slope * one)
     if activation == "tanh":
         t = torch.tanh(z)
         return t, 1 - t * t

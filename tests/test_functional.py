@@ -1,0 +1,128 @@
+"""fa_linear (fa_triton/functional.py): backends, exactness against backprop, edge cases."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fa_triton import ACTIVATIONS, fa_linear, kernels
+from fa_triton.activations import apply_activation
+from fa_triton.functional import resolve_backend
+from conftest import KERNEL_DEVICE
+from oracle import make_inputs, run_layer
+
+
+def backprop_layer(x, weight, bias, feedback, activation, negative_slope=0.01):
+    """Ordinary autograd through act(F.linear(x, W, b)): what FA with B = W must reproduce."""
+    return apply_activation(F.linear(x, weight, bias), activation, negative_slope)
+
+
+# (backend, device, dtype, atol, rtol): the reference in float64 must agree to rounding; the
+# kernels in float32 to float32 rounding (different summation order than cuBLAS/MKL).
+EXACTNESS_CASES = [
+    ("torch", "cpu", torch.float64, 1e-12, 1e-12),
+    ("torch", "cpu", torch.float32, 1e-6, 1e-6),
+    ("triton", KERNEL_DEVICE, torch.float32, 2e-5, 2e-5),
+]
+
+
+@pytest.mark.parametrize("backend, device, dtype, atol, rtol", EXACTNESS_CASES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_feedback_equal_to_weight_is_backprop(backend, device, dtype, atol, rtol, activation):
+    x, weight, b, _, grad_y = make_inputs((2, 9), 31, 17, dtype, device, activation=activation)
+    fa = run_layer(fa_linear, x, weight, b, weight.clone(), grad_y, activation, backend=backend)
+    bp = run_layer(backprop_layer, x, weight, b, None, grad_y, activation)
+    for name, value in bp.items():
+        torch.testing.assert_close(fa[name], value, atol=atol, rtol=rtol, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_feedback_different_from_weight_is_not_backprop(backend):
+    device = "cpu" if backend == "torch" else KERNEL_DEVICE
+    x, weight, b, feedback, grad_y = make_inputs((8,), 12, 6, torch.float32, device, activation="identity")
+    fa = run_layer(fa_linear, x, weight, b, feedback, grad_y, "identity", backend=backend)
+    bp = run_layer(backprop_layer, x, weight, b, None, grad_y, "identity")
+    assert not torch.allclose(fa["grad_x"], bp["grad_x"], atol=1e-3)
+    # Only grad_x changes: the weight and bias updates are backprop's own.
+    torch.testing.assert_close(fa["grad_weight"], bp["grad_weight"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fa["grad_bias"], bp["grad_bias"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("lead_shape", [(0,), (3, 0)], ids=["2d", "3d"])
+def test_empty_batch(backend, lead_shape):
+    device = "cpu" if backend == "torch" else KERNEL_DEVICE
+    x, weight, b, feedback, grad_y = make_inputs(lead_shape, 7, 5, torch.float32, device)
+    result = run_layer(fa_linear, x, weight, b, feedback, grad_y, "relu", backend=backend)
+    assert result["y"].shape == (*lead_shape, 5)
+    assert result["grad_x"].shape == x.shape
+    assert torch.equal(result["grad_weight"], torch.zeros_like(weight))
+    assert torch.equal(result["grad_bias"], torch.zeros_like(b))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("activation", ["relu", "identity", "tanh"])
+def test_nan_and_inf_propagate_like_pytorch(backend, activation):
+    device = "cpu" if backend == "torch" else KERNEL_DEVICE
+    x, weight, b, feedback, grad_y = make_inputs((6,), 8, 4, torch.float32, device, activation=activation)
+    x[1, 3] = float("nan")
+    x[2, 0] = float("inf")
+    x[4, 5] = -float("inf")
+    grad_y[5, 2] = float("inf")
+    fa = run_layer(fa_linear, x, weight, b, feedback, grad_y, activation, backend=backend)
+    bp = run_layer(backprop_layer, x, weight, b, None, grad_y, activation)
+    torch.testing.assert_close(fa["y"], bp["y"], equal_nan=True, atol=1e-5, rtol=1e-5)
+    for name in ("grad_weight", "grad_bias"):
+        assert torch.equal(fa[name].isnan(), bp[name].isnan()), name
+        assert torch.equal(fa[name].isinf(), bp[name].isinf()), name
+
+
+def test_auto_backend_resolution():
+    cpu = torch.zeros(2, 3)
+    assert resolve_backend("auto", cpu) == "torch"
+    assert resolve_backend("torch", cpu) == "torch"
+    assert resolve_backend("auto", cpu.double()) == "torch"
+    meta_cuda = torch.empty(2, 3, device="meta")
+    assert resolve_backend("auto", meta_cuda) == "torch"
+
+
+@pytest.mark.cuda
+def test_auto_backend_uses_triton_on_cuda():
+    assert resolve_backend("auto", torch.zeros(2, 3, device="cuda")) == "triton"
+    assert resolve_backend("auto", torch.zeros(2, 3, device="cuda", dtype=torch.float64)) == "torch"
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    x, weight, b, feedback, _ = make_inputs((2,), 3, 4, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        fa_linear(x, weight, b, feedback, backend="triton")
+
+
+def test_triton_rejects_float64():
+    x, weight, b, feedback, _ = make_inputs((2,), 3, 4, torch.float64, "cpu")
+    with pytest.raises(TypeError, match="float64.*backend='torch'"):
+        fa_linear(x, weight, b, feedback, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_output_can_be_modified_in_place_when_nothing_needs_it(backend):
+    # identity saves no activation, so an in-place op on y is legal, as after nn.Linear.
+    device = "cpu" if backend == "torch" else KERNEL_DEVICE
+    x, weight, b, feedback, grad_y = make_inputs((3,), 4, 5, torch.float32, device)
+    weight.requires_grad_(True)
+    y = fa_linear(x, weight, b, feedback, "identity", backend=backend)
+    y.mul_(2)
+    y.backward(grad_y)
+    torch.testing.assert_close(weight.grad, 2 * grad_y.t() @ x)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_in_place_change_of_a_saved_output_is_caught(backend):
+    device = "cpu" if backend == "torch" else KERNEL_DEVICE
+    x, weight, b, feedback, grad_y = make_inputs((3,), 4, 5, torch.float32, device)
+    weight.requires_grad_(True)
+    y = fa_linear(x, weight, b, feedback, "relu", backend=backend)
+    y.add_(1)  # relu's backward reads y: autograd must refuse rather than compute a wrong gradient
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(grad_y)

@@ -1,0 +1,149 @@
+"""FALinear (fa_triton/modules.py): behaves like nn.Linear, keeps its feedback fixed."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fa_triton import FALinear
+from conftest import KERNEL_DEVICE
+
+BACKEND_DEVICES = [("torch", "cpu"), ("triton", KERNEL_DEVICE)]
+
+
+def test_weight_and_bias_initialised_as_nn_linear():
+    torch.manual_seed(3)
+    linear = nn.Linear(20, 7)
+    torch.manual_seed(3)
+    layer = FALinear(20, 7)
+    assert torch.equal(layer.weight, linear.weight) and torch.equal(layer.bias, linear.bias)
+
+
+def test_feedback_is_independent_and_from_weights_distribution():
+    layer = FALinear(400, 300)
+    bound = 1 / math.sqrt(400)
+    assert layer.feedback.shape == layer.weight.shape
+    assert layer.feedback.abs().max() <= bound
+    # U(-a, a) has standard deviation a / sqrt(3); 120k samples pin it within ~1%.
+    assert abs(layer.feedback.std().item() - bound / math.sqrt(3)) < 0.01 * bound
+    cosine = torch.nn.functional.cosine_similarity(layer.feedback.flatten(), layer.weight.flatten(), dim=0)
+    assert abs(cosine.item()) < 0.02
+
+
+def test_feedback_is_a_buffer_not_a_parameter():
+    layer = FALinear(5, 4)
+    assert all(p is not layer.feedback for p in layer.parameters())
+    assert [name for name, _ in layer.named_parameters()] == ["weight", "bias"]
+    assert set(layer.state_dict()) == {"weight", "bias", "feedback"}
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_optimizer_step_leaves_feedback_unchanged(backend, device):
+    layer = FALinear(6, 3, backend=backend, device=device)
+    feedback, weight = layer.feedback.clone(), layer.weight.detach().clone()
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    layer(torch.randn(8, 6, device=device)).square().sum().backward()
+    optimizer.step()
+    assert torch.equal(layer.feedback, feedback)
+    assert not torch.equal(layer.weight, weight)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_state_dict_round_trip_is_bitwise(backend, device):
+    source = FALinear(9, 5, activation="tanh", backend=backend, device=device)
+    target = FALinear(9, 5, activation="tanh", backend=backend, device=device)
+    assert not torch.equal(source.feedback, target.feedback)
+    target.load_state_dict(source.state_dict())
+    x = torch.randn(3, 9, device=device, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y_source, y_target = source(x), target(x2)
+    assert torch.equal(y_source, y_target)
+    y_source.sum().backward()
+    y_target.sum().backward()
+    assert torch.equal(x.grad, x2.grad) and torch.equal(source.weight.grad, target.weight.grad)
+
+
+def test_to_float64_casts_feedback_and_runs():
+    layer = FALinear(4, 3).to(torch.float64)
+    assert layer.weight.dtype == layer.bias.dtype == layer.feedback.dtype == torch.float64
+    y = layer(torch.randn(2, 4, dtype=torch.float64))
+    assert y.dtype == torch.float64
+    with pytest.raises(TypeError, match="weight has dtype torch.float64 but x has dtype torch.float32"):
+        layer(torch.randn(2, 4))
+
+
+def test_to_half_moves_feedback_too():
+    layer = FALinear(4, 3).to(torch.float16)
+    assert layer.feedback.dtype == torch.float16
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_backward_is_deterministic(backend, device):
+    layer = FALinear(33, 17, activation="gelu", backend=backend, device=device)
+    x = torch.randn(5, 11, 33, device=device)
+    grads = []
+    for _ in range(2):
+        layer.zero_grad()
+        xr = x.clone().requires_grad_(True)
+        layer(xr).pow(2).sum().backward()
+        grads.append((xr.grad, layer.weight.grad.clone(), layer.bias.grad.clone()))
+    for first, second in zip(*grads):
+        assert torch.equal(first, second)
+
+
+def test_from_linear_copies_weights_and_takes_feedback():
+    linear = nn.Linear(6, 4)
+    feedback = torch.randn(4, 6)
+    layer = FALinear.from_linear(linear, activation="identity", feedback=feedback)
+    assert torch.equal(layer.weight, linear.weight) and torch.equal(layer.bias, linear.bias)
+    assert torch.equal(layer.feedback, feedback)
+    assert layer.weight is not linear.weight  # a copy: training one leaves the other alone
+    x = torch.randn(2, 6)
+    torch.testing.assert_close(layer(x), linear(x))
+
+
+def test_from_linear_without_bias_and_fresh_feedback():
+    linear = nn.Linear(6, 4, bias=False, dtype=torch.float64)
+    layer = FALinear.from_linear(linear)
+    assert layer.bias is None and layer.weight.dtype == torch.float64
+    assert not torch.equal(layer.feedback, linear.weight)
+
+
+def test_from_linear_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="linear must be an nn.Linear, got Conv1d"):
+        FALinear.from_linear(nn.Conv1d(2, 2, 1))
+    with pytest.raises(ValueError, match=r"feedback must have the shape of linear.weight \(4, 6\).*\(6, 4\)"):
+        FALinear.from_linear(nn.Linear(6, 4), feedback=torch.randn(6, 4))
+
+
+def test_extra_repr_shows_sizes_activation_backend():
+    text = repr(FALinear(784, 128, activation="leaky_relu", negative_slope=0.2, backend="torch", bias=False))
+    assert text == ("FALinear(in_features=784, out_features=128, bias=False, "
+                    "activation=leaky_relu(negative_slope=0.2), backend=torch)")
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_sequential_training_step_reduces_loss(backend, device):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        FALinear(20, 32, backend=backend, device=device),
+        FALinear(32, 3, activation="identity", backend=backend, device=device),
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.randn(64, 20, device=device)
+    target = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    losses = []
+    for _ in range(20):
+        loss = nn.functional.cross_entropy(model(x), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_any_leading_shape():
+    layer = FALinear(5, 2)
+    assert layer(torch.randn(5)).shape == (2,)
+    assert layer(torch.randn(2, 3, 4, 5)).shape == (2, 3, 4, 2)

@@ -1,0 +1,50 @@
+"""The PyTorch reference (fa_triton/torch_reference.py) against the float64 oracle."""
+
+import pytest
+import torch
+
+from fa_triton import ACTIVATIONS, reference
+from oracle import max_error, make_inputs, oracle, run_layer
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("lead_shape", [(), (13,), (3, 5)], ids=["1d", "2d", "3d"])
+def test_float64_matches_oracle(activation, bias, lead_shape):
+    x, weight, b, feedback, grad_y = make_inputs(lead_shape, 19, 11, torch.float64, "cpu", bias=bias,
+                                                 activation=activation)
+    expected = oracle(x, weight, b, feedback, grad_y, activation)
+    result = run_layer(reference, x, weight, b, feedback, grad_y, activation)
+    for name, value in expected.items():
+        if value is None:
+            assert result[name] is None
+        else:
+            assert max_error(result[name], value) < 1e-12, name
+
+
+@pytest.mark.parametrize("negative_slope", [0.0, 0.2, -0.3])
+def test_leaky_relu_slopes(negative_slope):
+    x, weight, b, feedback, grad_y = make_inputs((29,), 8, 6, torch.float64, "cpu", activation="leaky_relu")
+    expected = oracle(x, weight, b, feedback, grad_y, "leaky_relu", negative_slope)
+    result = run_layer(reference, x, weight, b, feedback, grad_y, "leaky_relu", negative_slope=negative_slope)
+    for name, value in expected.items():
+        assert max_error(result[name], value) < 1e-12, name
+
+
+def test_uses_feedback_not_weight():
+    x, weight, b, feedback, grad_y = make_inputs((4,), 5, 3, torch.float64, "cpu")
+    result = run_layer(reference, x, weight, b, feedback, grad_y, "identity")
+    torch.testing.assert_close(result["grad_x"], grad_y @ feedback)
+    assert not torch.allclose(result["grad_x"], grad_y @ weight)
+
+
+def test_saves_only_what_backward_needs():
+    # A frozen weight needs no x in backward; a leaf input needs no feedback.
+    x, weight, b, feedback, _ = make_inputs((4,), 5, 3, torch.float64, "cpu")
+    y = reference(x.requires_grad_(True), weight, b, feedback, "relu")
+    saved = [t for t in (y.grad_fn.saved_tensors) if t is not None]
+    assert not any(t is x for t in saved) and any(t is feedback for t in saved)
+    weight.requires_grad_(True)
+    y = reference(x.detach(), weight, None, feedback, "identity")
+    saved = [t for t in y.grad_fn.saved_tensors if t is not None]
+    assert len(saved) == 1 and saved[0].data_ptr() == x.data_ptr()
