@@ -1,9 +1,11 @@
 """fa_triton: feedback-alignment linear layers on fused Triton kernels.
 
-Public API: :class:`FALinear`, :func:`fa_linear`, :func:`reference`. Importing the package
-touches no GPU and does not import Triton; the kernels load on first use.
+Public API: :class:`FALinear`, :func:`fa_linear`, :func:`reference`. Importing the package touches no GPU and does not import
+Triton; the kernels load on first use. The ``torch.library`` ops ``torch.ops.fa_triton.*``
+(:mod:`fa_triton.ops`) are registered on import.
 """
 
+from . import ops  # registers the torch.library ops (fa_triton::*)
 from .activations import ACTIVATIONS
 from .functional import FALinearFunction, fa_linear
 from .modules import FALinear
