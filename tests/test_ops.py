@@ -203,6 +203,16 @@ def test_compile_graph_holds_the_ops():
     assert not any("triton_" in t for t in targets("forward") + targets("backward"))
 
 
+def test_export_holds_the_ops():
+    # torch.export traces the same ops; the backend is resolved when tracing (CPU: reference).
+    model = mlp("auto")
+    x = torch.randn(6, 12)
+    exported = torch.export.export(model, (x,))
+    targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
+    assert targets.count("fa_triton.reference_forward.default") == 4
+    assert torch.equal(exported.module()(x), model(x))
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compile_fullgraph_matches_eager_cuda(dtype):
