@@ -1,10 +1,14 @@
 """fa_triton: feedback-alignment linear layers on fused Triton kernels.
 
-Public API: :class:`FALinear`, :func:`fa_linear`, :func:`reference`. Importing the package
-touches no GPU and does not import Triton; the kernels load on first use.
+Public API: :class:`FALinear`, :func:`fa_linear`, :func:`reference`, :func:`convert`,
+:func:`load_linear_state_dict`. Importing the package touches no GPU and does not import
+Triton; the kernels load on first use. The ``torch.library`` ops ``torch.ops.fa_triton.*``
+(:mod:`fa_triton.ops`) are registered on import.
 """
 
+from . import ops  # registers the torch.library ops (fa_triton::*)
 from .activations import ACTIVATIONS
+from .convert import ConversionSummary, convert, load_linear_state_dict
 from .functional import FALinearFunction, fa_linear
 from .modules import FALinear
 from .torch_reference import ReferenceFALinearFunction, reference
@@ -15,9 +19,12 @@ __version__ = "0.1.0"
 __all__ = [
     "ACTIVATIONS",
     "BACKENDS",
+    "ConversionSummary",
     "FALinear",
     "FALinearFunction",
     "ReferenceFALinearFunction",
+    "convert",
     "fa_linear",
+    "load_linear_state_dict",
     "reference",
 ]

@@ -6,6 +6,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .activations import activation_backward, saves_activation_input, saves_preactivation
+from .ops import fa_linear_op
 from .torch_reference import ReferenceFALinearFunction
 from .validation import check_backend, check_inputs
 
@@ -80,6 +81,28 @@ class FALinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
+def autocast_inputs(x, weight, bias, feedback):
+    """x, weight, bias, feedback cast as ``torch.autocast`` casts ``F.linear``'s arguments.
+
+    Inside an autocast region for x's device type, floating-point tensors other than float64
+    are cast to the autocast dtype (the casts are differentiable: fp32 master weights get fp32
+    gradients); outside one, they are returned unchanged.
+    """
+    if not isinstance(x, torch.Tensor):
+        return x, weight, bias, feedback
+    device_type = x.device.type
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return x, weight, bias, feedback
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+            return t.to(dtype)
+        return t
+
+    return cast(x), cast(weight), cast(bias), cast(feedback)
+
+
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """The backend that runs for ``x``: "triton" or "torch" (see :func:`fa_linear`)."""
     check_backend(backend)
@@ -96,6 +119,12 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
                     "backend='triton' got CPU tensors, which need Triton's interpreter: set the environment "
                     "variable TRITON_INTERPRET=1 before fa_triton's kernels are first used, move the tensors "
                     "to CUDA, or use backend='torch'"
+                )
+            if x.dtype == torch.bfloat16:
+                # The interpreter loads bf16 as garbage rather than failing: refuse instead.
+                raise TypeError(
+                    "backend='triton' on CPU tensors runs Triton's interpreter, which has no bfloat16 arithmetic; "
+                    "got x of dtype torch.bfloat16 (under torch.autocast('cpu') too): use backend='torch' or 'auto'"
                 )
         elif not x.is_cuda:
             raise ValueError(f"backend='triton' runs on CUDA tensors (or CPU with TRITON_INTERPRET=1), got {x.device}")
@@ -123,8 +152,14 @@ def fa_linear(
         negative_slope: slope of ``"leaky_relu"`` for z < 0.
         backend: ``"triton"`` (fused kernels), ``"torch"`` (reference) or ``"auto"`` (Triton on CUDA).
     Returns:
-        y [..., out_features].
+        y [..., out_features]; under ``torch.autocast`` in the autocast dtype, as ``nn.Linear``.
     """
+    x, weight, bias, feedback = autocast_inputs(x, weight, bias, feedback)
     check_inputs(x, weight, bias, feedback, activation, negative_slope)
-    function = FALinearFunction if resolve_backend(backend, x) == "triton" else ReferenceFALinearFunction
+    resolved = resolve_backend(backend, x)
+    if torch.compiler.is_compiling():
+        # torch.compile / torch.export trace the torch.library ops (one graph node each, no
+        # graph break). Eager mode keeps the autograd Functions: they cost less per call.
+        return fa_linear_op(x, weight, bias, feedback, activation, float(negative_slope), resolved)
+    function = FALinearFunction if resolved == "triton" else ReferenceFALinearFunction
     return function.apply(x, weight, bias, feedback, activation, float(negative_slope))

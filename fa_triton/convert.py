@@ -1,0 +1,321 @@
+"""Turn an ``nn.Linear`` model into a feedback-alignment model, and load its checkpoints.
+
+:func:`convert` replaces ``nn.Linear`` layers by :class:`~fa_triton.FALinear` (same weight and
+bias Parameters, fresh feedback), fusing a directly following activation module of an
+``nn.Sequential`` into the layer. :func:`load_linear_state_dict` loads a checkpoint of the
+original model into the converted one.
+
+State-dict keys: a fused activation module is replaced by ``nn.Identity`` in its slot (not
+removed), so every index of an ``nn.Sequential`` and every key of the original model stays
+as it was; a converted layer only adds ``<name>.feedback``.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .modules import FALinear
+from .validation import check_backend
+
+__all__ = ["ConvertedLayer", "ConversionSummary", "convert", "load_linear_state_dict"]
+
+_DEFAULT_SLOPE = 0.01
+
+
+def fusable_activation(module: nn.Module) -> tuple[str, float] | None:
+    """(activation, negative_slope) of FALinear equivalent to ``module``, or None if it has none.
+
+    Exact types only: a subclass may compute something else in its forward.
+    """
+    kind = type(module)
+    if kind is nn.ReLU:
+        return "relu", _DEFAULT_SLOPE
+    if kind is nn.LeakyReLU:
+        return "leaky_relu", float(module.negative_slope)
+    if kind is nn.Tanh:
+        return "tanh", _DEFAULT_SLOPE
+    if kind is nn.Sigmoid:
+        return "sigmoid", _DEFAULT_SLOPE
+    if kind is nn.GELU and module.approximate == "none":
+        return "gelu", _DEFAULT_SLOPE
+    if kind is nn.Identity:
+        return "identity", _DEFAULT_SLOPE
+    return None
+
+
+@dataclass(frozen=True)
+class ConvertedLayer:
+    """One ``nn.Linear`` that became an FALinear."""
+
+    name: str  # qualified name of the layer (unchanged by the conversion)
+    activation: str  # the FALinear's activation ("identity" unless an activation was fused)
+    fused: str | None = None  # qualified name of the fused activation module, now nn.Identity
+
+
+@dataclass
+class ConversionSummary:
+    """What :func:`convert` did: converted layers, and the ``nn.Linear`` layers kept with the reason."""
+
+    converted: list[ConvertedLayer] = field(default_factory=list)
+    kept: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+
+    @property
+    def names(self) -> list[str]:
+        """Qualified names of the converted layers."""
+        return [layer.name for layer in self.converted]
+
+    def __str__(self) -> str:
+        lines = [f"fa_triton.convert: {len(self.converted)} nn.Linear -> FALinear, {len(self.kept)} kept"]
+        for layer in self.converted:
+            fused = f" (fused {layer.fused}, now nn.Identity)" if layer.fused is not None else ""
+            lines.append(f"  {layer.name or '<root>'}: FALinear, activation={layer.activation}{fused}")
+        for name, reason in self.kept:
+            lines.append(f"  {name or '<root>'}: kept as nn.Linear ({reason})")
+        return "\n".join(lines)
+
+
+def _selector(spec, argument: str) -> tuple[list[str], list[type]]:
+    """Split ``include``/``exclude`` into name patterns and module types."""
+    if spec is None:
+        return [], []
+    if isinstance(spec, (str, type)):
+        spec = [spec]
+    if not isinstance(spec, Iterable):
+        raise TypeError(f"{argument} must be a name, a module type or a list of them, got {type(spec).__name__}")
+    names, types = [], []
+    for item in spec:
+        if isinstance(item, str):
+            names.append(item)
+        elif isinstance(item, type) and issubclass(item, nn.Module):
+            types.append(item)
+        else:
+            raise TypeError(f"{argument} entries must be module names (str) or nn.Module types, got {item!r}")
+    return names, types
+
+
+def _matches(names, types, path: list[tuple[str, nn.Module]]) -> bool:
+    """Whether the module at the end of ``path`` (root first) or a module containing it is selected."""
+    for name, module in path:
+        if name and any(fnmatch.fnmatchcase(name, pattern) for pattern in names):  # the root has no name
+            return True
+        if types and isinstance(module, tuple(types)):
+            return True
+    return False
+
+
+def _unconvertible(linear: nn.Linear, parent: nn.Module | None) -> str | None:
+    """Why ``linear`` cannot be replaced, or None."""
+    if isinstance(parent, nn.MultiheadAttention):
+        return "inside nn.MultiheadAttention, which reads its weights without calling it"
+    if type(linear).forward is not nn.Linear.forward:
+        return f"{type(linear).__name__} overrides nn.Linear.forward"
+    if isinstance(linear.weight, nn.parameter.UninitializedParameter):
+        return "uninitialized lazy layer: run one forward pass first"
+    if parametrize.is_parametrized(linear):
+        return "parametrized weight"
+    return None
+
+
+class _Converter:
+    def __init__(self, activation_fusion, backend, include, exclude):
+        self.activation_fusion = activation_fusion
+        self.backend = backend
+        self.include_names, self.include_types = include
+        self.exclude_names, self.exclude_types = exclude
+        self.include = bool(self.include_names or self.include_types)
+        self.summary = ConversionSummary()
+        self.seen_names: list[str] = []
+        # A Linear shared by several parents becomes one FALinear (or, fused differently,
+        # FALinears sharing its Parameters and one feedback): weight tying survives.
+        self.done: dict[int, dict[tuple[str, float], FALinear]] = {}
+
+    def selected(self, path) -> bool:
+        if self.include and not _matches(self.include_names, self.include_types, path):
+            return False
+        return not _matches(self.exclude_names, self.exclude_types, path)
+
+    def falinear(self, linear: nn.Linear, activation: str, negative_slope: float) -> FALinear:
+        variants = self.done.setdefault(id(linear), {})
+        if (activation, negative_slope) in variants:
+            return variants[(activation, negative_slope)]
+        # Built on the meta device: weight and bias are linear's own Parameters, so only
+        # the feedback is drawn (no wasted initialisation, no extra RNG draws).
+        layer = FALinear(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, activation=activation,
+            negative_slope=negative_slope, backend=self.backend, device="meta",
+        )
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        if variants:
+            layer.feedback = next(iter(variants.values())).feedback
+        else:
+            layer.feedback = torch.empty_like(linear.weight, requires_grad=False)
+            layer.reset_feedback()
+        layer.train(linear.training)
+        variants[(activation, negative_slope)] = layer
+        return layer
+
+    def convert_root(self, model: nn.Linear) -> nn.Module:
+        path = [("", model)]
+        reason = _unconvertible(model, None) or (None if self.selected(path) else "not selected by include/exclude")
+        if reason is not None:
+            self.summary.kept.append(("", reason))
+            return model
+        self.summary.converted.append(ConvertedLayer("", "identity"))
+        return self.falinear(model, "identity", _DEFAULT_SLOPE)
+
+    def visit(self, module: nn.Module, path: list[tuple[str, nn.Module]]) -> None:
+        slots = [(name, child) for name, child in module._modules.items() if child is not None]
+        prefix = path[-1][0]
+        for index, (name, child) in enumerate(slots):
+            qualified = f"{prefix}.{name}" if prefix else name
+            self.seen_names.append(qualified)
+            child_path = path + [(qualified, child)]
+            if not isinstance(child, nn.Linear):
+                self.visit(child, child_path)
+                continue
+            reason = _unconvertible(child, module)
+            if reason is None and not self.selected(child_path):
+                reason = "not selected by include/exclude"
+            if reason is not None:
+                self.summary.kept.append((qualified, reason))
+                continue
+            activation, negative_slope, fused = "identity", _DEFAULT_SLOPE, None
+            if self.activation_fusion and isinstance(module, nn.Sequential) and index + 1 < len(slots):
+                next_name, next_child = slots[index + 1]
+                next_qualified = f"{prefix}.{next_name}" if prefix else next_name
+                found = fusable_activation(next_child)
+                if found is not None and not _matches(self.exclude_names, self.exclude_types,
+                                                      [(next_qualified, next_child)]):
+                    activation, negative_slope = found
+                    fused = next_qualified
+                    # Identity in the activation's slot keeps the indices (and state_dict keys).
+                    module._modules[next_name] = nn.Identity()
+            module._modules[name] = self.falinear(child, activation, negative_slope)
+            self.summary.converted.append(ConvertedLayer(qualified, activation, fused))
+
+
+def convert(
+    model: nn.Module,
+    activation_fusion: bool = True,
+    backend: str = "auto",
+    inplace: bool = False,
+    *,
+    include=None,
+    exclude=None,
+    verbose: bool = False,
+    return_summary: bool = False,
+):
+    """Replace every ``nn.Linear`` of ``model`` by an :class:`~fa_triton.FALinear`.
+
+    Each converted layer keeps the ``nn.Linear``'s own ``weight`` and ``bias`` Parameters
+    (values, device, dtype, ``requires_grad`` and weight tying preserved) and gets a freshly
+    drawn ``feedback``. With ``activation_fusion``, an ``nn.Linear`` directly followed, inside an
+    ``nn.Sequential``, by ``nn.ReLU``, ``nn.LeakyReLU`` (its slope), ``nn.Tanh``, ``nn.Sigmoid``,
+    ``nn.GELU(approximate="none")`` or ``nn.Identity`` becomes one FALinear with that activation
+    (the fused kernel), and the activation's slot becomes ``nn.Identity``: indices and
+    state_dict keys do not change. Other layers get ``activation="identity"``.
+
+    Args:
+        model: any ``nn.Module`` (an ``nn.Linear`` itself is returned converted).
+        activation_fusion: fuse following activation modules as described above.
+        backend: the ``backend`` of the new layers (``fa_triton.BACKENDS``).
+        inplace: modify ``model`` itself; otherwise a deep copy is converted and ``model`` is untouched.
+        include: only convert layers matching these (default: all). Entries are qualified module
+            names (``fnmatch`` patterns, e.g. ``"head.*"``) or ``nn.Module`` types; an entry
+            matches a layer if it matches the layer or a module containing it.
+        exclude: never convert layers matching these (same forms; wins over ``include``), e.g.
+            the output layer to keep it trained by backprop. A matching activation is not fused.
+        verbose: print the summary.
+        return_summary: return ``(model, summary)`` instead of the model.
+    Returns:
+        The converted model (and a :class:`ConversionSummary` if ``return_summary``). A model
+        with no ``nn.Linear`` to convert is returned as it is (the same object), with a warning.
+
+    ``nn.Linear`` layers whose parent reads their weights without calling them
+    (``nn.MultiheadAttention``), subclasses that override ``forward``, uninitialized lazy layers
+    and parametrized layers are kept and listed in the summary. Hooks on a converted layer
+    are not carried over.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    for argument, value in (("activation_fusion", activation_fusion), ("inplace", inplace),
+                            ("verbose", verbose), ("return_summary", return_summary)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{argument} must be a bool, got {type(value).__name__}")
+    check_backend(backend)
+    converter = _Converter(activation_fusion, backend, _selector(include, "include"), _selector(exclude, "exclude"))
+
+    target = model if inplace else copy.deepcopy(model)
+    if isinstance(target, nn.Linear):
+        result = converter.convert_root(target)
+    else:
+        converter.visit(target, [("", target)])
+        result = target
+        unknown = [p for p in converter.include_names + converter.exclude_names
+                   if not any(fnmatch.fnmatchcase(name, p) for name in converter.seen_names)]
+        if unknown:
+            raise ValueError(
+                f"include/exclude name patterns {unknown} match no module of {type(model).__name__} "
+                f"(its modules: {converter.seen_names[:20]}{' ...' if len(converter.seen_names) > 20 else ''})"
+            )
+
+    summary = converter.summary
+    if not summary.converted:
+        result = model  # nothing changed: hand back the caller's own object, not a copy
+        kept = f" ({len(summary.kept)} nn.Linear kept: {summary.kept})" if summary.kept else ""
+        warnings.warn(
+            f"fa_triton.convert: {type(model).__name__} has no nn.Linear layer to convert{kept}; "
+            "returned unchanged", UserWarning, stacklevel=2,
+        )
+    if verbose:
+        print(summary)
+    return (result, summary) if return_summary else result
+
+
+def load_linear_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
+    """Load a checkpoint of the ``nn.Linear`` model into its converted (FA) model.
+
+    ``state_dict`` is the original model's (or a converted model's) ``state_dict()``; the keys
+    are the same, since :func:`convert` keeps them. Feedback matrices that ``state_dict`` lacks
+    keep the model's own, drawn fresh at conversion (a warning lists them); any that it has
+    are loaded, so a converted model's checkpoint round-trips bitwise.
+
+    Raises ``ValueError`` naming the key if a tensor's shape differs from the model's;
+    otherwise behaves as ``model.load_state_dict(state_dict, strict)``, whose result it returns.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+    own = model.state_dict()
+    for key, value in state_dict.items():
+        if key in own and isinstance(value, torch.Tensor) and value.shape != own[key].shape:
+            raise ValueError(
+                f"state_dict[{key!r}] has shape {tuple(value.shape)} but the model's {key!r} has shape "
+                f"{tuple(own[key].shape)}: the checkpoint is of a different architecture"
+            )
+    feedback_keys = [
+        f"{name}.feedback" if name else "feedback"
+        for name, module in model.named_modules(remove_duplicate=False)
+        if isinstance(module, FALinear)
+    ]
+    missing = sorted({key for key in feedback_keys if key not in state_dict})
+    full = dict(state_dict)
+    for key in missing:
+        full[key] = own[key]  # loads the model's own feedback back: it stays as it is
+    result = model.load_state_dict(full, strict=strict)
+    if missing:
+        warnings.warn(
+            f"load_linear_state_dict: the state_dict has no feedback for {missing}; those layers keep the "
+            "feedback drawn when they were created", UserWarning, stacklevel=2,
+        )
+    return result

@@ -1,0 +1,243 @@
+"""The torch.library ops (fa_triton/ops.py): opcheck, parity with the autograd Functions,
+gradcheck of the reference path, and torch.compile(fullgraph=True) against eager.
+
+Without a GPU the Triton ops run on CPU tensors through Triton's interpreter (conftest.py),
+so shapes stay small; compile tests are few (compiling on 2 CPU cores is slow).
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import fa_triton
+from fa_triton import ACTIVATIONS, FALinear, fa_linear
+from fa_triton.ops import OPS, fa_linear_op
+from conftest import KERNEL_DEVICE
+from oracle import make_inputs
+
+BACKENDS = ["torch", "triton"]
+
+
+def op_device(backend: str) -> str:
+    # The reference ops run anywhere; the Triton ops where the kernels do.
+    return KERNEL_DEVICE if backend == "triton" else "cpu"
+
+
+# ------------------------------------------------------------------------------ opcheck
+
+def forward_samples(device):
+    x, weight, bias, feedback, _ = make_inputs((6,), 9, 5, torch.float32, device)
+    x_t = x.t().contiguous().t()  # stride (1, 6): the ops take any strides
+    leaf = lambda t: t.clone().requires_grad_(True)  # noqa: E731
+    return [
+        (leaf(x), leaf(weight), leaf(bias), feedback, "gelu", 0.01),  # also returns z
+        (leaf(x), leaf(weight), None, feedback, "relu", 0.01),
+        (x_t, weight, bias, feedback, "leaky_relu", -0.2),  # z kept (negative slope); no grad
+        (leaf(x), weight, leaf(bias), feedback, "identity", 0.01),
+    ]
+
+
+def backward_samples(device):
+    x, weight, bias, feedback, grad_y = make_inputs((6,), 9, 5, torch.float32, device, activation="tanh")
+    saved = torch.tanh(x @ weight.t() + bias)
+    return [
+        ((grad_y, saved, feedback, "tanh", 0.01), (grad_y, saved, x, "tanh", 0.01, True)),
+        ((grad_y, None, feedback, "identity", 0.01), (grad_y, None, x, "identity", 0.01, False)),
+        ((grad_y.t().contiguous().t(), saved, feedback, "relu", 0.01),
+         (grad_y[:1].expand(6, 5), saved, x.t().contiguous().t(), "relu", 0.01, True)),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_forward(backend):
+    forward = OPS[backend][0]
+    for args in forward_samples(op_device(backend)):
+        torch.library.opcheck(forward, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_backward(backend):
+    _, backward_input, backward_weight = OPS[backend]
+    for input_args, weight_args in backward_samples(op_device(backend)):
+        torch.library.opcheck(backward_input, input_args)
+        torch.library.opcheck(backward_weight, weight_args)
+
+
+def test_ops_are_registered():
+    for name in ("forward", "backward_input", "backward_weight"):
+        for family in ("triton", "reference"):
+            assert hasattr(torch.ops.fa_triton, f"{family}_{name}")
+
+
+# ------------------------------------------------- the op path equals the eager Functions
+
+def run(fn, x, weight, bias, feedback, grad_y, requires):
+    leaves = [t.detach().clone().requires_grad_(r) if t is not None else None
+              for t, r in zip((x, weight, bias), requires)]
+    y = fn(*leaves, feedback)
+    y.backward(grad_y)
+    return [y.detach()] + [t.grad if t is not None else None for t in leaves]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "activation, negative_slope, requires",
+    [(a, 0.01, (True, True, True)) for a in ACTIVATIONS]
+    + [("leaky_relu", -0.2, (True, True, True)),
+       ("tanh", 0.01, (False, False, True)),  # frozen weight, trainable bias
+       ("gelu", 0.01, (True, False, False)),
+       ("relu", 0.01, (False, True, False))],
+)
+def test_op_path_matches_functions(backend, activation, negative_slope, requires):
+    # Eager mode runs the autograd Functions, compiled code the ops: both must agree exactly.
+    device = op_device(backend)
+    x, weight, bias, feedback, grad_y = make_inputs((2, 3), 11, 6, torch.float32, device, activation=activation,
+                                                    negative_slope=negative_slope)
+    eager = run(lambda x, w, b, f: fa_linear(x, w, b, f, activation, negative_slope=negative_slope, backend=backend),
+                x, weight, bias, feedback, grad_y, requires)
+    via_ops = run(lambda x, w, b, f: fa_linear_op(x, w, b, f, activation, negative_slope, backend),
+                  x, weight, bias, feedback, grad_y, requires)
+    for name, a, b in zip(("y", "grad_x", "grad_weight", "grad_bias"), eager, via_ops):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.shape == b.shape and a.dtype == b.dtype, name
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------- gradcheck
+
+@pytest.mark.parametrize("activation, negative_slope", [(a, 0.01) for a in ACTIVATIONS] + [("leaky_relu", -0.3)])
+@pytest.mark.parametrize("path", ["function", "ops"])
+def test_gradcheck_reference_with_feedback_equal_to_weight(activation, negative_slope, path):
+    # With B = W, FA's gradient is the true derivative, which gradcheck checks numerically.
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(4, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, generator=gen, requires_grad=True)
+    if path == "function":
+        layer = lambda x, w, b: fa_linear(x, w, b, w, activation, negative_slope=negative_slope, backend="torch")  # noqa: E731
+    else:
+        layer = lambda x, w, b: fa_linear_op(x, w, b, w, activation, negative_slope, "torch")  # noqa: E731
+    assert torch.autograd.gradcheck(layer, (x, weight, bias))
+
+
+def test_gradcheck_fails_with_random_feedback():
+    # The check above can fail: with B != W, grad_x is not the derivative.
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(4, 5, dtype=torch.float64, generator=gen)
+    feedback = torch.randn(4, 5, dtype=torch.float64, generator=gen)
+    assert not torch.autograd.gradcheck(
+        lambda x: fa_linear(x, weight, None, feedback, "tanh", backend="torch"), (x,), raise_exception=False
+    )
+
+
+# ------------------------------------------------------------------------ torch.compile
+
+def mlp(backend, device="cpu", dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        FALinear(12, 16, activation="gelu", backend=backend, device=device, dtype=dtype),
+        FALinear(16, 8, activation="leaky_relu", negative_slope=-0.1, backend=backend, device=device, dtype=dtype),
+        FALinear(8, 8, activation="relu", backend=backend, device=device, dtype=dtype),
+        FALinear(8, 3, bias=False, activation="identity", backend=backend, device=device, dtype=dtype),
+    )
+
+
+def outputs_and_grads(model, x):
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    y = model(x)
+    (y * torch.arange(y.numel(), device=y.device).view(y.shape).sin()).sum().backward()
+    return [y.detach(), x.grad] + [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_compile_fullgraph_matches_eager_cpu(backend):
+    # "auto" on the CPU is the reference ops; "triton" the kernels' ops under the interpreter.
+    torch._dynamo.reset()
+    model = mlp(backend, device=op_device("triton") if backend == "triton" else "cpu")
+    compiled_model = torch.compile(model, fullgraph=True)
+    # A second batch shape recompiles with symbolic sizes: the fake kernels must follow.
+    for shape in [(2, 5, 12), (9, 12)]:
+        x = torch.randn(*shape, device=model[0].weight.device)
+        eager = outputs_and_grads(model, x)
+        compiled = outputs_and_grads(compiled_model, x)
+        assert len(compiled) == len(eager) == 2 + 7
+        for a, b in zip(eager, compiled):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_graph_holds_the_ops():
+    # One graph (fullgraph), whose forward calls the forward ops and whose backward calls the
+    # backward ops; under autocast it runs in bf16 like eager.
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch._dynamo.reset()
+    graphs = {"forward": [], "backward": []}
+
+    def recorder(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    backend = aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward"))
+    model = mlp("auto")
+    x = torch.randn(7, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = outputs_and_grads(model, x)
+        compiled = outputs_and_grads(torch.compile(model, fullgraph=True, backend=backend), x)
+    assert eager[0].dtype == compiled[0].dtype == torch.bfloat16
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+
+    def targets(kind):
+        return [str(node.target) for gm in graphs[kind] for node in gm.graph.nodes if node.op == "call_function"]
+
+    assert len(graphs["forward"]) == 1 and len(graphs["backward"]) == 1
+    assert targets("forward").count("fa_triton.reference_forward.default") == 4
+    assert targets("backward").count("fa_triton.reference_backward_input.default") == 4
+    assert targets("backward").count("fa_triton.reference_backward_weight.default") == 4
+    assert not any("triton_" in t for t in targets("forward") + targets("backward"))
+
+
+def test_export_holds_the_ops():
+    # torch.export traces the same ops; the backend is resolved when tracing (CPU: reference).
+    model = mlp("auto")
+    x = torch.randn(6, 12)
+    exported = torch.export.export(model, (x,))
+    targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
+    assert targets.count("fa_triton.reference_forward.default") == 4
+    assert torch.equal(exported.module()(x), model(x))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compile_fullgraph_matches_eager_cuda(dtype):
+    torch._dynamo.reset()
+    model = mlp("auto", device="cuda", dtype=dtype)
+    x = torch.randn(64, 12, device="cuda", dtype=dtype)
+    eager = outputs_and_grads(model, x)
+    compiled = outputs_and_grads(torch.compile(model, fullgraph=True), x)
+    for a, b in zip(eager, compiled):
+        # The same kernels run in both: only Inductor's own code around them may differ.
+        torch.testing.assert_close(b, a, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                                   atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_opcheck_cuda(dtype):
+    for backend in BACKENDS:
+        forward, backward_input, backward_weight = OPS[backend]
+        for args in forward_samples("cuda"):
+            args = tuple(a.to(dtype).detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                         for a in args)
+            torch.library.opcheck(forward, args)
+        for input_args, weight_args in backward_samples("cuda"):
+            cast = lambda args: tuple(a.to(dtype) if isinstance(a, torch.Tensor) else a for a in args)  # noqa: E731
+            torch.library.opcheck(backward_input, cast(input_args))
+            torch.library.opcheck(backward_weight, cast(weight_args))
+
