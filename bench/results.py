@@ -47,7 +47,8 @@ def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU: {cpu_name()} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"CPU: {cpu_name()} ({threads} thread{'s' if threads != 1 else ''})"
 
 
 def slug(text: str) -> str:
