@@ -209,20 +209,23 @@ def input_copies(case: Case, device: torch.device, element_size: int) -> int:
 
 def build_layer(case: Case, provider: str, mode: str, dtype: torch.dtype, device: torch.device,
                 seed: int = 0) -> Bench:
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    # Drawn on the device itself: 8192x8192 inputs would take seconds on the host.
+    gen = torch.Generator(device=device).manual_seed(seed)
     fn = layer_function(provider, case.activation)
     bound = 1 / math.sqrt(case.K)
 
     def uniform(*shape):
-        return ((torch.rand(*shape, generator=gen) * 2 - 1) * bound).to(device=device, dtype=dtype)
+        return ((torch.rand(*shape, generator=gen, device=device) * 2 - 1) * bound).to(dtype)
+
+    def normal(*shape):
+        return torch.randn(*shape, generator=gen, device=device).to(dtype)
 
     weight = uniform(case.N, case.K).requires_grad_(True)
     bias = uniform(case.N).requires_grad_(True)
     feedback = uniform(case.N, case.K)
     copies = input_copies(case, device, torch.empty((), dtype=dtype).element_size())
-    xs = [torch.randn(case.M, case.K, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
-          for _ in range(copies)]
-    grads = [torch.randn(case.M, case.N, generator=gen).to(device=device, dtype=dtype) for _ in range(copies)]
+    xs = [normal(case.M, case.K).requires_grad_(True) for _ in range(copies)]
+    grads = [normal(case.M, case.N) for _ in range(copies)]
     params = [weight, bias]
     step = iter(range(1 << 62))
 
@@ -260,10 +263,10 @@ def build_mlp(case: Case, provider: str, dtype: torch.dtype, device: torch.devic
     model = nn.Sequential(*layers).to(device=device, dtype=dtype)
     optimizer = torch.optim.Adam(model.parameters(), lr=ADAM_LR)
     forward = _compile(model) if provider == "compiled" else model
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     copies = input_copies(case, device, torch.empty((), dtype=dtype).element_size())
-    xs = [torch.rand(case.M, case.K, generator=gen).to(device=device, dtype=dtype) for _ in range(copies)]
-    targets = [torch.randint(0, case.N, (case.M,), generator=gen).to(device) for _ in range(copies)]
+    xs = [torch.rand(case.M, case.K, generator=gen, device=device).to(dtype) for _ in range(copies)]
+    targets = [torch.randint(0, case.N, (case.M,), generator=gen, device=device) for _ in range(copies)]
     step = iter(range(1 << 62))
 
     def run():

@@ -244,7 +244,7 @@ def _fa_linear_backward_weight_kernel(
 
     pid_s = tl.program_id(1)
     m_begin = pid_s * rows_per_split
-    m_end = min(M, m_begin + rows_per_split)
+    m_end = tl.minimum(M, m_begin + rows_per_split)
     grad_w_ptr += pid_s * stride_gws
     grad_b_ptr += pid_s * stride_gbs
 

@@ -386,10 +386,12 @@ def test_autotune_key_buckets_the_batch(as_compiled, monkeypatch):
 # ----------------------------------------------------------------------------- CUDA only
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_cuda_every_autotune_candidate(dtype):
     # Each config the tuner may pick must be correct, not only the one that wins on this GPU.
-    M, in_features, out_features = 1000, 390, 520
+    # Sizes are multiples of 16 (as the benchmarks' are, so their compiled kernels are reused)
+    # but not of the tiles, so every config still has partial tiles to mask.
+    M, in_features, out_features = 1040, 784, 528
     x, weight, b, feedback, grad_y = make_inputs((M,), in_features, out_features, dtype, "cuda")
     expected = oracle(x, weight, b, feedback, grad_y, "relu")
     torch_result = run_layer(reference_layer, x, weight, b, feedback, grad_y, "relu")
@@ -426,7 +428,7 @@ def test_cuda_autotuned_path(monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_split_k_long_batch(dtype):
     # The tutorial's last layer at batch 8192: one output tile, so the batch is split.
     first = _weight_grads_against_oracle(8192, 64, 10, dtype, True, "identity", "cuda", split_k=64)
