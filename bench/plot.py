@@ -57,8 +57,8 @@ def plot_rows(rows: list[dict], out_dir: Path | str, prefix: str) -> list[Path]:
         modes = [m for m in MODE_ORDER if any(r["mode"] == m for r in frows)]
         dtypes = [d for d in DTYPE_ORDER if any(r["dtype"] == d for r in frows)]
         providers = [p for p in PROVIDER_ORDER if any(r["provider"] == p for r in frows)]
-        fig, axes = plt.subplots(len(modes), len(dtypes), figsize=(4.8 * len(dtypes), 3.4 * len(modes)),
-                                 squeeze=False)
+        fig, axes = plt.subplots(len(modes), len(dtypes), squeeze=False,
+                                 figsize=(max(7.5, 4.8 * len(dtypes)), 1.2 + 3.4 * len(modes)))
         for i, mode in enumerate(modes):
             for j, dtype in enumerate(dtypes):
                 ax = axes[i][j]
@@ -101,10 +101,10 @@ def plot_rows(rows: list[dict], out_dir: Path | str, prefix: str) -> list[Path]:
                     if lab not in labels:
                         handles.append(h)
                         labels.append(lab)
-        fig.legend(handles, labels, loc="upper right", fontsize=9)
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
         devices = sorted({r["device_name"] for r in frows})
-        fig.suptitle(f"{FAMILY_TITLES.get(family, family)} — {', '.join(devices)}", fontsize=11)
-        fig.tight_layout(rect=(0, 0, 0.92, 0.95))
+        fig.suptitle(f"{FAMILY_TITLES.get(family, family)}\n{', '.join(devices)}", fontsize=11)
+        fig.tight_layout(rect=(0, 0.05, 1, 1))
         path = out_dir / f"{prefix}_{family}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)

@@ -83,23 +83,31 @@ def _ordered(providers) -> tuple[str, ...]:
 
 def gpu_check_plan(args) -> list[Item]:
     """The issue's targets first (fwd+bwd of 8192^3 bf16, the tutorial layers at 8192, the MLP
-    step at 64), then the other sizes, dtypes and modes in order of interest."""
-    all_providers = _ordered(args.providers)
-    tutorial = lambda batch: [c for c in C.tutorial_cases([batch])]  # noqa: E731
-    plan = [Item(C.Case("square", 8192, 8192, 8192), "bf16", "forward_backward", all_providers)]
-    plan += [Item(c, "fp32", "forward_backward", all_providers) for c in tutorial(8192)]
-    plan += [Item(c, "fp32", "train_step", all_providers) for c in C.mlp_cases([64])]
-    plan += [Item(c, "bf16", "forward_backward", all_providers) for c in tutorial(8192)]
-    plan += [Item(c, "fp32", "train_step", all_providers) for c in C.mlp_cases([8192])]
-    plan += [Item(c, "bf16", "train_step", all_providers) for c in C.mlp_cases([64, 8192])]
-    plan += [Item(C.Case("square", 8192, 8192, 8192), "bf16", m, all_providers) for m in ("forward", "backward")]
-    plan += [Item(c, "bf16", "forward_backward", all_providers) for c in C.square_cases([1024, 2048, 4096])]
-    plan += [Item(c, "fp32", "forward_backward", all_providers) for c in tutorial(64)]
-    plan += [Item(c, d, "forward_backward", all_providers) for d in ("fp16", "fp32") for c in C.square_cases([4096, 8192])]
-    seen = set(plan)
-    for item in grid_plan(args):
-        if item not in seen:
-            plan.append(item)
+    step at 64), then the other sizes, dtypes and modes in order of interest. torch.compile
+    costs tens of seconds per graph, so the compiled provider of each group comes after all
+    the others (its ratio uses the reference time measured earlier in the run)."""
+    eager = _ordered(p for p in args.providers if p != "compiled")
+    tutorial = C.tutorial_cases
+    square_8192 = C.Case("square", 8192, 8192, 8192)
+    targets = [(square_8192, "bf16", "forward_backward")]
+    targets += [(c, "fp32", "forward_backward") for c in tutorial([8192])]
+    targets += [(c, "fp32", "train_step") for c in C.mlp_cases([64])]
+    targets += [(c, "bf16", "forward_backward") for c in tutorial([8192])]
+    others = [(c, "fp32", "train_step") for c in C.mlp_cases([8192])]
+    others += [(c, "bf16", "train_step") for c in C.mlp_cases([64, 8192])]
+    others += [(square_8192, "bf16", m) for m in ("forward", "backward")]
+    others += [(c, "bf16", "forward_backward") for c in C.square_cases([1024, 2048, 4096])]
+    others += [(c, "fp32", "forward_backward") for c in tutorial([64])]
+    others += [(c, d, "forward_backward") for d in ("fp16", "fp32") for c in C.square_cases([4096, 8192])]
+    listed = set(targets + others)
+    others += [(i.case, i.dtype, i.mode) for i in grid_plan(args) if (i.case, i.dtype, i.mode) not in listed]
+
+    plan = []
+    for group in (targets, others):
+        if eager:
+            plan += [Item(case, dtype, mode, eager) for case, dtype, mode in group]
+        if "compiled" in args.providers:
+            plan += [Item(case, dtype, mode, ("compiled",)) for case, dtype, mode in group]
     return [i for i in plan if _selected(i, args)]
 
 
@@ -233,10 +241,17 @@ def measure_peaks(args, env, log) -> tuple[dict, list[dict]]:
     return peaks, rows
 
 
-def run_item(item: Item, args, env, peaks: dict, log) -> tuple[list[dict], list[str]]:
-    """Time every provider of one item; returns its rows and the errors of must-work providers."""
-    rows, errors, reference_ms = [], [], None
+def run_item(item: Item, args, env, peaks: dict, log, reference_times: dict | None = None
+             ) -> tuple[list[dict], list[str]]:
+    """Time every provider of one item; returns its rows and the errors of must-work providers.
+
+    `reference_times` maps (case, dtype, mode) to the reference's median ms: filled here, and
+    read for the ratios of items that do not time the reference themselves.
+    """
+    reference_times = {} if reference_times is None else reference_times
+    rows, errors = [], []
     case = item.case
+    key = (case, item.dtype, item.mode)
     for provider in item.providers:
         label = C.provider_label(provider, args.device)
         common = dict(kernel=case.kernel, provider=label, mode=item.mode, dtype=item.dtype,
@@ -264,8 +279,8 @@ def run_item(item: Item, args, env, peaks: dict, log) -> tuple[list[dict], list[
             if args.device.type == "cuda":
                 torch.cuda.empty_cache()
         if provider == "reference":
-            reference_ms = times[0]
-        new = _metric_rows(env, item, label, times, peaks, reference_ms)
+            reference_times[key] = times[0]
+        new = _metric_rows(env, item, label, times, peaks, reference_times.get(key))
         rows += new
         by_metric = {r["metric"]: r for r in new}
         extra = "".join(f"  {float(by_metric[m]['p50']):.4g} {by_metric[m]['unit']}{suffix}"
@@ -297,12 +312,12 @@ def main(argv=None) -> int:
         peaks, rows = measure_peaks(args, env, log)
         append_rows(output, rows)
         all_rows += rows
-    errors, skipped = [], 0
+    errors, skipped, reference_times = [], 0, {}
     for item in plan:
         if args.time_budget is not None and time.monotonic() - started > args.time_budget:
             skipped += 1
             continue
-        rows, item_errors = run_item(item, args, env, peaks, log)
+        rows, item_errors = run_item(item, args, env, peaks, log, reference_times)
         append_rows(output, rows)  # written as it goes: an interrupted run keeps what it measured
         all_rows += rows
         errors += item_errors

@@ -151,14 +151,34 @@ def test_gpu_check_plan_puts_the_targets_first():
     plan = run.gpu_check_plan(args)
     first = plan[0]
     assert (first.case, first.dtype, first.mode) == (C.Case("square", 8192, 8192, 8192), "bf16", "forward_backward")
-    assert first.providers[0] == "reference" and set(first.providers) == set(C.PROVIDERS)
+    assert first.providers == ("reference", "fa_triton", "backprop")
     assert [(i.case.family, i.case.M, i.dtype) for i in plan[1:4]] == [("tutorial", 8192, "fp32")] * 3
     assert (plan[4].case.family, plan[4].case.M, plan[4].mode) == ("mlp", 64, "train_step")
+    # Then torch.compile of the same eight target groups, before anything else.
+    assert [i.providers for i in plan[8:16]] == [("compiled",)] * 8
+    assert [(i.case, i.dtype, i.mode) for i in plan[8:16]] == [(i.case, i.dtype, i.mode) for i in plan[:8]]
     assert len(plan) == len(set(plan))
-    # Everything of the full grid is in the plan, after the targets.
-    assert set(run.grid_plan(args)) <= set(plan)
+    # Every provider of the full grid is timed somewhere in the plan.
+    timed = {(i.case, i.dtype, i.mode, p) for i in plan for p in i.providers}
+    assert {(i.case, i.dtype, i.mode, p) for i in run.grid_plan(args) for p in i.providers} <= timed
     narrowed = run.parse_args(["--preset", "gpu-check", "--device", "cpu", "--dtypes", "fp16", "--families", "square"])
     assert {(i.dtype, i.case.family) for i in run.gpu_check_plan(narrowed)} == {("fp16", "square")}
+
+
+def test_ratio_uses_an_earlier_reference_time(tmp_path):
+    # A group timed without the reference (as gpu-check times torch.compile last) still gets its ratio.
+    args = run.parse_args([*TINY, "--no-peaks", "--dtypes", "fp32"])
+    env = dict(device_name="cpu", torch="t", triton="tr", commit="c", timestamp="2026-01-01T00:00:00Z")
+    case = C.Case("square", 16, 16, 16)
+    times = {}
+    run.run_item(run.Item(case, "fp32", "forward", ("reference",)), args, env, {}, lambda *a: None, times)
+    rows, errors = run.run_item(run.Item(case, "fp32", "forward", ("backprop",)), args, env, {}, lambda *a: None,
+                                times)
+    assert not errors and set(times) == {(case, "fp32", "forward")}
+    ratio = [r for r in rows if r["metric"] == "speedup_vs_reference"]
+    time_row = [r for r in rows if r["metric"] == "time"][0]
+    assert float(ratio[0]["p50"]) == pytest.approx(times[(case, "fp32", "forward")] / float(time_row["p50"]),
+                                                   rel=1e-4)
 
 
 def test_bad_arguments():
