@@ -213,6 +213,24 @@ def _metric_rows(env, item: Item, provider: str, times, peaks: dict, reference_m
     return rows
 
 
+def _describe(rows: list[dict]) -> str:
+    """One measurement's rows as a line: ms, TFLOP/s and GB/s with their share of the ceilings, ratio."""
+    value = {r["metric"]: float(r["p50"]) for r in rows if r["p50"]}
+    time_row = next(r for r in rows if r["metric"] == "time")
+    parts = [f"{value['time']:.4g} ms (p20 {float(time_row['p20']):.4g}, p80 {float(time_row['p80']):.4g})"]
+    for metric, unit, share, ceiling in (("throughput", "TFLOP/s", "pct_mm_peak", "mm"),
+                                         ("bandwidth", "GB/s", "pct_copy_peak", "copy")):
+        text = f"{value[metric]:.4g} {unit}"
+        if share in value:
+            text += f" = {value[share]:.3g}% of {ceiling}"
+        parts.append(text)
+    if "pct_roofline" in value:
+        parts.append(f"{value['pct_roofline']:.3g}% of roofline")
+    if "speedup_vs_reference" in value:
+        parts.append(f"{value['speedup_vs_reference']:.3g}x vs reference")
+    return " | ".join(parts)
+
+
 def measure_peaks(args, env, log) -> tuple[dict, list[dict]]:
     """The device's ceilings in this run: torch.mm rate per dtype (FLOP/s), copy rate (B/s)."""
     peaks, rows = {}, []
@@ -282,12 +300,7 @@ def run_item(item: Item, args, env, peaks: dict, log, reference_times: dict | No
             reference_times[key] = times[0]
         new = _metric_rows(env, item, label, times, peaks, reference_times.get(key))
         rows += new
-        by_metric = {r["metric"]: r for r in new}
-        extra = "".join(f"  {float(by_metric[m]['p50']):.4g} {by_metric[m]['unit']}{suffix}"
-                        for m, suffix in (("throughput", ""), ("pct_roofline", " of roofline"),
-                                          ("speedup_vs_reference", " vs reference"))
-                        if m in by_metric and by_metric[m]["p50"])
-        log(f"  {head}: {times[0]:.4g} ms (p20 {times[1]:.4g}, p80 {times[2]:.4g}){extra}")
+        log(f"  {head}: {_describe(new)}")
     return rows, errors
 
 
