@@ -77,7 +77,7 @@ if [ "$budget" -lt 20 ]; then
 fi
 timeout -s INT -k 15 $((left - 20 > 30 ? left - 20 : 30)) \
     "$PYTHON" -m bench.run --preset gpu-check --device "$DEVICE" --time-budget "$budget" --plot --no-summary \
-    --output "$csv" "${BENCH_ARGS[@]}"
+    --output "$csv" ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"}
 bench_status=$?
 if [ "$bench_status" -ne 0 ]; then
     status=1
