@@ -228,6 +228,9 @@ def test_triton_backend_trains_like_the_reference(one_thread):
     losses_torch, params_torch = results["torch"]
     losses_triton, params_triton = results["triton"]
     assert losses_torch[-5:].mean() < losses_torch[:5].mean() - 0.1  # it is training
-    torch.testing.assert_close(losses_triton, losses_torch, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(losses_triton, losses_torch, atol=2e-4, rtol=1e-4)
+    # Adam moves a weight by up to lr (2e-3) per step whatever its gradient's size, so rounding
+    # noise in near-zero gradients can move single weights apart by a fraction of that; a
+    # wrong gradient would move them by whole steps.
     for p_triton, p_torch in zip(params_triton, params_torch):
-        torch.testing.assert_close(p_triton, p_torch, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(p_triton, p_torch, atol=2e-4, rtol=1e-3)
