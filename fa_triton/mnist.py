@@ -396,13 +396,12 @@ def format_table(df: "pandas.DataFrame", digits: int = 3) -> str:
 
 def plot_training(df: "pandas.DataFrame", path) -> None:
     """Write loss, accuracy and W-B angle per epoch (three panels) to ``path`` (a PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; no display needed
-    import matplotlib.pyplot as plt
+    # A bare Figure rather than pyplot: no display needed, and the caller's backend is left alone.
+    from matplotlib.figure import Figure
 
     angle_columns = [c for c in df.columns if c.startswith("angle_")]
-    fig, (ax_loss, ax_acc, ax_angle) = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig = Figure(figsize=(13, 3.8))
+    ax_loss, ax_acc, ax_angle = fig.subplots(1, 3)
     for split, style in (("train", "-o"), ("test", "--s")):
         ax_loss.plot(df["epoch"], df[f"loss_{split}"], style, label=split, markersize=4)
         ax_acc.plot(df["epoch"], df[f"acc_{split}"], style, label=split, markersize=4)
@@ -416,4 +415,3 @@ def plot_training(df: "pandas.DataFrame", path) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -234,3 +234,15 @@ def test_triton_backend_trains_like_the_reference(one_thread):
     # wrong gradient would move them by whole steps.
     for p_triton, p_torch in zip(params_triton, params_torch):
         torch.testing.assert_close(p_triton, p_torch, atol=2e-4, rtol=1e-3)
+
+
+def test_progress_bar_over_the_batches(one_thread, capsys):
+    data_dir = require_mnist()
+    train(epochs=1, device="cpu", data_dir=data_dir, download=False, progress=True, train_samples=640,
+          test_samples=100)
+    captured = capsys.readouterr()
+    assert "epoch 1/1" in captured.err and "/10 [" in captured.err  # a bar over 640 // 64 batches
+    assert "epoch 1: loss_test" in captured.out
+    train(epochs=1, device="cpu", data_dir=data_dir, download=False, progress=False, train_samples=640,
+          test_samples=100)
+    assert capsys.readouterr() == ("", "")
