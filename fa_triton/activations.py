@@ -62,13 +62,14 @@ def activation_backward(
 ) -> torch.Tensor:
     """δ = g ⊙ f'(z), with ``saved`` the tensor chosen by :func:`saves_preactivation`.
 
-    Masked positions use ``where`` rather than a multiply by 0 so that an infinite
-    upstream gradient gives 0 there, as PyTorch's own relu backward does.
+    Each rule is PyTorch's own, special values included: relu passes g where y is NaN and
+    gives 0 (not 0·inf) where y <= 0.
     """
     if activation == "identity":
         return grad_y
     if activation == "relu":
-        return torch.where(saved > 0, grad_y, torch.zeros_like(grad_y))
+        # PyTorch's relu backward itself: one pass, where a bool mask and `where` take four.
+        return torch.ops.aten.threshold_backward.default(grad_y, saved, 0)
     if activation == "leaky_relu":
         return torch.where(saved > 0, grad_y, grad_y * negative_slope)
     if activation == "tanh":

@@ -21,17 +21,15 @@ class ReferenceFALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, feedback, activation, negative_slope):
+        # This Function is the CPU training path, where a small layer's step is dominated by
+        # per-call overhead: each op and Python branch here costs about as much as it saves.
         z = F.linear(x, weight, bias)
         y = apply_activation(z, activation, negative_slope)
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         saved = None
-        if saves_activation_input(activation) and (need_x or need_w):
+        if saves_activation_input(activation) and (need_x or need_w or need_b):
             saved = z if saves_preactivation(activation, negative_slope) else y
-        ctx.save_for_backward(
-            x if ctx.needs_input_grad[1] else None,
-            feedback if need_x else None,
-            saved,
-        )
+        ctx.save_for_backward(x if need_w else None, feedback if need_x else None, saved)
         ctx.activation = activation
         ctx.negative_slope = negative_slope
         return y
@@ -40,15 +38,17 @@ class ReferenceFALinearFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y):
         x, feedback, saved = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         delta = activation_backward(grad_y, saved, ctx.activation, ctx.negative_slope)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = delta @ feedback  # B in place of W: the only change from backprop
-        delta2d = delta.reshape(-1, delta.shape[-1])
-        if ctx.needs_input_grad[1]:
-            grad_w = delta2d.t() @ x.reshape(-1, x.shape[-1])
-        if ctx.needs_input_grad[2]:
-            grad_b = delta2d.sum(0)
+        grad_x = delta @ feedback if need_x else None  # B in place of W: the only change from backprop
+        grad_w = grad_b = None
+        if need_w or need_b:
+            if delta.dim() != 2:
+                delta = delta.reshape(-1, delta.shape[-1])
+            if need_w:
+                grad_w = delta.t() @ (x if x.dim() == 2 else x.reshape(-1, x.shape[-1]))
+            if need_b:
+                grad_b = delta.sum(0)
         return grad_x, grad_w, grad_b, None, None, None
 
 

@@ -66,7 +66,8 @@ def _activation_backward(grad_y, saved, ACTIVATION: tl.constexpr, negative_slope
     # δ = g ⊙ f'(z); `saved` is y, or z where f' cannot be read off y (gelu, leaky
     # slope < 0), as chosen by fa_triton.activations.saves_preactivation.
     if ACTIVATION == "relu":
-        delta = tl.where(saved > 0, grad_y, 0.0)
+        # `saved <= 0`, not `saved > 0`: a NaN output passes g through, as in torch.relu's backward.
+        delta = tl.where(saved <= 0, 0.0, grad_y)
     elif ACTIVATION == "leaky_relu":
         delta = tl.where(saved > 0, grad_y, grad_y * negative_slope)
     elif ACTIVATION == "tanh":

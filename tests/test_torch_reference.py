@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fa_triton import ACTIVATIONS, reference
+from fa_triton.activations import activation_backward
 from oracle import max_error, make_inputs, oracle, run_layer
 
 
@@ -48,3 +49,18 @@ def test_saves_only_what_backward_needs():
     y = reference(x.detach(), weight, None, feedback, "identity")
     saved = [t for t in y.grad_fn.saved_tensors if t is not None]
     assert len(saved) == 1 and saved[0].data_ptr() == x.data_ptr()
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_relu_backward_is_pytorchs_on_special_values(dtype):
+    # z takes 0, ±finite, ±inf and NaN; every kind of upstream gradient meets each.
+    z_values = torch.tensor([0.0, 1.5, -1.5, INF, -INF, NAN], dtype=dtype)
+    grad_values = torch.tensor([1.0, -2.0, INF, -INF, NAN, 0.0], dtype=dtype)
+    z = z_values.repeat_interleave(len(grad_values)).reshape(len(z_values), -1).requires_grad_(True)
+    grad_y = grad_values.repeat(len(z_values)).reshape(len(z_values), -1)
+    torch.relu(z).backward(grad_y)
+    delta = activation_backward(grad_y, torch.relu(z.detach()), "relu", 0.0)
+    torch.testing.assert_close(delta, z.grad, equal_nan=True, atol=0, rtol=0)

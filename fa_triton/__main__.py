@@ -1,0 +1,6 @@
+"""``python -m fa_triton ...``: the ``fa-triton`` command line (see :mod:`fa_triton.cli`)."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""Alignment metrics of feedback alignment: how far W has turned towards B, and FA's gradient towards backprop's.
+
+Feedback alignment's signature result (Lillicrap et al. 2016) is that both angles fall well
+below 90° during training: the forward weights come to align with the fixed feedback matrices,
+and so the FA update becomes a descent direction close to the true gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+from .modules import FALinear
+
+
+class WeightAlignment(NamedTuple):
+    angle: float
+    """Angle in degrees between W and B, both flattened."""
+    norm_ratio: float
+    """‖W‖ / ‖B‖ (Frobenius norms)."""
+
+
+def angle_between(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Angle in degrees between two tensors of the same shape, flattened; float64 math.
+
+    90° when either tensor is zero (no direction to align with).
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"angle_between needs tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a64 = a.detach().reshape(-1).double()
+    b64 = b.detach().reshape(-1).double()
+    denom = (a64.norm() * b64.norm()).item()
+    if denom == 0.0:
+        return 90.0
+    cosine = max(-1.0, min(1.0, torch.dot(a64, b64).item() / denom))
+    return math.degrees(math.acos(cosine))
+
+
+def fa_layers(model: nn.Module) -> list[FALinear]:
+    """The :class:`FALinear` layers of ``model``, in ``model.modules()`` order."""
+    return [m for m in model.modules() if isinstance(m, FALinear)]
+
+
+def weight_alignment(layer: FALinear) -> WeightAlignment:
+    """Angle (degrees) between the layer's flattened ``weight`` W and ``feedback`` B, and ‖W‖/‖B‖."""
+    if not isinstance(layer, FALinear):
+        raise TypeError(f"layer must be an FALinear, got {type(layer).__name__}")
+    weight, feedback = layer.weight.detach(), layer.feedback.detach()
+    feedback_norm = feedback.double().norm().item()
+    ratio = weight.double().norm().item() / feedback_norm if feedback_norm > 0 else math.inf
+    return WeightAlignment(angle_between(weight, feedback), ratio)
+
+
+def gradient_alignment(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> list[float]:
+    """Per FALinear layer, the angle (degrees) between the FA gradient of W and backprop's.
+
+    Both gradients are of ``loss_fn(model(x), y)`` on the same batch; the backprop one is
+    computed with every layer's ``feedback`` temporarily replaced by its ``weight`` (with
+    B = W the FA rule is exactly backprop). The model's ``.grad`` fields and feedback
+    matrices are left as they were. The last layer's angle is 0 up to rounding: its weight
+    gradient does not pass through any feedback matrix. Pass a plain module, not a
+    ``DistributedDataParallel`` wrapper (its reducer expects ``backward()``): ``ddp.module``.
+    """
+    layers = fa_layers(model)
+    if not layers:
+        raise ValueError(f"model has no FALinear layer: {type(model).__name__}")
+    weights = [layer.weight for layer in layers]
+
+    def weight_grads() -> tuple[torch.Tensor, ...]:
+        # autograd.grad, not backward(): the model's accumulated .grad stay untouched.
+        loss = loss_fn(model(x), y)
+        return torch.autograd.grad(loss, weights, allow_unused=True)
+
+    fa_grads = weight_grads()
+    saved = [layer.feedback for layer in layers]
+    try:
+        for layer in layers:
+            layer.feedback = layer.weight.detach().clone()
+        bp_grads = weight_grads()
+    finally:
+        for layer, feedback in zip(layers, saved):
+            layer.feedback = feedback
+    angles = []
+    for layer, fa, bp in zip(layers, fa_grads, bp_grads):
+        if fa is None or bp is None:
+            raise ValueError(f"the loss does not depend on the weight of layer {layer!r}")
+        angles.append(angle_between(fa, bp))
+    return angles

@@ -1,0 +1,131 @@
+"""``fa-triton train``: outputs, one-line errors, exit codes, the torchrun launcher."""
+
+import re
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import torch
+
+from fa_triton import cli
+from fa_triton.mnist import MNIST_FILES
+
+DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def require_mnist() -> Path:
+    if not all((DATA_DIR / "MNIST" / "raw" / name).is_file() for name in MNIST_FILES):
+        pytest.skip(f"MNIST files not found under {DATA_DIR / 'MNIST' / 'raw'} (the ../shared/data folder)")
+    return DATA_DIR
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_train_writes_the_table_csv_and_plot(tmp_path, capsys, restore_threads):
+    import pandas as pd
+
+    data_dir = require_mnist()
+    out = tmp_path / "run"
+    code = cli.main(["train", "--epochs", "2", "--device", "cpu", "--backend", "torch", "--data-dir", str(data_dir),
+                     "--train-samples", "1280", "--test-samples", "500", "--lr", "3e-3", "--out", str(out), "--no-download",
+                     "--threads", "1"])
+    assert code == 0
+    df = pd.read_csv(out / "metrics.csv")
+    assert list(df.columns) == ["epoch", "loss_train", "loss_test", "acc_train", "acc_test", "seconds",
+                                "angle_1", "angle_2", "angle_3"]
+    assert list(df["epoch"]) == [1, 2]
+    assert df["acc_test"].iloc[-1] > 0.3  # 40 steps: well above chance (0.1)
+    png = (out / "training.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+    printed = capsys.readouterr().out
+    assert "loss_train" in printed and "acc_test" in printed and "angle_3" in printed
+    # Numbers in the table are rounded to 3 digits.
+    table = printed.split("wrote")[0]
+    decimals = [len(number.split(".")[1]) for number in re.findall(r"\d+\.\d+", table)]
+    assert decimals and max(decimals) <= 3
+    assert f"{df['acc_test'].iloc[-1]:.3f}".rstrip("0") in table
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["train", "--epochs", "0"], "--epochs: expected a positive integer, got '0'"),
+        (["train", "--backend", "cudnn"], "--backend: invalid choice: 'cudnn'"),
+        (["train", "--lr", "fast"], "--lr: expected a positive number, got 'fast'"),
+        (["train", "--nproc", "-2"], "--nproc: expected a positive integer"),
+        (["fit"], "invalid choice: 'fit'"),
+        ([], "required"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(argv, match, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fa-triton")
+    assert match in err
+
+
+def test_missing_data_exits_1_with_one_line(tmp_path, capsys):
+    code = cli.main(["train", "--device", "cpu", "--data-dir", str(tmp_path / "nowhere"), "--no-download",
+                     "--out", str(tmp_path / "run")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("fa-triton: error: MNIST not found")
+    assert "--data-dir" in err and all(name in err for name in MNIST_FILES)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when CUDA is absent")
+def test_cuda_without_a_gpu_exits_1(tmp_path, capsys):
+    code = cli.main(["train", "--device", "cuda", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert code == 1
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_cli(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "fa_triton", "train", "--epochs", "-1"], capture_output=True,
+                            text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["fa-triton train: error: argument --epochs: expected a positive "
+                                                  "integer, got '-1'"]
+
+
+def test_console_script_is_registered():
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
+    if "fa-triton" not in scripts:
+        pytest.skip("fa_triton is not installed with its entry points (pip install -e .)")
+    assert scripts["fa-triton"] == "fa_triton.cli:main"
+
+
+def test_nproc_starts_torchrun_with_the_same_arguments(monkeypatch):
+    calls = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(cli.subprocess, "call", lambda command: calls.append(command) or 0)
+    argv = ["train", "--nproc", "2", "--epochs", "3", "--nproc=2", "--device", "cpu", "--out", "runs/x"]
+    assert cli.main(argv) == 0
+    (command,) = calls
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--standalone" in command and "--nproc_per_node=2" in command
+    assert command[command.index("-m", 3):] == ["-m", "fa_triton", "train", "--epochs", "3", "--device", "cpu",
+                                                "--out", "runs/x"]
+
+
+def test_readme_commands_parse():
+    # The README's commands for the MNIST job must stay accepted by the parser.
+    readme = (REPO / "README.md").read_text()
+    commands = [c for c in re.findall(r"(?:fa-triton|-m fa_triton) (train [^\n`#]*)", readme) if "..." not in c]
+    assert any("--data-dir ../shared/data --out runs/mnist" in c for c in commands)
+    assert 'python3 -m pip install -e ".[train]" && fa-triton train --data-dir ../shared/data --out runs/mnist' in readme
+    for command in commands:
+        args = cli.build_parser().parse_args(command.split())
+        assert args.command == "train"
