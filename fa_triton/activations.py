@@ -42,6 +42,21 @@ def saves_activation_input(activation: str) -> bool:
     return activation != "identity"
 
 
+def save_for_fa_backward(ctx, x, feedback, y, preact, activation: str, negative_slope: float) -> None:
+    """Save on ``ctx`` only what the FA backward will read, given ``ctx.needs_input_grad``.
+
+    x is kept for grad_W, feedback for grad_x, and y or z (``preact``; see
+    :func:`saves_preactivation`) for δ; the rest is saved as None.
+    """
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    saved = None
+    if saves_activation_input(activation) and (need_x or need_w or need_b):
+        saved = preact if saves_preactivation(activation, negative_slope) else y
+    ctx.save_for_backward(x if need_w else None, feedback if need_x else None, saved)
+    ctx.activation = activation
+    ctx.negative_slope = negative_slope
+
+
 def apply_activation(z: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:
     """y = f(z), elementwise, in z's dtype."""
     if activation == "relu":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .activations import activation_backward, saves_activation_input, saves_preactivation
+from .activations import activation_backward, save_for_fa_backward, saves_preactivation
 from .ops import fa_linear_op
 from .torch_reference import ReferenceFALinearFunction
 from .validation import check_backend, check_inputs
@@ -45,14 +45,7 @@ class FALinearFunction(torch.autograd.Function):
             x2d, weight, bias, activation, negative_slope, store_preact, out=y.view(-1, weight.shape[0])
         )
 
-        need_x = ctx.needs_input_grad[0]
-        need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        saved = None
-        if saves_activation_input(activation) and (need_x or need_w or need_b):
-            saved = preact if store_preact else y
-        ctx.save_for_backward(x2d if need_w else None, feedback if need_x else None, saved)
-        ctx.activation = activation
-        ctx.negative_slope = negative_slope
+        save_for_fa_backward(ctx, x2d, feedback, y, preact, activation, negative_slope)
         ctx.x_shape = x.shape
         return y
 

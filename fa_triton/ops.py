@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .activations import activation_backward, apply_activation, saves_activation_input, saves_preactivation
+from .activations import activation_backward, apply_activation, save_for_fa_backward, saves_preactivation
 
 __all__ = ["fa_linear_op", "OPS"]
 
@@ -129,13 +129,7 @@ def _backward_weight_fake(grad_y, saved, x, activation, negative_slope, bias_gra
 def _setup_context(ctx, inputs, output):
     x, weight, bias, feedback, activation, negative_slope = inputs
     y, preact = output
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    saved = None
-    if saves_activation_input(activation) and (need_x or need_w or need_b):
-        saved = preact if saves_preactivation(activation, negative_slope) else y
-    ctx.save_for_backward(x if need_w else None, feedback if need_x else None, saved)
-    ctx.activation = activation
-    ctx.negative_slope = negative_slope
+    save_for_fa_backward(ctx, x, feedback, y, preact, activation, negative_slope)
 
 
 def _make_backward(backward_input, backward_weight, bias_grad_in_fp32: bool):

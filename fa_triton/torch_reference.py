@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .activations import activation_backward, apply_activation, saves_activation_input, saves_preactivation
+from .activations import activation_backward, apply_activation, save_for_fa_backward
 from .validation import check_inputs
 
 
@@ -25,13 +25,7 @@ class ReferenceFALinearFunction(torch.autograd.Function):
         # per-call overhead: each op and Python branch here costs about as much as it saves.
         z = F.linear(x, weight, bias)
         y = apply_activation(z, activation, negative_slope)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        saved = None
-        if saves_activation_input(activation) and (need_x or need_w or need_b):
-            saved = z if saves_preactivation(activation, negative_slope) else y
-        ctx.save_for_backward(x if need_w else None, feedback if need_x else None, saved)
-        ctx.activation = activation
-        ctx.negative_slope = negative_slope
+        save_for_fa_backward(ctx, x, feedback, y, z, activation, negative_slope)
         return y
 
     @staticmethod
