@@ -60,8 +60,14 @@ fi
 
 section "CUDA tests (python3 -m pytest -rs -m cuda tests/ bench/)"
 # SIGINT first: pytest then still prints its summary of what ran.
+# Compiling the kernels' specializations dominates a first run (1-2 s each, CPU-bound): with
+# pytest-xdist present, several workers compile in parallel on the machine's cores.
+XDIST=()
+if "$PYTHON" -c "import xdist" >/dev/null 2>&1; then
+    XDIST=(-n "${GPU_CHECK_TEST_WORKERS:-8}")
+fi
 FA_TRITON_AUTOTUNE=0 timeout -s INT -k 15 "$TEST_SECONDS" \
-    "$PYTHON" -m pytest -rs -q -m cuda -p no:cacheprovider tests/ bench/
+    "$PYTHON" -m pytest -rs -q -m cuda -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests/ bench/
 test_status=$?
 if [ "$test_status" -ne 0 ]; then
     status=1

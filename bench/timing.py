@@ -22,12 +22,15 @@ QUANTILES = (0.5, 0.2, 0.8)
 @contextmanager
 def matmul_precision(tf32: bool):
     """Allow or forbid tf32 for float32 matmuls (cuBLAS and fa_triton's kernels follow it)."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+    matmul = torch.backends.cuda.matmul
+    # torch >= 2.9: reading allow_tf32 raises once fp32_precision (the newer switch) is set.
+    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    previous = getattr(matmul, name)
+    setattr(matmul, name, ("tf32" if tf32 else "ieee") if name == "fp32_precision" else tf32)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+        setattr(matmul, name, previous)
 
 
 def _quantiles(samples: list[float]) -> tuple[float, float, float]:

@@ -22,6 +22,7 @@ instead. Under the interpreter, and for launch-bound sizes, the heuristic config
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -38,8 +39,9 @@ __all__ = [
     "fa_linear_backward_weight",
 ]
 
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+# constexpr: @triton.jit code may read only constexpr globals (the interpreter is laxer).
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 _INT32_MAX = 2**31 - 1
 
 
@@ -308,10 +310,23 @@ def _is_interpreted() -> bool:
 INTERPRETED = _is_interpreted()
 
 
+def fp32_matmul_allows_tf32() -> bool:
+    """Whether PyTorch lets fp32 CUDA matmuls use tf32.
+
+    Since torch 2.9 reading ``allow_tf32`` raises once the newer ``fp32_precision`` switch
+    has been set, so that switch is read where it exists (setting ``allow_tf32`` updates it).
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 dots follow PyTorch's own switch (ieee unless the user allowed tf32); for
     # half types the setting has no effect and "tf32" is Triton's default.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not fp32_matmul_allows_tf32():
         return "ieee"
     return "tf32"
 
@@ -547,6 +562,12 @@ def _select_config(kernel: str, rows: int, cols: int, red: int, batch_axis: str,
     return config
 
 
+def _on_device_of(tensor: torch.Tensor):
+    # Triton launches on the *current* CUDA device (and do_bench allocates there), not on the
+    # tensors' own: make the tensors' device current for the launch and any tuning.
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def _check_config(config: dict) -> dict:
     missing = {"BLOCK_ROWS", "BLOCK_COLS", "BLOCK_RED"} - set(config)
     if missing:
@@ -598,8 +619,10 @@ def fa_linear_forward(
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
-    cfg = _check_config(config) if config is not None else _select_config("forward", M, N, K, "rows", False, x, launch)
-    launch(cfg)
+    with _on_device_of(x):
+        cfg = _check_config(config) if config is not None else _select_config("forward", M, N, K, "rows", False, x,
+                                                                              launch)
+        launch(cfg)
     return y, preact
 
 
@@ -641,9 +664,10 @@ def fa_linear_backward_input(
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
-    cfg = (_check_config(config) if config is not None
-           else _select_config("backward_input", M, K, N, "rows", False, feedback, launch))
-    launch(cfg)
+    with _on_device_of(feedback):
+        cfg = (_check_config(config) if config is not None
+               else _select_config("backward_input", M, K, N, "rows", False, feedback, launch))
+        launch(cfg)
     return grad_x
 
 
@@ -718,12 +742,13 @@ def fa_linear_backward_weight(
         if partial is not None:
             _reduce_splits(partial, grad_w, grad_b)
 
-    if config is not None:
-        cfg = _check_config(config)
-    else:
-        cfg = _select_config("backward_weight", N, K, M, "red", bias_grad, x, launch)
-    if split_k is not None:
-        # A forced split may use slices of a single reduction block (tests, experiments).
-        cfg = {**cfg, "SPLIT": min(split_k, _max_split(M, cols_total, cfg["BLOCK_RED"], 1))}
-    launch(cfg)
+    with _on_device_of(x):
+        if config is not None:
+            cfg = _check_config(config)
+        else:
+            cfg = _select_config("backward_weight", N, K, M, "red", bias_grad, x, launch)
+        if split_k is not None:
+            # A forced split may use slices of a single reduction block (tests, experiments).
+            cfg = {**cfg, "SPLIT": min(split_k, _max_split(M, cols_total, cfg["BLOCK_RED"], 1))}
+        launch(cfg)
     return grad_w, grad_b

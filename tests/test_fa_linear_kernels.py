@@ -149,11 +149,19 @@ def test_only_needed_gradients(kernel_device):
     torch.testing.assert_close(x_leaf.grad.double(), expected["grad_x"], atol=1e-5, rtol=1e-5)
 
 
-def test_fp32_dot_follows_allow_tf32(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_fp32_dot_follows_pytorchs_tf32_switches(monkeypatch):
+    matmul = torch.backends.cuda.matmul
+    monkeypatch.setattr(matmul, "allow_tf32", False)
     assert kernel_module._dot_precision(torch.float32) == "ieee"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(matmul, "allow_tf32", True)
     assert kernel_module._dot_precision(torch.float32) == "tf32"
+    assert kernel_module._dot_precision(torch.float16) == "tf32"  # no effect on half types
+    if hasattr(matmul, "fp32_precision"):
+        # The newer switch (torch >= 2.9); once it is set, reading allow_tf32 raises.
+        monkeypatch.setattr(matmul, "fp32_precision", "ieee")
+        assert kernel_module._dot_precision(torch.float32) == "ieee"
+        monkeypatch.setattr(matmul, "fp32_precision", "tf32")
+        assert kernel_module._dot_precision(torch.float32) == "tf32"
 
 
 # ----------------------------------------------------------------------------- CUDA only
