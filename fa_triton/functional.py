@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .activations import activation_backward, save_for_fa_backward, saves_preactivation
-from .ops import fa_linear_op
+from .activations import save_for_fa_backward, saves_preactivation
+from .ops import fa_backward, fa_linear_op
 from .torch_reference import ReferenceFALinearFunction
 from .validation import check_backend, check_inputs
 
@@ -54,23 +54,14 @@ class FALinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         kernels = _kernels()
         x2d, feedback, saved = ctx.saved_tensors
-        grad_y2d = grad_y.reshape(-1, grad_y.shape[-1])
         if saved is not None:
             saved = saved.reshape(-1, saved.shape[-1])
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = kernels.fa_linear_backward_input(
-                grad_y2d, saved, feedback, ctx.activation, ctx.negative_slope
-            ).view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            grad_w, grad_b = kernels.fa_linear_backward_weight(
-                grad_y2d, saved, x2d, ctx.activation, ctx.negative_slope, bias_grad=ctx.needs_input_grad[2]
-            )
-        elif ctx.needs_input_grad[2]:
-            # Frozen weight, trainable bias: no matmul is needed, only the row sum of δ.
-            delta = activation_backward(grad_y2d.float(), None if saved is None else saved.float(),
-                                        ctx.activation, ctx.negative_slope)
-            grad_b = delta.sum(0).to(grad_y.dtype)
+        grad_x, grad_w, grad_b = fa_backward(
+            ctx, grad_y.reshape(-1, grad_y.shape[-1]), x2d, feedback, saved,
+            kernels.fa_linear_backward_input, kernels.fa_linear_backward_weight, bias_grad_in_fp32=True,
+        )
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.x_shape)
         return grad_x, grad_w, grad_b, None, None, None
 
 

@@ -132,26 +132,37 @@ def _setup_context(ctx, inputs, output):
     save_for_fa_backward(ctx, x, feedback, y, preact, activation, negative_slope)
 
 
+def fa_backward(ctx, grad_y, x, feedback, saved, backward_input, backward_weight, bias_grad_in_fp32: bool):
+    """(grad_x, grad_W, grad_b) of the FA layer, each None unless ``ctx.needs_input_grad`` asks for it.
+
+    2-D throughout: grad_y and saved [M, N], x [M, K], feedback [N, K]; ``backward_input`` and
+    ``backward_weight`` are one backend's kernels (launchers or ops). Shared by the eager Triton
+    Function and both op families, so the three backward paths cannot drift apart.
+    """
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    grad_x = grad_w = grad_b = None
+    if need_x:
+        grad_x = backward_input(grad_y, saved, feedback, ctx.activation, ctx.negative_slope)
+    if need_w:
+        grad_w, grad_b = backward_weight(grad_y, saved, x, ctx.activation, ctx.negative_slope, need_b)
+        grad_b = grad_b if need_b else None
+    elif need_b:
+        # Frozen weight, trainable bias: only the row sum of δ, in plain (traceable) ops.
+        if bias_grad_in_fp32:  # as the kernels, whose δ is fp32
+            delta = activation_backward(grad_y.float(), None if saved is None else saved.float(),
+                                        ctx.activation, ctx.negative_slope)
+            grad_b = delta.sum(0).to(grad_y.dtype)
+        else:  # as ReferenceFALinearFunction
+            grad_b = activation_backward(grad_y, saved, ctx.activation, ctx.negative_slope).sum(0)
+    return grad_x, grad_w, grad_b
+
+
 def _make_backward(backward_input, backward_weight, bias_grad_in_fp32: bool):
     def backward(ctx, grad_y, grad_preact):
         # preact is an internal output: nothing downstream uses it, so grad_preact is ignored.
         x, feedback, saved = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = grad_w = grad_b = None
-        if need_x:
-            grad_x = backward_input(grad_y, saved, feedback, ctx.activation, ctx.negative_slope)
-        if need_w:
-            grad_w, grad_b = backward_weight(grad_y, saved, x, ctx.activation, ctx.negative_slope, need_b)
-            grad_b = grad_b if need_b else None
-        elif need_b:
-            # Frozen weight, trainable bias: only the row sum of δ, in plain (traceable) ops.
-            if bias_grad_in_fp32:  # as FALinearFunction: the kernels' δ is fp32
-                delta = activation_backward(grad_y.float(), None if saved is None else saved.float(),
-                                            ctx.activation, ctx.negative_slope)
-                grad_b = delta.sum(0).to(grad_y.dtype)
-            else:  # as ReferenceFALinearFunction
-                grad_b = activation_backward(grad_y, saved, ctx.activation, ctx.negative_slope).sum(0)
-        return grad_x, grad_w, grad_b, None, None, None
+        grads = fa_backward(ctx, grad_y, x, feedback, saved, backward_input, backward_weight, bias_grad_in_fp32)
+        return (*grads, None, None, None)
 
     return backward
 
