@@ -65,6 +65,19 @@ class FALinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
+@torch.compiler.assume_constant_result
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force for ``device_type``, or None outside an autocast region.
+
+    Dynamo cannot trace ``torch.amp.is_autocast_available`` on every torch version (torch 2.11
+    fails on it), so this is evaluated while tracing and its result kept as a constant; the
+    autocast state is part of Dynamo's global guards, so a change of it recompiles.
+    """
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def autocast_inputs(x, weight, bias, feedback):
     """x, weight, bias, feedback cast as ``torch.autocast`` casts ``F.linear``'s arguments.
 
@@ -72,12 +85,12 @@ def autocast_inputs(x, weight, bias, feedback):
     are cast to the autocast dtype (the casts are differentiable: fp32 master weights get fp32
     gradients); outside one, they are returned unchanged.
     """
-    if not isinstance(x, torch.Tensor):
+    # One C call when no autocast is on anywhere (the common case); Dynamo folds it to a constant.
+    if not torch._C._is_any_autocast_enabled() or not isinstance(x, torch.Tensor):
         return x, weight, bias, feedback
-    device_type = x.device.type
-    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+    dtype = _autocast_dtype(x.device.type)
+    if dtype is None:
         return x, weight, bias, feedback
-    dtype = torch.get_autocast_dtype(device_type)
 
     def cast(t):
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:

@@ -4,6 +4,7 @@ TRITON_INTERPRET must be set before any @triton.jit module is imported, hence he
 before the tests import fa_triton's kernels.
 """
 
+import contextlib
 import os
 
 import pytest
@@ -12,6 +13,27 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _check_interpreter_numpy() -> None:
+    # Triton's interpreter before 3.7 turns 1-element numpy arrays into ints, which numpy >= 2.4
+    # refuses: every kernel test would fail with an InterpreterError that does not say why.
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy
+    import triton
+
+    def version(text):
+        return tuple(int(part) for part in text.split("+")[0].split(".")[:2])
+
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        raise pytest.UsageError(
+            f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1, no GPU here) fails with numpy "
+            f"{numpy.__version__}: install numpy<2.4 or triton>=3.7"
+        )
+
+
+_check_interpreter_numpy()
 
 # The device the Triton kernels are tested on: real kernels on a GPU, the interpreter otherwise.
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -29,3 +51,29 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def kernel_device() -> str:
     return KERNEL_DEVICE
+
+
+@pytest.fixture
+def fp32_matmul_precision():
+    """A setter for PyTorch's fp32 matmul switch (True: tf32 allowed, False: IEEE); the switch is
+    restored after the test.
+
+    Not monkeypatch: on torch >= 2.13 with pytest >= 9.2 its undo deletes the attribute, which
+    cuBLASModule refuses. Where the newer ``fp32_precision`` switch exists it is the one set and
+    restored (torch >= 2.9 raises on reading ``allow_tf32`` once the newer switch is set).
+    """
+    matmul = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    saved = getattr(matmul, name)
+
+    def set_precision(allow_tf32: bool, *, switch: str = name) -> None:
+        if switch == "fp32_precision":
+            matmul.fp32_precision = "tf32" if allow_tf32 else "ieee"
+        else:
+            matmul.allow_tf32 = allow_tf32
+
+    try:
+        yield set_precision
+    finally:
+        with contextlib.suppress(RuntimeError):  # older torch may refuse one of the two names
+            setattr(matmul, name, saved)

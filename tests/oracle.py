@@ -127,3 +127,68 @@ def assert_parity(result: dict, torch_result: dict, expected: dict, dtype: torch
         scale = max(1.0, expected[name].abs().max().item()) if expected[name].numel() else 1.0
         bound = factor * torch_err + FLOOR[dtype] * scale
         assert err <= bound, f"{name}: error {err:.3g} > {factor} x torch's {torch_err:.3g} + floor (= {bound:.3g})"
+
+
+# ------------------------------------------------------------------------- tf32 error bounds
+
+# A tf32 operand keeps 10 of fp32's 23 mantissa bits. Rounded to nearest its relative error is
+# at most 2^-11, truncated (what a tensor core does when it reads fp32 words as tf32) 2^-10:
+# the bound below takes truncation, the worse of the two.
+TF32_UNIT = 2.0**-10
+FP32_UNIT = 2.0**-24
+
+
+def _dot_bound(abs_a: torch.Tensor, abs_b: torch.Tensor, length: int) -> torch.Tensor:
+    """Elementwise bound on |fl(a @ b) - a @ b| for tf32 operands and fp32 accumulation.
+
+    Each product of two tf32-rounded operands is off by a factor of at most (1 + TF32_UNIT)² and
+    is exact in fp32 (10 + 10 mantissa bits); a sum of ``length`` terms in fp32, in any order,
+    adds at most ``length · FP32_UNIT`` of Σ|terms| (to first order; Higham's γ_n).
+    """
+    per_term = (1 + TF32_UNIT) ** 2 - 1 + length * FP32_UNIT * (1 + TF32_UNIT) ** 2
+    return per_term * (abs_a @ abs_b)
+
+
+def tf32_bounds(x, weight, bias, feedback, grad_y, activation="relu"):
+    """Elementwise error bounds of the FA layer computed with tf32 dots and fp32 accumulation.
+
+    For relu and identity (f is 1-Lipschitz, f' exact away from the kink). Returns the bounds
+    of y, grad_x, grad_W, grad_b, and ``kink``: where |z| is within the forward bound of 0, so
+    that rounding may put z on either side of the kink: callers zero grad_y there (as
+    KINK_MARGIN does for the same-dtype tests), else grad_x and grad_W have no bound.
+    """
+    if activation not in ("relu", "identity"):
+        raise ValueError(f"tf32_bounds covers relu and identity, got {activation!r}")
+    x64, w64, b64 = x.double().reshape(-1, x.shape[-1]), weight.double(), feedback.double()
+    rows, in_features = x64.shape
+    z = x64 @ w64.t()
+    z_bound = _dot_bound(x64.abs(), w64.abs().t(), in_features)
+    if bias is not None:
+        z = z + bias.double()
+        z_bound = z_bound + (z.abs() + z_bound) * FP32_UNIT  # the bias add rounds once
+    kink = z.abs() <= z_bound
+    delta = grad_y.double().reshape(rows, -1)
+    if activation == "relu":
+        delta = torch.where(z > 0, delta, 0.0)  # exact: f'(z) is 0 or 1 and z is off the kink
+    return {
+        "y": z_bound,
+        "grad_x": _dot_bound(delta.abs(), b64.abs(), weight.shape[0]),
+        "grad_weight": _dot_bound(delta.abs().t(), x64.abs(), rows),
+        "grad_bias": rows * FP32_UNIT * delta.abs().sum(0) if bias is not None else None,
+        "kink": kink,
+    }
+
+
+def assert_within_bounds(result: dict, expected: dict, bounds: dict) -> None:
+    """Every element of every output is within its bound of the float64 oracle."""
+    for name in OUTPUTS:
+        if expected[name] is None:
+            assert result[name] is None, f"{name}: expected None"
+            continue
+        got = result[name].detach().cpu().double().reshape(expected[name].shape)
+        err = (got - expected[name].cpu()).abs().reshape(bounds[name].shape)
+        excess = err - bounds[name].cpu()
+        worst = int(excess.argmax())
+        assert excess.max() <= 0, (
+            f"{name}: error {err.flatten()[worst]:.3g} > bound {bounds[name].flatten()[worst]:.3g} at flat index {worst}"
+        )

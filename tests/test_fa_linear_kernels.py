@@ -12,7 +12,7 @@ from fa_triton import ACTIVATIONS, fa_linear
 from fa_triton import kernels
 from fa_triton.kernels import fa_linear as kernel_module
 from conftest import KERNEL_DEVICE
-from oracle import assert_parity, make_inputs, oracle, run_layer
+from oracle import assert_parity, assert_within_bounds, make_inputs, oracle, run_layer, tf32_bounds
 
 # The interpreter has no bf16 arithmetic; bf16 is covered by the cuda-marked tests.
 INTERPRETER_DTYPES = [torch.float32, torch.float16]
@@ -149,18 +149,17 @@ def test_only_needed_gradients(kernel_device):
     torch.testing.assert_close(x_leaf.grad.double(), expected["grad_x"], atol=1e-5, rtol=1e-5)
 
 
-def test_fp32_dot_follows_pytorchs_tf32_switches(monkeypatch):
-    matmul = torch.backends.cuda.matmul
-    monkeypatch.setattr(matmul, "allow_tf32", False)
+def test_fp32_dot_follows_pytorchs_tf32_switches(fp32_matmul_precision):
+    fp32_matmul_precision(False, switch="allow_tf32")
     assert kernel_module._dot_precision(torch.float32) == "ieee"
-    monkeypatch.setattr(matmul, "allow_tf32", True)
+    fp32_matmul_precision(True, switch="allow_tf32")
     assert kernel_module._dot_precision(torch.float32) == "tf32"
     assert kernel_module._dot_precision(torch.float16) == "tf32"  # no effect on half types
-    if hasattr(matmul, "fp32_precision"):
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         # The newer switch (torch >= 2.9); once it is set, reading allow_tf32 raises.
-        monkeypatch.setattr(matmul, "fp32_precision", "ieee")
+        fp32_matmul_precision(False, switch="fp32_precision")
         assert kernel_module._dot_precision(torch.float32) == "ieee"
-        monkeypatch.setattr(matmul, "fp32_precision", "tf32")
+        fp32_matmul_precision(True, switch="fp32_precision")
         assert kernel_module._dot_precision(torch.float32) == "tf32"
 
 
@@ -181,10 +180,17 @@ def test_cuda_parity_large(dtype):
 
 
 @pytest.mark.cuda
-def test_cuda_tf32(monkeypatch):
-    # With tf32 allowed, both the kernel and cuBLAS round fp32 operands to tf32.
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    check_against_oracle((512,), 1024, 512, torch.float32, True, "relu", device="cuda")
+@pytest.mark.parametrize("activation", ["relu", "identity"])
+def test_cuda_tf32(activation, fp32_matmul_precision):
+    # With tf32 allowed the kernels round fp32 operands to tf32: every element of every output
+    # must be within the bound derived from tf32's rounding (oracle.tf32_bounds).
+    fp32_matmul_precision(True)
+    x, weight, b, feedback, grad_y = make_inputs((512,), 1024, 512, torch.float32, "cuda", activation=activation)
+    bounds = tf32_bounds(x, weight, b, feedback, grad_y, activation)
+    grad_y = torch.where(bounds["kink"].to(grad_y.device), 0.0, grad_y)
+    expected = oracle(x, weight, b, feedback, grad_y, activation)
+    result = run_layer(triton_layer, x, weight, b, feedback, grad_y, activation)
+    assert_within_bounds(result, expected, bounds)
 
 
 @pytest.mark.cuda
