@@ -27,14 +27,24 @@ def check_activation(activation: str, negative_slope: float) -> None:
         raise ValueError(f"negative_slope must be finite, got {negative_slope}")
 
 
-def saves_preactivation(activation: str, negative_slope: float) -> bool:
-    """Whether backward needs z = x Wᵀ + b rather than the output y = f(z).
+def saves_extra(activation: str, negative_slope: float) -> bool:
+    """Whether backward needs a tensor besides the output y = f(z): the "extra" tensor that the
+    forward stores (see :func:`extra_for_backward`).
 
     f'(z) can be read off y for relu, tanh, sigmoid and leaky_relu with a slope >= 0
-    (y > 0 exactly where z > 0), so only y is kept; gelu, and leaky_relu with a negative
-    slope (where y > 0 on both sides of 0), need z itself.
+    (y > 0 exactly where z > 0), so only y is kept. leaky_relu with a negative slope (y > 0 on
+    both sides of 0) keeps z; gelu keeps f'(z) itself, computed once in the forward (the
+    backward would otherwise evaluate erf and exp again in each of its kernels' programs).
     """
     return activation == "gelu" or (activation == "leaky_relu" and negative_slope < 0)
+
+
+def extra_for_backward(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """The extra tensor of :func:`saves_extra`: f'(z) for gelu, else z; in z's dtype."""
+    if activation == "gelu":
+        # f'(z) = Φ(z) + z φ(z) (exact, erf form)
+        return 0.5 * (1 + torch.erf(z * _INV_SQRT2)) + z * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    return z
 
 
 def saves_activation_input(activation: str) -> bool:
@@ -42,16 +52,16 @@ def saves_activation_input(activation: str) -> bool:
     return activation != "identity"
 
 
-def save_for_fa_backward(ctx, x, feedback, y, preact, activation: str, negative_slope: float) -> None:
+def save_for_fa_backward(ctx, x, feedback, y, extra, activation: str, negative_slope: float) -> None:
     """Save on ``ctx`` only what the FA backward will read, given ``ctx.needs_input_grad``.
 
-    x is kept for grad_W, feedback for grad_x, and y or z (``preact``; see
-    :func:`saves_preactivation`) for δ; the rest is saved as None.
+    x is kept for grad_W, feedback for grad_x, and y or the extra tensor (see
+    :func:`saves_extra`) for δ; the rest is saved as None.
     """
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     saved = None
     if saves_activation_input(activation) and (need_x or need_w or need_b):
-        saved = preact if saves_preactivation(activation, negative_slope) else y
+        saved = extra if saves_extra(activation, negative_slope) else y
     ctx.save_for_backward(x if need_w else None, feedback if need_x else None, saved)
     ctx.activation = activation
     ctx.negative_slope = negative_slope
@@ -75,7 +85,7 @@ def apply_activation(z: torch.Tensor, activation: str, negative_slope: float) ->
 def activation_backward(
     grad_y: torch.Tensor, saved: torch.Tensor | None, activation: str, negative_slope: float
 ) -> torch.Tensor:
-    """δ = g ⊙ f'(z), with ``saved`` the tensor chosen by :func:`saves_preactivation`.
+    """δ = g ⊙ f'(z), with ``saved`` y or the extra tensor of :func:`saves_extra`.
 
     Each rule is PyTorch's own, special values included: relu passes g where y is NaN and
     gives 0 (not 0·inf) where y <= 0.
@@ -91,7 +101,4 @@ def activation_backward(
         return grad_y * (1 - saved * saved)
     if activation == "sigmoid":
         return grad_y * saved * (1 - saved)
-    # gelu (exact, erf form): f'(z) = Φ(z) + z φ(z)
-    cdf = 0.5 * (1 + torch.erf(saved * _INV_SQRT2))
-    pdf = torch.exp(-0.5 * saved * saved) * _INV_SQRT_2PI
-    return grad_y * (cdf + saved * pdf)
+    return grad_y * saved  # gelu: saved is f'(z) (extra_for_backward)

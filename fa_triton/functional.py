@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .activations import save_for_fa_backward, saves_preactivation
-from .ops import fa_backward, fa_linear_op
+from .activations import save_for_fa_backward, saves_extra
+from .ops import fa_backward, fa_linear_op, launch_backward_input
 from .torch_reference import ReferenceFALinearFunction
 from .validation import check_backend, check_inputs
 
@@ -37,15 +37,15 @@ class FALinearFunction(torch.autograd.Function):
         # reshape is a view whenever the strides allow it (transposed 2-D inputs included);
         # the kernels take any strides, so only un-viewable layouts are copied.
         x2d = x.reshape(-1, in_features)
-        store_preact = saves_preactivation(activation, negative_slope)
+        store_extra = saves_extra(activation, negative_slope)
         # y is allocated in its final shape so that the returned tensor is not a view
         # (views made inside a Function cannot be modified in place).
         y = torch.empty((*x.shape[:-1], weight.shape[0]), device=x.device, dtype=x.dtype)
-        _, preact = kernels.fa_linear_forward(
-            x2d, weight, bias, activation, negative_slope, store_preact, out=y.view(-1, weight.shape[0])
+        _, extra = kernels.fa_linear_forward(
+            x2d, weight, bias, activation, negative_slope, store_extra, out=y.view(-1, weight.shape[0])
         )
 
-        save_for_fa_backward(ctx, x2d, feedback, y, preact, activation, negative_slope)
+        save_for_fa_backward(ctx, x2d, feedback, y, extra, activation, negative_slope)
         ctx.x_shape = x.shape
         return y
 
@@ -58,7 +58,8 @@ class FALinearFunction(torch.autograd.Function):
             saved = saved.reshape(-1, saved.shape[-1])
         grad_x, grad_w, grad_b = fa_backward(
             ctx, grad_y.reshape(-1, grad_y.shape[-1]), x2d, feedback, saved,
-            kernels.fa_linear_backward_input, kernels.fa_linear_backward_weight, bias_grad_in_fp32=True,
+            launch_backward_input, kernels.fa_linear_backward_weight,
+            stores_delta=kernels.tuning.STORE_DELTA, bias_grad_in_fp32=True,
         )
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)

@@ -6,17 +6,18 @@ survives tracing. All are 2-D, like the kernel launchers (M rows, K = in_feature
 N = out_features); :func:`fa_linear_op` flattens the batch dimensions around them::
 
     fa_triton::triton_forward(x[M,K], weight[N,K], bias[N]?, feedback[N,K], activation, negative_slope)
-        -> (y[M,N], preact)
-    fa_triton::triton_backward_input(grad_y[M,N], saved[M,N]?, feedback[N,K], activation, negative_slope)
-        -> grad_x[M,K]
+        -> (y[M,N], extra)
+    fa_triton::triton_backward_input(grad_y[M,N], saved[M,N]?, feedback[N,K], activation, negative_slope,
+                                     store_delta) -> (grad_x[M,K], delta)
     fa_triton::triton_backward_weight(grad_y[M,N], saved[M,N]?, x[M,K], activation, negative_slope, bias_grad)
         -> (grad_W[N,K], grad_b)
     fa_triton::reference_forward / reference_backward_input / reference_backward_weight: the same
         signatures in plain PyTorch ops (any device, any floating dtype)
 
-``preact`` is z = x Wᵀ + b [M, N] when backward needs it (``saves_preactivation``), else an
-empty [0] tensor, and ``grad_b`` is [N] when ``bias_grad``, else empty [0]: an op's outputs
-cannot be None. ``feedback`` is an input of the forward ops only so that autograd can save it.
+``extra`` is what backward reads besides y (``saves_extra``: z = x Wᵀ + b, or f'(z) for gelu)
+[M, N] when it needs one, else an empty [0] tensor; ``delta`` is δ = g ⊙ f'(z) [M, N] when ``store_delta`` (the weight op then
+takes δ with activation "identity"), else empty; and ``grad_b`` is [N] when ``bias_grad``, else
+empty [0]: an op's outputs cannot be None. ``feedback`` is an input of the forward ops only so that autograd can save it.
 The forward ops carry the FA backward (``register_autograd``); the backward ops have no
 autograd of their own (like ``once_differentiable``).
 
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .activations import activation_backward, apply_activation, save_for_fa_backward, saves_preactivation
+from .activations import activation_backward, apply_activation, extra_for_backward, save_for_fa_backward, saves_extra
 
 __all__ = ["fa_linear_op", "OPS"]
 
@@ -55,16 +56,25 @@ def _empty(like: Tensor) -> Tensor:
 def triton_forward(
     x: Tensor, weight: Tensor, bias: Optional[Tensor], feedback: Tensor, activation: str, negative_slope: float
 ) -> tuple[Tensor, Tensor]:
-    store_preact = saves_preactivation(activation, negative_slope)
-    y, preact = _kernels().fa_linear_forward(x, weight, bias, activation, negative_slope, store_preact)
-    return y, preact if preact is not None else _empty(x)
+    y, extra = _kernels().fa_linear_forward(x, weight, bias, activation, negative_slope,
+                                            saves_extra(activation, negative_slope))
+    return y, extra if extra is not None else _empty(x)
+
+
+def launch_backward_input(grad_y, saved, feedback, activation, negative_slope, store_delta):
+    """(grad_x, δ or None) from the backward-input kernel; δ [M, N] is stored when ``store_delta``."""
+    delta = torch.empty(grad_y.shape, device=grad_y.device, dtype=feedback.dtype) if store_delta else None
+    grad_x = _kernels().fa_linear_backward_input(grad_y, saved, feedback, activation, negative_slope, delta_out=delta)
+    return grad_x, delta
 
 
 @torch.library.custom_op("fa_triton::triton_backward_input", mutates_args=())
 def triton_backward_input(
-    grad_y: Tensor, saved: Optional[Tensor], feedback: Tensor, activation: str, negative_slope: float
-) -> Tensor:
-    return _kernels().fa_linear_backward_input(grad_y, saved, feedback, activation, negative_slope)
+    grad_y: Tensor, saved: Optional[Tensor], feedback: Tensor, activation: str, negative_slope: float,
+    store_delta: bool,
+) -> tuple[Tensor, Tensor]:
+    grad_x, delta = launch_backward_input(grad_y, saved, feedback, activation, negative_slope, store_delta)
+    return grad_x, delta if delta is not None else _empty(grad_x)
 
 
 @torch.library.custom_op("fa_triton::triton_backward_weight", mutates_args=())
@@ -86,15 +96,17 @@ def reference_forward(
 ) -> tuple[Tensor, Tensor]:
     z = F.linear(x, weight, bias)
     y = apply_activation(z, activation, negative_slope)
-    return y, z if saves_preactivation(activation, negative_slope) else _empty(x)
+    return y, extra_for_backward(z, activation) if saves_extra(activation, negative_slope) else _empty(x)
 
 
 @torch.library.custom_op("fa_triton::reference_backward_input", mutates_args=())
 def reference_backward_input(
-    grad_y: Tensor, saved: Optional[Tensor], feedback: Tensor, activation: str, negative_slope: float
-) -> Tensor:
+    grad_y: Tensor, saved: Optional[Tensor], feedback: Tensor, activation: str, negative_slope: float,
+    store_delta: bool,
+) -> tuple[Tensor, Tensor]:
     delta = activation_backward(grad_y, saved, activation, negative_slope)
-    return delta @ feedback  # B in place of W
+    # B in place of W; an op's output must not alias its input (identity's δ is grad_y itself).
+    return delta @ feedback, (delta if delta is not grad_y else delta.clone()) if store_delta else _empty(grad_y)
 
 
 @torch.library.custom_op("fa_triton::reference_backward_weight", mutates_args=())
@@ -110,12 +122,13 @@ def reference_backward_weight(
 
 def _forward_fake(x, weight, bias, feedback, activation, negative_slope):
     y = x.new_empty((x.shape[0], weight.shape[0]))
-    preact = x.new_empty(y.shape) if saves_preactivation(activation, negative_slope) else _empty(x)
-    return y, preact
+    extra = x.new_empty(y.shape) if saves_extra(activation, negative_slope) else _empty(x)
+    return y, extra
 
 
-def _backward_input_fake(grad_y, saved, feedback, activation, negative_slope):
-    return feedback.new_empty((grad_y.shape[0], feedback.shape[1]))
+def _backward_input_fake(grad_y, saved, feedback, activation, negative_slope, store_delta):
+    delta = feedback.new_empty(grad_y.shape) if store_delta else _empty(feedback)
+    return feedback.new_empty((grad_y.shape[0], feedback.shape[1])), delta
 
 
 def _backward_weight_fake(grad_y, saved, x, activation, negative_slope, bias_grad):
@@ -128,56 +141,72 @@ def _backward_weight_fake(grad_y, saved, x, activation, negative_slope, bias_gra
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, feedback, activation, negative_slope = inputs
-    y, preact = output
-    save_for_fa_backward(ctx, x, feedback, y, preact, activation, negative_slope)
+    y, extra = output
+    save_for_fa_backward(ctx, x, feedback, y, extra, activation, negative_slope)
 
 
-def fa_backward(ctx, grad_y, x, feedback, saved, backward_input, backward_weight, bias_grad_in_fp32: bool):
+def fa_backward(ctx, grad_y, x, feedback, saved, backward_input, backward_weight, *, stores_delta: bool,
+                bias_grad_in_fp32: bool):
     """(grad_x, grad_W, grad_b) of the FA layer, each None unless ``ctx.needs_input_grad`` asks for it.
 
-    2-D throughout: grad_y and saved [M, N], x [M, K], feedback [N, K]; ``backward_input`` and
-    ``backward_weight`` are one backend's kernels (launchers or ops). Shared by the eager Triton
-    Function and both op families, so the three backward paths cannot drift apart.
+    2-D throughout: grad_y and saved [M, N], x [M, K], feedback [N, K]; ``backward_input``
+    (returning grad_x and δ or None) and ``backward_weight`` are one backend's (launchers or
+    ops). With ``stores_delta``, when both grad_x and grad_W are wanted the input step stores
+    δ and the weight step reads it (activation "identity"), so δ is formed once. Shared by the
+    eager Triton Function and both op families, so the three backward paths cannot drift apart.
     """
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    activation, negative_slope = ctx.activation, ctx.negative_slope
+    store_delta = stores_delta and need_x and need_w and activation != "identity"
     grad_x = grad_w = grad_b = None
     if need_x:
-        grad_x = backward_input(grad_y, saved, feedback, ctx.activation, ctx.negative_slope)
+        grad_x, delta = backward_input(grad_y, saved, feedback, activation, negative_slope, store_delta)
     if need_w:
-        grad_w, grad_b = backward_weight(grad_y, saved, x, ctx.activation, ctx.negative_slope, need_b)
+        if store_delta:
+            grad_w, grad_b = backward_weight(delta, None, x, "identity", negative_slope, need_b)
+        else:
+            grad_w, grad_b = backward_weight(grad_y, saved, x, activation, negative_slope, need_b)
         grad_b = grad_b if need_b else None
     elif need_b:
         # Frozen weight, trainable bias: only the row sum of δ, in plain (traceable) ops.
         if bias_grad_in_fp32:  # as the kernels, whose δ is fp32
             delta = activation_backward(grad_y.float(), None if saved is None else saved.float(),
-                                        ctx.activation, ctx.negative_slope)
+                                        activation, negative_slope)
             grad_b = delta.sum(0).to(grad_y.dtype)
         else:  # as ReferenceFALinearFunction
-            grad_b = activation_backward(grad_y, saved, ctx.activation, ctx.negative_slope).sum(0)
+            grad_b = activation_backward(grad_y, saved, activation, negative_slope).sum(0)
     return grad_x, grad_w, grad_b
 
 
-def _make_backward(backward_input, backward_weight, bias_grad_in_fp32: bool):
-    def backward(ctx, grad_y, grad_preact):
-        # preact is an internal output: nothing downstream uses it, so grad_preact is ignored.
+def _make_backward(backward_input, backward_weight, stores_delta, bias_grad_in_fp32: bool):
+    def backward(ctx, grad_y, grad_extra):
+        # extra is an internal output: nothing downstream uses it, so grad_extra is ignored.
         x, feedback, saved = ctx.saved_tensors
-        grads = fa_backward(ctx, grad_y, x, feedback, saved, backward_input, backward_weight, bias_grad_in_fp32)
+        grads = fa_backward(ctx, grad_y, x, feedback, saved, backward_input, backward_weight,
+                            stores_delta=stores_delta(), bias_grad_in_fp32=bias_grad_in_fp32)
         return (*grads, None, None, None)
 
     return backward
 
 
-def _register(forward, backward_input, backward_weight, bias_grad_in_fp32):
+def triton_stores_delta() -> bool:
+    """The Triton backward plan (``fa_triton.kernels.tuning.STORE_DELTA``)."""
+    return _kernels().tuning.STORE_DELTA
+
+
+def _register(forward, backward_input, backward_weight, stores_delta, bias_grad_in_fp32):
     forward.register_fake(_forward_fake)
     backward_input.register_fake(_backward_input_fake)
     backward_weight.register_fake(_backward_weight_fake)
     forward.register_autograd(
-        _make_backward(backward_input, backward_weight, bias_grad_in_fp32), setup_context=_setup_context
+        _make_backward(backward_input, backward_weight, stores_delta, bias_grad_in_fp32), setup_context=_setup_context
     )
 
 
-_register(triton_forward, triton_backward_input, triton_backward_weight, bias_grad_in_fp32=True)
-_register(reference_forward, reference_backward_input, reference_backward_weight, bias_grad_in_fp32=False)
+_register(triton_forward, triton_backward_input, triton_backward_weight, triton_stores_delta, bias_grad_in_fp32=True)
+# The reference forms δ once whenever both gradients need it, as ReferenceFALinearFunction does.
+_register(reference_forward, reference_backward_input, reference_backward_weight, lambda: True,
+          bias_grad_in_fp32=False)
 
 #: The ops of each backend: (forward, backward_input, backward_weight).
 OPS = {

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .activations import activation_backward, apply_activation, save_for_fa_backward
+from .activations import activation_backward, apply_activation, extra_for_backward, save_for_fa_backward, saves_extra
 from .validation import check_inputs
 
 
@@ -25,7 +25,11 @@ class ReferenceFALinearFunction(torch.autograd.Function):
         # per-call overhead: each op and Python branch here costs about as much as it saves.
         z = F.linear(x, weight, bias)
         y = apply_activation(z, activation, negative_slope)
-        save_for_fa_backward(ctx, x, feedback, y, z, activation, negative_slope)
+        # f'(z) for gelu is computed only when a backward will read it.
+        extra = None
+        if saves_extra(activation, negative_slope) and any(ctx.needs_input_grad[:3]):
+            extra = extra_for_backward(z, activation)
+        save_for_fa_backward(ctx, x, feedback, y, extra, activation, negative_slope)
         return y
 
     @staticmethod

@@ -11,14 +11,41 @@ import fa_triton
 from fa_triton import ACTIVATIONS, fa_linear
 from fa_triton import kernels
 from fa_triton.kernels import fa_linear as kernel_module
+from fa_triton.kernels import fa_linear_kernels, tuning
+from fa_triton.kernels.tuning import LaunchConfig
 from conftest import KERNEL_DEVICE
-from oracle import assert_parity, assert_within_bounds, make_inputs, oracle, run_layer, tf32_bounds
+from oracle import FLOOR, assert_parity, assert_within_bounds, make_inputs, oracle, run_layer, tf32_bounds
 
 # The interpreter has no bf16 arithmetic; bf16 is covered by the cuda-marked tests.
 INTERPRETER_DTYPES = [torch.float32, torch.float16]
 
 # (M, in_features, out_features): none a multiple of a block, plus the tutorial's layers.
 SHAPES = [(1, 1, 1), (1, 7, 17), (7, 17, 113), (113, 7, 1), (17, 113, 7), (64, 784, 128), (64, 128, 64), (64, 64, 10)]
+
+
+@pytest.fixture(autouse=True)
+def fresh_plans():
+    """Each test builds its own launch plans (some patch what a plan is built from)."""
+    kernel_module.clear_plans()
+    yield
+    kernel_module.clear_plans()
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """(kernel name, grid) of every kernel launch in the test, in order."""
+    seen = []
+    for name in ("forward_kernel", "forward_tma_kernel", "forward_split_epilogue_kernel", "backward_input_kernel",
+                 "backward_input_tma_kernel", "backward_weight_kernel", "backward_weight_tma_kernel",
+                 "split_sum_kernel"):
+        kernel = getattr(fa_linear_kernels, name)
+
+        def spy(*args, grid, _run=kernel.run, _name=name, **kwargs):
+            seen.append((_name, tuple(grid)))
+            return _run(*args, grid=grid, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", spy)
+    return seen
 
 
 def triton_layer(*args, **kwargs):
@@ -215,9 +242,9 @@ def _weight_grads_against_oracle(M, in_features, out_features, dtype, bias, acti
                                                  activation=activation)
     expected = oracle(x, weight, b, feedback, grad_y, activation)
     torch_result = run_layer(reference_layer, x, weight, b, feedback, grad_y, activation)
-    store_preact = fa_triton.activations.saves_preactivation(activation, 0.01)
-    y, preact = kernels.fa_linear_forward(x, weight, b, activation, 0.01, store_preact)
-    saved = None if activation == "identity" else (preact if store_preact else y)
+    store_extra = fa_triton.activations.saves_extra(activation, 0.01)
+    y, extra = kernels.fa_linear_forward(x, weight, b, activation, 0.01, store_extra)
+    saved = None if activation == "identity" else (extra if store_extra else y)
     grad_w, grad_b = kernels.fa_linear_backward_weight(grad_y, saved, x, activation, 0.01, bias_grad=bias,
                                                        **launch_kwargs)
     for name, value in (("grad_weight", grad_w), ("grad_bias", grad_b)):
@@ -236,16 +263,13 @@ def _weight_grads_against_oracle(M, in_features, out_features, dtype, bias, acti
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("activation", ["relu", "gelu", "identity"])
 @pytest.mark.parametrize("split_k", [2, 3, 7])
-def test_split_k_parity(split_k, activation, bias, dtype, kernel_device, monkeypatch):
+def test_split_k_parity(split_k, activation, bias, dtype, kernel_device, launches):
     # 300 rows = 5 blocks of the interpreter's 64-row steps: 2, 3 and 7 slices (7 is cut to 5).
-    used = []
-    reduce_splits = kernel_module._reduce_splits
-    monkeypatch.setattr(kernel_module, "_reduce_splits",
-                        lambda partial, *a: (used.append(partial.shape[0]), reduce_splits(partial, *a))[1])
     _weight_grads_against_oracle(300, 20, 7, dtype, bias, activation, kernel_device, split_k=split_k)
-    assert used, "the split-K path did not run"
+    weight_grids = [grid for name, grid in launches if name == "backward_weight_kernel"]
+    assert "split_sum_kernel" in [name for name, _ in launches], "the split-K path did not run"
     if kernel_module.INTERPRETED:
-        assert used == [kernel_module._split_plan(300, split_k, 64)[0]]
+        assert weight_grids[-1][1] == tuning.split_plan(300, split_k, 64)[0]
 
 
 def test_split_k_is_deterministic_and_close_to_unsplit(kernel_device):
@@ -268,133 +292,164 @@ def test_split_k_short_batch_and_bad_values(kernel_device):
                                               split_k=bad)
 
 
-def test_split_plan_covers_the_batch():
-    for batch in (1, 15, 16, 17, 300, 8192, 10_000):
-        for split in (1, 2, 3, 7, 64, 1000):
-            for block in (16, 32, 64):
-                splits, rows = kernel_module._split_plan(batch, split, block)
-                assert rows % block == 0 and 1 <= splits <= split
-                assert (splits - 1) * rows < batch <= splits * rows  # every row once, no empty slice
-
-
 def test_autotune_never_runs_under_the_interpreter(kernel_device, monkeypatch):
     if not kernel_module.INTERPRETED:
         pytest.skip("checks the interpreter path")
-    monkeypatch.setattr(kernel_module, "_AUTOTUNE", True)
-    monkeypatch.setattr(kernel_module, "_TUNE_MIN_MACS", 1)
+    monkeypatch.setattr(tuning, "AUTOTUNE", True)
+    monkeypatch.setattr(tuning, "TUNE_MIN_MACS", 1)
 
     def fail(*args, **kwargs):
         raise AssertionError("autotuning ran under the interpreter")
 
-    monkeypatch.setattr(kernel_module, "_autotune", fail)
+    monkeypatch.setattr(tuning, "autotune", fail)
     check_against_oracle((40,), 24, 12, torch.float32, True, "relu")
 
 
-@pytest.fixture
-def as_compiled(monkeypatch):
-    """Config selection as on a GPU with the given number of SMs; the heuristic's cache is
-    cleared before and after, so no compiled-GPU config leaks into interpreter runs."""
-    def setup(sms=132):
-        monkeypatch.setattr(kernel_module, "INTERPRETED", False)
-        monkeypatch.setattr(kernel_module, "_sm_count", lambda device: sms)
-        kernel_module._heuristic_config.cache_clear()
+# --------------------------------------------- every kernel variant: TMA, split forward, stored δ
 
-    yield setup
-    kernel_module._heuristic_config.cache_clear()
+# Row strides of 48 and 40 elements are 16-byte aligned in fp32 and fp16: tensor descriptors apply.
+VARIANT_SHAPE = (70, 48, 40)  # M, in_features, out_features
 
 
-@pytest.mark.parametrize("sms", [132, 108, 16])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    "kernel, rows, cols, red",
-    [("forward", 8192, 8192, 8192), ("forward", 64, 128, 784), ("backward_input", 8192, 784, 128),
-     ("backward_weight", 128, 784, 8192), ("backward_weight", 10, 64, 8192), ("backward_weight", 64, 128, 64),
-     ("backward_weight", 1, 1, 1)],
-)
-def test_candidate_configs(kernel, rows, cols, red, dtype, sms, as_compiled):
-    as_compiled(sms)
-    configs = kernel_module._candidate_configs(kernel, rows, cols, red, dtype, sms, bias_grad=True)
-    heuristic = kernel_module._heuristic_config(kernel, rows, cols, red, dtype, sms, True)
-    assert configs[0] == heuristic
-    assert len(configs) == len({tuple(sorted(c.items())) for c in configs}), "duplicate candidates"
-    tiles = {(c["BLOCK_ROWS"], c["BLOCK_COLS"], c["BLOCK_RED"], c["num_warps"], c["num_stages"]) for c in configs}
-    assert len(tiles) <= kernel_module._MAX_TILE_CANDIDATES  # each tile is one compile
-    cap_red = 32 if dtype == torch.float32 else 64
-    for c in configs:
-        for key, size, cap in (("BLOCK_ROWS", rows, 256), ("BLOCK_COLS", cols, 256), ("BLOCK_RED", red, cap_red)):
-            block = c[key]
-            assert block >= 16 and block & (block - 1) == 0 and block <= max(16, triton_next_pow2(size)) and block <= cap
-        if kernel != "backward_weight":
-            assert c["SPLIT"] == 1
-        splits, rows_per_split = kernel_module._split_plan(red, c["SPLIT"], c["BLOCK_RED"])
-        if splits > 1:  # fp32 partials stay small and int32-addressable
-            assert splits * (rows * cols + rows) * 4 <= kernel_module._SPLIT_MAX_BYTES
-            assert rows_per_split >= kernel_module._SPLIT_MIN_STEPS * c["BLOCK_RED"]
-    if (rows, cols, red) == (8192, 8192, 8192):  # two waves of 128x128 tiles: no small tiles
-        assert all(c["BLOCK_ROWS"] * c["BLOCK_COLS"] >= 128 * 128 for c in configs)
-    if kernel == "backward_weight" and red == 8192 and sms >= 108:
-        # A small layer over a long batch: the GPU is filled by splitting the batch.
-        assert heuristic["SPLIT"] > 1 and any(c["SPLIT"] > 1 for c in configs[1:])
-    if kernel == "backward_weight" and red <= 64:
-        assert all(c["SPLIT"] == 1 for c in configs)  # a short batch is never split
+def _layer_with_configs(x, weight, b, feedback, grad_y, activation, forward=None, backward_input=None,
+                        backward_weight=None, store_delta=False):
+    """y and the three gradients from the launchers with explicit configs (None: the plan's own)."""
+    store_extra = fa_triton.activations.saves_extra(activation, 0.01)
+    y, extra = kernels.fa_linear_forward(x, weight, b, activation, 0.01, store_extra, config=forward)
+    saved = None if activation == "identity" else (extra if store_extra else y)
+    delta = torch.empty(grad_y.shape, dtype=x.dtype, device=x.device) if store_delta else None
+    grad_x = kernels.fa_linear_backward_input(grad_y, saved, feedback, activation, 0.01, config=backward_input,
+                                              delta_out=delta)
+    if store_delta:
+        grad_w, grad_b = kernels.fa_linear_backward_weight(delta, None, x, "identity", 0.01, bias_grad=b is not None,
+                                                           config=backward_weight)
+    else:
+        grad_w, grad_b = kernels.fa_linear_backward_weight(grad_y, saved, x, activation, 0.01,
+                                                           bias_grad=b is not None, config=backward_weight)
+    return {"y": y, "grad_x": grad_x, "grad_weight": grad_w, "grad_bias": grad_b}, delta
 
 
-def triton_next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+def oracle_fprime(x, weight, bias, activation):
+    from oracle import activation_and_derivative
+
+    z = x.double() @ weight.double().t() + bias.double()
+    return activation_and_derivative(z, activation, 0.01)[1]
 
 
-def test_autotune_picks_the_fastest_and_skips_failures():
-    configs = [{"id": i} for i in range(4)]
-    launched = []
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
+@pytest.mark.parametrize("activation, store_delta", [("relu", False), ("gelu", True), ("sigmoid", True),
+                                                     ("identity", False)])
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
+def test_kernel_variants_against_the_oracle(tma, activation, store_delta, dtype, kernel_device, launches):
+    M, in_features, out_features = VARIANT_SHAPE
+    x, weight, b, feedback, grad_y = make_inputs((M,), in_features, out_features, dtype, kernel_device,
+                                                 activation=activation)
+    expected = oracle(x, weight, b, feedback, grad_y, activation)
+    torch_result = run_layer(reference_layer, x, weight, b, feedback, grad_y, activation)
+    # Small tiles: several programs along every axis, partial tiles at every edge.
+    config = LaunchConfig(32, 16, 16, tma=tma)
+    result, delta = _layer_with_configs(x, weight, b, feedback, grad_y, activation, config, config,
+                                        config.replace(split=2), store_delta)
+    assert_parity(result, torch_result, expected, dtype)
+    names = [name for name, _ in launches]
+    suffix = "_tma_kernel" if tma else "_kernel"
+    assert {"forward" + suffix, "backward_input" + suffix, "backward_weight" + suffix, "split_sum_kernel"} <= set(names)
+    if store_delta:
+        # δ as the dot uses it: g ⊙ f'(z) rounded to the operand dtype (z itself was rounded too).
+        true_delta = grad_y.double() * oracle_fprime(x, weight, b, activation)
+        tol = FLOOR[dtype] * max(1.0, true_delta.abs().max().item())
+        torch.testing.assert_close(delta.double(), true_delta, rtol=0, atol=tol)
 
-    def launch(config):
-        launched.append(config["id"])
-        if config["id"] == 3:
-            raise RuntimeError("out of shared memory")
 
-    def timer(fn):
-        fn()
-        return {0: 2.0, 1: 0.5, 2: 1.0}[launched[-1]]
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_forward_split_k_parity(activation, dtype, kernel_device, launches):
+    # K = 48 in 16-wide steps, cut into 3 slices whose fp32 sums one epilogue kernel adds in order.
+    M, in_features, out_features = VARIANT_SHAPE
+    x, weight, b, feedback, grad_y = make_inputs((M,), in_features, out_features, dtype, kernel_device,
+                                                 activation=activation)
+    expected = oracle(x, weight, b, feedback, grad_y, activation)
+    torch_result = run_layer(reference_layer, x, weight, b, feedback, grad_y, activation)
+    split = LaunchConfig(32, 16, 16, split=3)
+    result, _ = _layer_with_configs(x, weight, b, feedback, grad_y, activation, forward=split)
+    assert_parity(result, torch_result, expected, dtype)
+    forward_grids = [grid for name, grid in launches if name == "forward_kernel"]
+    assert forward_grids[0][1] == 3 and "forward_split_epilogue_kernel" in [name for name, _ in launches]
+    again, _ = _layer_with_configs(x, weight, b, feedback, grad_y, activation, forward=split)
+    assert torch.equal(again["y"], result["y"])  # fixed order: bitwise reproducible
 
-    assert kernel_module._autotune(configs, launch, timer=timer) == {"id": 1}
-    assert launched == [0, 1, 2, 3]
-    with pytest.raises(RuntimeError, match="none of 1 configs ran.*out of shared memory"):
-        kernel_module._autotune([{"id": 3}], launch, timer=timer)
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
+def test_forward_epilogue_in_halves(tma, kernel_device):
+    # gelu on a 128x256 tile runs its epilogue on two column halves (registers on a GPU): y and
+    # f'(z) must land in the right columns, partial tiles included (N = 300: a full and a partial tile).
+    x, weight, b, _, _ = make_inputs((130,), 32, 300, torch.float32, kernel_device, activation="gelu")
+    y, extra = kernels.fa_linear_forward(x, weight, b, "gelu", 0.01, True, config=LaunchConfig(128, 256, 16, tma=tma))
+    z = x.double() @ weight.double().t() + b.double()
+    from oracle import activation_and_derivative
+    y_true, fprime = activation_and_derivative(z, "gelu", 0.01)
+    torch.testing.assert_close(y.double(), y_true, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(extra.double(), fprime, rtol=1e-5, atol=1e-5)
 
 
-def test_autotune_key_buckets_the_batch(as_compiled, monkeypatch):
-    # As on a GPU: the first call of a (shape, bucket) tunes, later calls in the bucket reuse it.
-    as_compiled(132)
-    monkeypatch.setattr(kernel_module, "_AUTOTUNE", True)
-    monkeypatch.setattr(kernel_module, "_TUNED", {})
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    tuned = []
+def test_tma_falls_back_to_pointers_for_misaligned_data(kernel_device, launches):
+    # A view starting one element into its storage is not 16-byte aligned: same plan, pointer kernel.
+    M, in_features, out_features = VARIANT_SHAPE
+    x, weight, b, feedback, grad_y = make_inputs((M,), in_features, out_features, torch.float32, kernel_device)
+    shifted = torch.empty(M * in_features + 1, device=kernel_device)[1:].view(M, in_features).copy_(x)
+    config = LaunchConfig(32, 16, 16, tma=True)
+    aligned, _ = kernels.fa_linear_forward(x, weight, b, "relu", config=config)
+    misaligned, _ = kernels.fa_linear_forward(shifted, weight, b, "relu", config=config)
+    assert [name for name, _ in launches] == ["forward_tma_kernel", "forward_kernel"]
+    torch.testing.assert_close(misaligned, aligned, rtol=1e-6, atol=1e-6)
 
-    def fake_autotune(configs, launch):
-        tuned.append(len(configs))
-        return configs[-1]
 
-    monkeypatch.setattr(kernel_module, "_autotune", fake_autotune)
+def test_tma_config_on_a_layout_it_cannot_address(kernel_device):
+    # in_features = 7: fp32 rows of 28 bytes are not 16-byte aligned.
+    x, weight, b, _, _ = make_inputs((5,), 7, 8, torch.float32, kernel_device)
+    with pytest.raises(ValueError, match="tensor-descriptor.*forward.*tma=False"):
+        kernels.fa_linear_forward(x, weight, b, "relu", config=LaunchConfig(16, 16, 16, tma=True))
 
-    class FakeCudaTensor:
-        dtype = torch.float16
-        device = torch.device("cuda", 0)
 
-    select = kernel_module._select_config
-    first = select("forward", 1000, 512, 512, "rows", False, FakeCudaTensor, None)
-    assert select("forward", 600, 512, 512, "rows", False, FakeCudaTensor, None) == first  # same bucket 1024
-    assert len(tuned) == 1
-    select("forward", 1500, 512, 512, "rows", False, FakeCudaTensor, None)  # bucket 2048
-    select("backward_weight", 512, 512, 700, "red", True, FakeCudaTensor, None)  # batch 700 -> 1024
-    select("backward_weight", 512, 512, 1000, "red", True, FakeCudaTensor, None)
-    assert len(tuned) == 3
-    # Launch-bound sizes and tuning switched off take the heuristic config, untuned.
-    small = select("forward", 8, 16, 16, "rows", False, FakeCudaTensor, None)
-    assert small == kernel_module._heuristic_config("forward", 8, 16, 16, torch.float16, 132, False)
-    monkeypatch.setattr(kernel_module, "_AUTOTUNE", False)
-    select("forward", 9000, 512, 512, "rows", False, FakeCudaTensor, None)
-    assert len(tuned) == 3
-    assert kernel_module._bucket(1) == 16 and kernel_module._bucket(64) == 64 and kernel_module._bucket(65) == 128
+@pytest.mark.parametrize("store_delta", [True, False])
+def test_backward_plans_agree(store_delta, kernel_device, monkeypatch, launches):
+    # The FA layer with δ stored once or formed by both kernels: both within the policy.
+    monkeypatch.setattr(tuning, "STORE_DELTA", store_delta)
+    check_against_oracle((33,), 45, 70, torch.float16, True, "tanh")
+    check_against_oracle((33,), 45, 70, torch.float32, True, "gelu")
+    assert len([name for name, _ in launches if name.startswith("backward_input")]) == 2
+
+
+def test_launch_plans_are_cached_per_layout(kernel_device, monkeypatch):
+    built = []
+    plan = kernel_module._forward_plan
+    monkeypatch.setattr(kernel_module, "_forward_plan", lambda key, *a: built.append(key) or plan(key, *a))
+    x = torch.randn(9, 12, device=kernel_device)
+    weight, bias = torch.randn(5, 12, device=kernel_device), torch.randn(5, device=kernel_device)
+    first, _ = kernels.fa_linear_forward(x, weight, bias, "relu")
+    second, _ = kernels.fa_linear_forward(x.clone(), weight, bias, "relu")
+    assert len(built) == 1 and torch.equal(first, second)
+    kernels.fa_linear_forward(x.t().contiguous().t(), weight, bias, "relu")  # other strides: another plan
+    kernels.fa_linear_forward(x[:4], weight, bias, "relu")  # another batch size
+    kernels.fa_linear_forward(x, weight, None, "relu")  # no bias
+    assert len(built) == 4
+
+
+def test_out_arguments_are_checked(kernel_device):
+    x = torch.randn(9, 12, device=kernel_device)
+    weight = torch.randn(5, 12, device=kernel_device)
+    with pytest.raises(ValueError, match=r"out must be a torch.float32 tensor of shape \(9, 5\)"):
+        kernels.fa_linear_forward(x, weight, None, "relu", out=torch.empty(9, 6, device=kernel_device))
+    grad_y = torch.randn(9, 5, device=kernel_device)
+    with pytest.raises(ValueError, match="delta_out must have a unit column stride"):
+        kernels.fa_linear_backward_input(grad_y, None, weight, "identity",
+                                         delta_out=torch.empty(5, 9, device=kernel_device).t())
+    with pytest.raises(ValueError, match=r"out\[0\]"):
+        kernels.fa_linear_backward_weight(grad_y, None, x, "identity", out=(torch.empty(5, 11), torch.empty(5)))
+    grad_w, grad_b = torch.empty(5, 12, device=kernel_device), torch.empty(5, device=kernel_device)
+    assert kernels.fa_linear_backward_weight(grad_y, None, x, "identity", out=(grad_w, grad_b))[0] is grad_w
+    torch.testing.assert_close(grad_w, grad_y.t() @ x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_b, grad_y.sum(0), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- CUDA only
@@ -409,12 +464,14 @@ def test_cuda_every_autotune_candidate(dtype):
     x, weight, b, feedback, grad_y = make_inputs((M,), in_features, out_features, dtype, "cuda")
     expected = oracle(x, weight, b, feedback, grad_y, "relu")
     torch_result = run_layer(reference_layer, x, weight, b, feedback, grad_y, "relu")
-    sms = kernel_module._sm_count(torch.device("cuda"))
+    sms = tuning.sm_count(torch.device("cuda"))
+    tma = tuning.tma_supported(torch.device("cuda"))
     candidates = {
-        "forward": kernel_module._candidate_configs("forward", M, out_features, in_features, dtype, sms),
-        "backward_input": kernel_module._candidate_configs("backward_input", M, in_features, out_features, dtype, sms),
-        "backward_weight": kernel_module._candidate_configs("backward_weight", out_features, in_features, M, dtype,
-                                                            sms, True),
+        "forward": tuning.candidate_configs("forward", M, out_features, in_features, dtype, sms, tma=tma),
+        "backward_input": tuning.candidate_configs("backward_input", M, in_features, out_features, dtype, sms,
+                                                   tma=tma),
+        "backward_weight": tuning.candidate_configs("backward_weight", out_features, in_features, M, dtype, sms, True,
+                                                    tma=tma),
     }
     for i in range(max(len(c) for c in candidates.values())):
         pick = {k: c[min(i, len(c) - 1)] for k, c in candidates.items()}
@@ -432,13 +489,13 @@ def test_cuda_every_autotune_candidate(dtype):
 
 @pytest.mark.cuda
 def test_cuda_autotuned_path(monkeypatch):
-    monkeypatch.setattr(kernel_module, "_AUTOTUNE", True)
-    monkeypatch.setattr(kernel_module, "_TUNED", {})
+    monkeypatch.setattr(tuning, "AUTOTUNE", True)
+    monkeypatch.setattr(tuning, "TUNED", {})
     check_against_oracle((2000,), 784, 128, torch.bfloat16, True, "relu", device="cuda")
-    keys = set(kernel_module._TUNED)
+    keys = set(tuning.TUNED)
     assert {k[0] for k in keys} == {"forward", "backward_input", "backward_weight"}
     check_against_oracle((1500,), 784, 128, torch.bfloat16, True, "relu", device="cuda")  # same 2048 bucket
-    assert set(kernel_module._TUNED) == keys
+    assert set(tuning.TUNED) == keys
 
 
 @pytest.mark.cuda

@@ -41,9 +41,9 @@ def backward_samples(device):
     x, weight, bias, feedback, grad_y = make_inputs((6,), 9, 5, torch.float32, device, activation="tanh")
     saved = torch.tanh(x @ weight.t() + bias)
     return [
-        ((grad_y, saved, feedback, "tanh", 0.01), (grad_y, saved, x, "tanh", 0.01, True)),
-        ((grad_y, None, feedback, "identity", 0.01), (grad_y, None, x, "identity", 0.01, False)),
-        ((grad_y.t().contiguous().t(), saved, feedback, "relu", 0.01),
+        ((grad_y, saved, feedback, "tanh", 0.01, True), (grad_y, saved, x, "tanh", 0.01, True)),
+        ((grad_y, None, feedback, "identity", 0.01, False), (grad_y, None, x, "identity", 0.01, False)),
+        ((grad_y.t().contiguous().t(), saved, feedback, "relu", 0.01, False),
          (grad_y[:1].expand(6, 5), saved, x.t().contiguous().t(), "relu", 0.01, True)),
     ]
 

@@ -1,0 +1,378 @@
+"""Launch configurations of fa_triton's kernels: the typed config, the tile tables, the heuristic,
+the autotuner and its caches. Kept apart from the kernels (``fa_linear_kernels.py``) and the
+launchers (``fa_linear.py``).
+
+The three GEMM kernels map onto one config: an output tile of ``block_rows`` × ``block_cols``
+and a reduction step of ``block_red``:
+
+============== ======================= ========================= ==================
+kernel         rows × cols (output)    reduction                 split reduces over
+============== ======================= ========================= ==================
+forward        M × N (y)               K (in_features)           K
+backward_input M × K (grad_x)          N (out_features)          —
+backward_weight N × K (grad_W)         M (batch)                 M
+============== ======================= ========================= ==================
+
+How a config is chosen for a call (:func:`select_config`): an explicit ``config`` argument;
+else the heuristic under the interpreter, off CUDA, for launch-bound sizes (< 2²⁰
+multiply-adds), with ``FA_TRITON_AUTOTUNE=0`` or while tracing; else the table measured by
+``bench/sweep.py`` for this GPU (``tuned_tables.py``); else the config tuned once per key in this
+process (timing each candidate with ``triton.testing.do_bench``). Tuning cannot run inside
+CUDA-graph capture: there the heuristic config is used and not remembered, so warm up (run one
+step) before capturing a graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+
+import torch
+import triton
+
+from . import tuned_tables
+
+KERNELS = ("forward", "backward_input", "backward_weight")
+_INT32_MAX = 2**31 - 1
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+# FA_TRITON_AUTOTUNE=0 keeps the heuristic configs (no tuning runs, same choice in every process).
+AUTOTUNE = _env_flag("FA_TRITON_AUTOTUNE", True)
+# Below this many multiply-adds a call is launch-bound: tuning could not pay for itself.
+TUNE_MIN_MACS = 1 << 20
+TUNE_WARMUP_MS = 5
+TUNE_REP_MS = 20
+MAX_TILE_CANDIDATES = 6
+# Tensor-descriptor (TMA) variants are tried for this many of the largest candidate tiles.
+MAX_TMA_CANDIDATES = 3
+# Split partials are fp32 [SPLIT, outputs]; cap their size (and keep offsets in int32).
+SPLIT_MAX_BYTES = 64 << 20
+# Each split must run at least this many reduction steps when chosen automatically.
+SPLIT_MIN_STEPS = 4
+# The heuristic splits the forward's K only when one program would otherwise run this many steps.
+FORWARD_SPLIT_MIN_TOTAL_STEPS = 16
+
+
+def _is_power_of_two(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0 and value & (value - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """Block sizes and launch options of one kernel launch (see the module docstring for how
+    rows, cols and red map onto each kernel).
+
+    ``split``: slices of the reduction summed by separate programs, then added in order by one
+    more kernel (forward and backward_weight; 1 = no split). ``tma``: use the tensor-descriptor
+    kernel (Hopper and newer, operands with 16-byte aligned rows and unit last stride; the
+    launcher falls back to the pointer kernel for others).
+    """
+
+    block_rows: int
+    block_cols: int
+    block_red: int
+    num_warps: int = 4
+    num_stages: int = 3
+    group: int = 8
+    split: int = 1
+    tma: bool = False
+
+    def __post_init__(self):
+        for name in ("block_rows", "block_cols", "block_red"):
+            value = getattr(self, name)
+            if not _is_power_of_two(value) or value < 16:
+                raise ValueError(f"LaunchConfig.{name} must be a power of two >= 16 (tl.dot's minimum), got {value!r}")
+        if not _is_power_of_two(self.num_warps) or self.num_warps > 32:
+            raise ValueError(f"LaunchConfig.num_warps must be a power of two <= 32, got {self.num_warps!r}")
+        for name in ("num_stages", "group", "split"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"LaunchConfig.{name} must be an int >= 1, got {value!r}")
+        if not isinstance(self.tma, bool):
+            raise ValueError(f"LaunchConfig.tma must be a bool, got {self.tma!r}")
+
+    def replace(self, **changes) -> "LaunchConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# The keys of the dict configs that earlier versions took (and tests and scripts may still pass).
+_LEGACY_KEYS = {"BLOCK_ROWS": "block_rows", "BLOCK_COLS": "block_cols", "BLOCK_RED": "block_red",
+                "GROUP": "group", "SPLIT": "split", "num_warps": "num_warps", "num_stages": "num_stages",
+                "TMA": "tma"}
+
+
+def as_config(config) -> LaunchConfig:
+    """A LaunchConfig from a LaunchConfig or a dict (LaunchConfig's field names, or the older
+    upper-case keys BLOCK_ROWS, BLOCK_COLS, BLOCK_RED, GROUP, SPLIT); ValueError names what is wrong."""
+    if isinstance(config, LaunchConfig):
+        return config
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a LaunchConfig or a dict, got {type(config).__name__}")
+    fields = {f.name for f in dataclasses.fields(LaunchConfig)}
+    values = {}
+    for key, value in config.items():
+        name = key if key in fields else _LEGACY_KEYS.get(key)
+        if name is None:
+            raise ValueError(f"config has an unknown key {key!r}; LaunchConfig's fields are {sorted(fields)}")
+        values[name] = value
+    missing = {"block_rows", "block_cols", "block_red"} - set(values)
+    if missing:
+        raise ValueError(f"config must give {sorted(missing)}, got keys {sorted(config)}")
+    return LaunchConfig(**values)
+
+
+# (block_rows, block_cols, block_red, num_warps, num_stages), largest tiles first. Operand
+# buffers of the biggest: 144 KiB (16-bit) and 96 KiB (fp32); configs a GPU cannot hold are
+# skipped by the tuner.
+TILES_HALF = (
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (32, 64, 64, 4, 4),
+)
+TILES_FP32 = (
+    (128, 128, 32, 8, 3),
+    (128, 64, 32, 4, 4),
+    (64, 128, 32, 4, 4),
+    (64, 64, 32, 4, 4),
+    (32, 64, 32, 4, 4),
+    (32, 32, 32, 4, 4),
+)
+
+
+def block(size: int, cap: int) -> int:
+    """The power of two covering ``size``, between 16 (tl.dot's minimum) and ``cap``."""
+    return max(16, min(cap, triton.next_power_of_2(size)))
+
+
+def max_split(red: int, outputs: int, block_red: int, min_steps: int) -> int:
+    """Most reduction slices allowed: each at least ``min_steps`` blocks long, fp32 partials
+    [split, outputs] under SPLIT_MAX_BYTES and int32-addressable."""
+    by_steps = max(1, triton.cdiv(red, block_red) // min_steps)
+    by_bytes = max(1, SPLIT_MAX_BYTES // (4 * max(1, outputs)))
+    by_offsets = max(1, _INT32_MAX // max(1, outputs))
+    return min(by_steps, by_bytes, by_offsets)
+
+
+def split_plan(red: int, split: int, block_red: int) -> tuple[int, int]:
+    """(slices actually used, reduction length per slice): the length is a multiple of
+    block_red and no slice is empty, so fewer than ``split`` slices may result."""
+    per_split = triton.cdiv(triton.cdiv(red, max(1, split)), block_red) * block_red
+    return triton.cdiv(red, per_split), per_split
+
+
+def split_outputs(kernel: str, rows: int, cols: int, bias_grad: bool) -> int:
+    """Elements of one split partial: the output tile grid, plus grad_b for backward_weight."""
+    return rows * cols + (rows if kernel == "backward_weight" and bias_grad else 0)
+
+
+@functools.lru_cache(maxsize=4096)
+def heuristic_config(kernel: str, rows: int, cols: int, red: int, dtype: torch.dtype, sms: int,
+                     bias_grad: bool = False, interpreted: bool = False) -> LaunchConfig:
+    """The config used without tuning (and the first autotuning candidate). Never TMA: a
+    heuristic config must run wherever the pointer kernel runs."""
+    if interpreted:
+        # Fewer, larger programs: the interpreter's cost is per program and per loop step.
+        return LaunchConfig(block(rows, 64), block(cols, 64), block(red, 64), 4, 1)
+    block_red = block(red, 32 if dtype == torch.float32 else 64)
+    block_rows, block_cols = block(rows, 128), block(cols, 128)
+    splittable = kernel in ("forward", "backward_weight")
+    # Small outputs: smaller tiles, so that more SMs get work. A long reduction keeps 64x64
+    # tiles (backward_weight) and fills the GPU by splitting instead.
+    long_red = kernel == "backward_weight" and red >= 2 * SPLIT_MIN_STEPS * block_red
+    min_area = 64 * 64 if long_red else 32 * 32
+    while triton.cdiv(rows, block_rows) * triton.cdiv(cols, block_cols) < sms and block_rows * block_cols > min_area:
+        if block_rows >= block_cols and block_rows > 16:
+            block_rows //= 2
+        elif block_cols > 16:
+            block_cols //= 2
+        else:
+            break
+    num_warps = 8 if block_rows * block_cols >= 128 * 128 else 4
+    split = 1
+    tiles = triton.cdiv(rows, block_rows) * triton.cdiv(cols, block_cols)
+    steps = triton.cdiv(red, block_red)
+    if splittable and 2 * tiles <= sms and (long_red or (kernel == "forward" and steps >= FORWARD_SPLIT_MIN_TOTAL_STEPS)):
+        outputs = split_outputs(kernel, rows, cols, bias_grad)
+        split = min(triton.cdiv(sms, tiles), max_split(red, outputs, block_red, SPLIT_MIN_STEPS))
+    return LaunchConfig(block_rows, block_cols, block_red, num_warps, 3, split=split)
+
+
+def candidate_configs(kernel: str, rows: int, cols: int, red: int, dtype: torch.dtype, sms: int,
+                      bias_grad: bool = False, tma: bool = False) -> list[LaunchConfig]:
+    """Autotuning candidates for one problem: the heuristic config, then the tile table clamped
+    to the problem (duplicates dropped); split variants where the output has few tiles; and,
+    when ``tma`` (the GPU and the operands' layout allow it), tensor-descriptor variants of the
+    largest tiles."""
+    heuristic = heuristic_config(kernel, rows, cols, red, dtype, sms, bias_grad)
+    table = TILES_FP32 if dtype == torch.float32 else TILES_HALF
+    # When 128x128 tiles already give two waves, smaller tiles only lose operand reuse.
+    many_tiles = triton.cdiv(rows, 128) * triton.cdiv(cols, 128) >= 2 * sms
+    tiles = [(heuristic.block_rows, heuristic.block_cols, heuristic.block_red, heuristic.num_warps,
+              heuristic.num_stages)]
+    for block_rows, block_cols, block_red, num_warps, num_stages in table:
+        tile = (block(rows, block_rows), block(cols, block_cols), block(red, block_red), num_warps, num_stages)
+        if many_tiles and tile[0] * tile[1] < 128 * 128:
+            continue
+        if tile not in tiles:
+            tiles.append(tile)
+    tiles = tiles[:MAX_TILE_CANDIDATES]
+
+    configs = [heuristic]
+    splittable = kernel in ("forward", "backward_weight")
+    outputs = split_outputs(kernel, rows, cols, bias_grad)
+    for tile in tiles:
+        splits = {1}
+        n_tiles = triton.cdiv(rows, tile[0]) * triton.cdiv(cols, tile[1])
+        if splittable and n_tiles < sms:
+            most = max_split(red, outputs, tile[2], SPLIT_MIN_STEPS)
+            splits |= {min(most, triton.cdiv(waves * sms, n_tiles)) for waves in (1, 2, 4)}
+        for split in sorted(splits):
+            config = LaunchConfig(*tile, split=split)
+            if config not in configs:
+                configs.append(config)
+    if tma:
+        # Forward's TMA kernel has no split; the largest tiles are where TMA can pay.
+        for tile in sorted(tiles, key=lambda t: -t[0] * t[1])[:MAX_TMA_CANDIDATES]:
+            config = LaunchConfig(*tile, tma=True)
+            if config not in configs:
+                configs.append(config)
+    return configs
+
+
+def benchmark_ms(fn) -> float:
+    """Median GPU milliseconds of ``fn()`` by ``triton.testing.do_bench``."""
+    from triton.testing import do_bench
+
+    ms = do_bench(fn, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, quantiles=[0.5])
+    # Some Triton versions return a bare float for a single quantile, others a list.
+    return float(ms[0] if isinstance(ms, (list, tuple)) else ms)
+
+
+_log = logging.getLogger("fa_triton.autotune")
+
+
+def autotune(configs: list[LaunchConfig], launch, timer=benchmark_ms) -> LaunchConfig:
+    """The config of ``configs`` whose ``launch(config)`` times fastest under ``timer``.
+
+    A config that fails to compile or launch (out of shared memory on a smaller GPU, a TMA
+    kernel this GPU or Triton cannot run) is skipped; if none runs, the first error is raised.
+    """
+    best, best_ms, first_error, timings = None, math.inf, None, []
+    for config in configs:
+        try:
+            ms = timer(lambda: launch(config))
+        except Exception as err:  # noqa: BLE001 - any failure just disqualifies this config
+            first_error = first_error or err
+            timings.append((config, f"failed: {type(err).__name__}"))
+            continue
+        timings.append((config, ms))
+        if ms < best_ms:
+            best, best_ms = config, ms
+    if best is None:
+        raise RuntimeError(f"fa_triton autotuning: none of {len(configs)} configs ran; first error: {first_error}") \
+            from first_error
+    _log.debug("autotune: %d configs, best %s (%.4f ms); all: %s", len(configs), best, best_ms, timings)
+    return best
+
+
+def bucket(batch: int) -> int:
+    """The batch size's tuning bucket: the next power of two (at least 16), so that batches of
+    100 and 120 rows share one tuned config instead of tuning twice."""
+    return max(16, triton.next_power_of_2(batch))
+
+
+@functools.lru_cache(maxsize=None)
+def _device_facts(device_index: int) -> tuple[int, tuple[int, int], str]:
+    props = torch.cuda.get_device_properties(device_index)
+    return props.multi_processor_count, (props.major, props.minor), props.name
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return _device_facts(device.index if device.index is not None else torch.cuda.current_device())[0]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type
+    return _device_facts(device.index if device.index is not None else torch.cuda.current_device())[2]
+
+
+def tma_supported(device: torch.device) -> bool:
+    """Whether tensor-descriptor kernels can run on ``device``: a Hopper-or-newer GPU and a
+    Triton with host tensor descriptors."""
+    if device.type != "cuda":
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return _device_facts(device.index if device.index is not None else torch.cuda.current_device())[1][0] >= 9
+
+
+def tracing() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+# The sweep's table (tuned_tables.py holds plain dicts: it must not import this module).
+TABLE: dict[tuple, LaunchConfig] = {key: LaunchConfig(**fields) for key, fields in tuned_tables.TABLE.items()}
+
+# (kernel, device index, dtype, dot precision, bias_grad, tma-able layout, rows, cols, red) ->
+# config; the batch dimension of the key is bucketed (see bucket).
+TUNED: dict[tuple, LaunchConfig] = {}
+
+
+def select_config(kernel: str, rows: int, cols: int, red: int, batch_axis: str, *, dtype: torch.dtype,
+                  device: torch.device, precision: str, bias_grad: bool, tma_layout: bool, interpreted: bool,
+                  launch) -> tuple[LaunchConfig, bool]:
+    """(config, final) for one problem; ``final`` is False when the config is a stand-in that
+    a later call should replace (chosen during CUDA-graph capture, before tuning could run).
+
+    ``batch_axis`` names the dimension that is the batch ("rows" or "red"), bucketed in the key;
+    ``tma_layout``: the operands allow the tensor-descriptor kernels; ``launch(config)`` runs
+    the kernel (for timing).
+    """
+    sms = sm_count(device)
+    if (interpreted or not AUTOTUNE or device.type != "cuda" or rows * cols * red < TUNE_MIN_MACS or tracing()):
+        return heuristic_config(kernel, rows, cols, red, dtype, sms, bias_grad, interpreted), True
+    dims = {"rows": rows, "cols": cols, "red": red}
+    dims[batch_axis] = bucket(dims[batch_axis])
+    tma = tma_layout and tma_supported(device)
+    table_key = (device_name(device), kernel, str(dtype).removeprefix("torch."), precision, bias_grad, tma,
+                 dims["rows"], dims["cols"], dims["red"])
+    config = TABLE.get(table_key)
+    if config is not None:
+        return config, True
+    key = (kernel, device.index, dtype, precision, bias_grad, tma, dims["rows"], dims["cols"], dims["red"])
+    config = TUNED.get(key)
+    if config is None:
+        if torch.cuda.is_current_stream_capturing():
+            # Timing cannot run inside CUDA-graph capture; tune on a later, uncaptured call.
+            return heuristic_config(kernel, rows, cols, red, dtype, sms, bias_grad), False
+        candidates = candidate_configs(kernel, rows, cols, red, dtype, sms, bias_grad, tma)
+        config = TUNED[key] = autotune(candidates, launch)
+    return config, True
+
+
+# Backward plan when both grad_x and grad_W are wanted and f is not the identity. True: the
+# backward-input kernel stores δ once (M × N, operand dtype) and the weight kernel is a plain
+# GEMM δᵀx; False: both kernels form δ from g and the saved tensor. Both read about the same
+# bytes (δ once instead of g and saved a second time); storing δ lets the weight kernel feed
+# its operands from memory straight into the dot. bench/sweep.py measures both plans.
+STORE_DELTA = _env_flag("FA_TRITON_STORE_DELTA", True)
