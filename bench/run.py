@@ -55,11 +55,11 @@ PRESETS = {
                 warmup_ms=50.0, rep_ms=300.0, mm_size=1024, copy_mb=256),
     # Everything the issue lists.
     "full": dict(families="tutorial,square,mlp", batches="64,8192", square_sizes="1024,2048,4096,8192",
-                 mlp_batches="64,8192", dtypes="fp32,bf16,fp16", modes=",".join(C.MODES),
+                 mlp_batches="64,8192", dtypes="fp32,tf32,bf16,fp16", modes=",".join(C.MODES),
                  providers=",".join(C.PROVIDERS), warmup_ms=25.0, rep_ms=100.0, mm_size=8192, copy_mb=1024),
     # bench/gpu_check.sh: the targets first, then more until --time-budget runs out.
     "gpu-check": dict(families="tutorial,square,mlp", batches="64,8192", square_sizes="1024,2048,4096,8192",
-                      mlp_batches="64,8192", dtypes="fp32,bf16,fp16", modes=",".join(C.MODES),
+                      mlp_batches="64,8192", dtypes="fp32,tf32,bf16,fp16", modes=",".join(C.MODES),
                       providers=",".join(C.PROVIDERS), warmup_ms=10.0, rep_ms=50.0, mm_size=8192, copy_mb=1024),
 }
 
@@ -82,23 +82,24 @@ def _ordered(providers) -> tuple[str, ...]:
 
 
 def gpu_check_plan(args) -> list[Item]:
-    """The issue's targets first (fwd+bwd of 8192^3 bf16, the tutorial layers at 8192, the MLP
-    step at 64), then the other sizes, dtypes and modes in order of interest. torch.compile
-    costs tens of seconds per graph, so the compiled provider of each group comes after all
-    the others (its ratio uses the reference time measured earlier in the run)."""
+    """The issue's layer targets first (fwd+bwd of the 8192^3 and 4096^3 squares in bf16, fp16,
+    fp32 with tf32 and IEEE fp32), then the tutorial's layers and MLP step, then the other sizes,
+    dtypes and modes in order of interest. torch.compile costs tens of seconds per graph, so the
+    compiled provider of each group comes after all the others (its ratio uses the reference
+    time measured earlier in the run)."""
     eager = _ordered(p for p in args.providers if p != "compiled")
     tutorial = C.tutorial_cases
     square_8192 = C.Case("square", 8192, 8192, 8192)
-    targets = [(square_8192, "bf16", "forward_backward")]
+    targets = [(c, d, "forward_backward") for d in ("bf16", "fp16", "tf32", "fp32")
+               for c in C.square_cases([8192, 4096])]
     targets += [(c, "fp32", "forward_backward") for c in tutorial([8192])]
     targets += [(c, "fp32", "train_step") for c in C.mlp_cases([64])]
     targets += [(c, "bf16", "forward_backward") for c in tutorial([8192])]
-    others = [(c, "fp32", "train_step") for c in C.mlp_cases([8192])]
+    others = [(c, "fp32", "forward_backward") for c in tutorial([64])]
+    others += [(c, "fp32", "train_step") for c in C.mlp_cases([8192])]
     others += [(c, "bf16", "train_step") for c in C.mlp_cases([64, 8192])]
     others += [(square_8192, "bf16", m) for m in ("forward", "backward")]
-    others += [(c, "bf16", "forward_backward") for c in C.square_cases([1024, 2048, 4096])]
-    others += [(c, "fp32", "forward_backward") for c in tutorial([64])]
-    others += [(c, d, "forward_backward") for d in ("fp16", "fp32") for c in C.square_cases([4096, 8192])]
+    others += [(c, "bf16", "forward_backward") for c in C.square_cases([1024, 2048])]
     listed = set(targets + others)
     others += [(i.case, i.dtype, i.mode) for i in grid_plan(args) if (i.case, i.dtype, i.mode) not in listed]
 

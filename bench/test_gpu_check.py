@@ -18,13 +18,17 @@ SCRIPT = Path(__file__).resolve().parent / "gpu_check.sh"
 def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "dry.csv"
     env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_OUTPUT": str(out),
+           "GPU_CHECK_SWEEP_OUTPUT": str(tmp_path / "sweep.csv"),
            "GPU_CHECK_BENCH_ARGS": "--preset smoke --families square --providers reference,fa_triton "
                                    "--dtypes fp32 --modes forward_backward --no-peaks"}
     done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     text = done.stdout
-    for section in ("=== GPU", "=== CUDA tests", "=== benchmarks", "=== summary"):
+    for section in ("=== GPU", "=== CUDA tests", "=== per-kernel GPU time beside cuBLAS", "=== memory",
+                    "=== benchmarks", "=== summary"):
         assert section in text
+    assert "kernels: exit 0 | memory: exit 0" in text
+    assert (tmp_path / "sweep.csv").read_text().count("\n") > 5  # a row per kernel and target
     assert "skipped" in text  # the cuda tests ran (and skipped without a GPU)
     lines = text.rstrip().splitlines()
     # The output ends with the table: header, rule, one row per case timed with both providers.

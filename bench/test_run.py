@@ -149,14 +149,14 @@ def test_time_budget_stops_new_measurements(tmp_path, capsys):
 def test_gpu_check_plan_puts_the_targets_first():
     args = run.parse_args(["--preset", "gpu-check", "--device", "cpu"])
     plan = run.gpu_check_plan(args)
-    first = plan[0]
-    assert (first.case, first.dtype, first.mode) == (C.Case("square", 8192, 8192, 8192), "bf16", "forward_backward")
-    assert first.providers == ("reference", "fa_triton", "backprop")
-    assert [(i.case.family, i.case.M, i.dtype) for i in plan[1:4]] == [("tutorial", 8192, "fp32")] * 3
-    assert (plan[4].case.family, plan[4].case.M, plan[4].mode) == ("mlp", 64, "train_step")
-    # Then torch.compile of the same eight target groups, before anything else.
-    assert [i.providers for i in plan[8:16]] == [("compiled",)] * 8
-    assert [(i.case, i.dtype, i.mode) for i in plan[8:16]] == [(i.case, i.dtype, i.mode) for i in plan[:8]]
+    squares = [(i.case.M, i.dtype, i.mode) for i in plan[:8]]
+    assert squares == [(n, d, "forward_backward") for d in ("bf16", "fp16", "tf32", "fp32") for n in (8192, 4096)]
+    assert all(i.case.family == "square" and i.providers == ("reference", "fa_triton", "backprop") for i in plan[:8])
+    assert [(i.case.family, i.case.M, i.dtype) for i in plan[8:11]] == [("tutorial", 8192, "fp32")] * 3
+    assert (plan[11].case.family, plan[11].case.M, plan[11].mode) == ("mlp", 64, "train_step")
+    # Then torch.compile of the same fifteen target groups, before anything else.
+    assert [i.providers for i in plan[15:30]] == [("compiled",)] * 15
+    assert [(i.case, i.dtype, i.mode) for i in plan[15:30]] == [(i.case, i.dtype, i.mode) for i in plan[:15]]
     assert len(plan) == len(set(plan))
     # Every provider of the full grid is timed somewhere in the plan.
     timed = {(i.case, i.dtype, i.mode, p) for i in plan for p in i.providers}

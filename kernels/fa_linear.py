@@ -126,7 +126,8 @@ def _remember(key: tuple, plan) -> None:
 
 
 def _plan(key: tuple, build, config, kernel: str, rows: int, cols: int, red: int, batch_axis: str, *,
-          dtype: torch.dtype, device: torch.device, precision: str, bias_grad: bool, tma_layout: bool, run_args):
+          dtype: torch.dtype, device: torch.device, precision: str, activation: str, bias_grad: bool, store: bool,
+          tma_layout: bool, run_args):
     """The launch plan for ``key``: ``build(config)`` makes a runner; the config is the given one,
     the table's, the tuned one or the heuristic (tuning.select_config). Remembered unless it
     is a stand-in chosen during CUDA-graph capture."""
@@ -135,10 +136,11 @@ def _plan(key: tuple, build, config, kernel: str, rows: int, cols: int, red: int
     else:
         cfg, final = tuning.select_config(
             kernel, rows, cols, red, batch_axis, dtype=dtype, device=device, precision=precision,
-            bias_grad=bias_grad, tma_layout=tma_layout, interpreted=INTERPRETED,
+            activation=activation, bias_grad=bias_grad, store=store, tma_layout=tma_layout, interpreted=INTERPRETED,
             launch=lambda c: build(c)(*run_args),
         )
     plan = build(cfg)
+    plan.config = cfg  # what the plan launches with (bench/sweep.py reports it)
     if final:
         _remember(key, plan)
     return plan
@@ -271,8 +273,8 @@ def _forward_plan(key, x, weight, bias, y, extra, activation, negative_slope, st
         return _with_device(device_index, run_tma)
 
     return _plan(key, build, config, "forward", M, N, K, "rows", dtype=x.dtype, device=x.device,
-                 precision=precision, bias_grad=False, tma_layout=tma_layout,
-                 run_args=(x, weight, bias, y, extra, negative_slope))
+                 precision=precision, activation=activation, bias_grad=False, store=store_extra,
+                 tma_layout=tma_layout, run_args=(x, weight, bias, y, extra, negative_slope))
 
 
 def _with_device(device_index: int | None, run):
@@ -373,7 +375,8 @@ def _backward_input_plan(key, grad_y, saved, feedback, grad_x, delta_out, activa
         return _with_device(device_index, run_tma)
 
     return _plan(key, build, config, "backward_input", M, K, N, "rows", dtype=feedback.dtype,
-                 device=feedback.device, precision=precision, bias_grad=False, tma_layout=tma_layout,
+                 device=feedback.device, precision=precision, activation=activation, bias_grad=False,
+                 store=store_delta, tma_layout=tma_layout,
                  run_args=(grad_y, saved, feedback, grad_x, delta_out, negative_slope))
 
 
@@ -494,5 +497,5 @@ def _backward_weight_plan(key, grad_y, saved, x, grad_w, grad_b, activation, neg
         return _with_device(device_index, run_tma)
 
     return _plan(key, build, config, "backward_weight", N, K, M, "red", dtype=x.dtype, device=x.device,
-                 precision=precision, bias_grad=bias_grad, tma_layout=tma_layout,
-                 run_args=(grad_y, saved, x, grad_w, grad_b, negative_slope))
+                 precision=precision, activation=activation, bias_grad=bias_grad, store=False,
+                 tma_layout=tma_layout, run_args=(grad_y, saved, x, grad_w, grad_b, negative_slope))

@@ -333,40 +333,48 @@ def tracing() -> bool:
 # The sweep's table (tuned_tables.py holds plain dicts: it must not import this module).
 TABLE: dict[tuple, LaunchConfig] = {key: LaunchConfig(**fields) for key, fields in tuned_tables.TABLE.items()}
 
-# (kernel, device index, dtype, dot precision, bias_grad, tma-able layout, rows, cols, red) ->
-# config; the batch dimension of the key is bucketed (see bucket).
+# (device index,) + problem_key(...) -> the config tuned in this process.
 TUNED: dict[tuple, LaunchConfig] = {}
 
 
+def problem_key(kernel: str, rows: int, cols: int, red: int, batch_axis: str, *, dtype: torch.dtype, precision: str,
+                activation: str, bias_grad: bool, store: bool, tma: bool) -> tuple:
+    """What a tuned config is remembered by: the kernel, dtype name, dot precision, activation,
+    flags (``bias_grad``: grad_b too; ``store``: the forward's extra tensor or the backward-input's
+    δ), whether TMA kernels may run, and the sizes with the batch (``batch_axis``, "rows" or
+    "red") bucketed. The sweep's table uses the same key, after the GPU's name."""
+    dims = {"rows": rows, "cols": cols, "red": red}
+    dims[batch_axis] = bucket(dims[batch_axis])
+    return (kernel, str(dtype).removeprefix("torch."), precision, activation, bias_grad, store, tma,
+            dims["rows"], dims["cols"], dims["red"])
+
+
 def select_config(kernel: str, rows: int, cols: int, red: int, batch_axis: str, *, dtype: torch.dtype,
-                  device: torch.device, precision: str, bias_grad: bool, tma_layout: bool, interpreted: bool,
-                  launch) -> tuple[LaunchConfig, bool]:
+                  device: torch.device, precision: str, activation: str, bias_grad: bool, store: bool,
+                  tma_layout: bool, interpreted: bool, launch) -> tuple[LaunchConfig, bool]:
     """(config, final) for one problem; ``final`` is False when the config is a stand-in that
     a later call should replace (chosen during CUDA-graph capture, before tuning could run).
 
-    ``batch_axis`` names the dimension that is the batch ("rows" or "red"), bucketed in the key;
-    ``tma_layout``: the operands allow the tensor-descriptor kernels; ``launch(config)`` runs
-    the kernel (for timing).
+    ``batch_axis`` names the dimension that is the batch ("rows" or "red"); ``tma_layout``: the
+    operands allow the tensor-descriptor kernels; ``launch(config)`` runs the kernel (for
+    timing); the rest as in :func:`problem_key`.
     """
     sms = sm_count(device)
     if (interpreted or not AUTOTUNE or device.type != "cuda" or rows * cols * red < TUNE_MIN_MACS or tracing()):
         return heuristic_config(kernel, rows, cols, red, dtype, sms, bias_grad, interpreted), True
-    dims = {"rows": rows, "cols": cols, "red": red}
-    dims[batch_axis] = bucket(dims[batch_axis])
     tma = tma_layout and tma_supported(device)
-    table_key = (device_name(device), kernel, str(dtype).removeprefix("torch."), precision, bias_grad, tma,
-                 dims["rows"], dims["cols"], dims["red"])
-    config = TABLE.get(table_key)
+    key = problem_key(kernel, rows, cols, red, batch_axis, dtype=dtype, precision=precision, activation=activation,
+                      bias_grad=bias_grad, store=store, tma=tma)
+    config = TABLE.get((device_name(device),) + key)
     if config is not None:
         return config, True
-    key = (kernel, device.index, dtype, precision, bias_grad, tma, dims["rows"], dims["cols"], dims["red"])
-    config = TUNED.get(key)
+    config = TUNED.get((device.index,) + key)
     if config is None:
         if torch.cuda.is_current_stream_capturing():
             # Timing cannot run inside CUDA-graph capture; tune on a later, uncaptured call.
             return heuristic_config(kernel, rows, cols, red, dtype, sms, bias_grad), False
         candidates = candidate_configs(kernel, rows, cols, red, dtype, sms, bias_grad, tma)
-        config = TUNED[key] = autotune(candidates, launch)
+        config = TUNED[(device.index,) + key] = autotune(candidates, launch)
     return config, True
 
 

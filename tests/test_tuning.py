@@ -124,10 +124,10 @@ def test_autotune_picks_the_fastest_and_skips_failures():
 
 
 def _select(kernel, rows, cols, red, batch_axis, bias_grad=False, *, dtype=torch.float16, tma_layout=True,
-            interpreted=False):
+            interpreted=False, activation="relu"):
     return tuning.select_config(kernel, rows, cols, red, batch_axis, dtype=dtype, device=torch.device("cuda", 0),
-                                precision="tf32", bias_grad=bias_grad, tma_layout=tma_layout,
-                                interpreted=interpreted, launch=None)
+                                precision="tf32", activation=activation, bias_grad=bias_grad, store=False,
+                                tma_layout=tma_layout, interpreted=interpreted, launch=None)
 
 
 def test_autotune_key_buckets_the_batch(as_gpu, monkeypatch):
@@ -150,13 +150,15 @@ def test_autotune_key_buckets_the_batch(as_gpu, monkeypatch):
     assert len(tuned) == 3
     _select("backward_weight", 512, 512, 1000, "red", True, tma_layout=False)  # another layout class
     assert len(tuned) == 4 and not any(c.tma for c in tuned[-1])
+    _select("backward_weight", 512, 512, 1000, "red", True, activation="identity")  # another prologue
+    assert len(tuned) == 5
     # Launch-bound sizes, the interpreter and tuning switched off take the heuristic config, untuned.
     small, _ = _select("forward", 8, 16, 16, "rows")
     assert small == tuning.heuristic_config("forward", 8, 16, 16, torch.float16, 132, False)
     _select("forward", 9000, 512, 512, "rows", interpreted=True)
     monkeypatch.setattr(tuning, "AUTOTUNE", False)
     _select("forward", 9000, 512, 512, "rows")
-    assert len(tuned) == 4
+    assert len(tuned) == 5
     assert tuning.bucket(1) == 16 and tuning.bucket(64) == 64 and tuning.bucket(65) == 128
 
 
@@ -173,7 +175,9 @@ def test_capture_gets_a_stand_in_that_is_not_remembered(as_gpu, monkeypatch):
 def test_the_sweeps_table_is_used_without_tuning(as_gpu, monkeypatch):
     as_gpu(132, name="Fake GPU")
     measured = LaunchConfig(128, 256, 64, num_warps=8, tma=True)
-    key = ("Fake GPU", "forward", "float16", "tf32", False, True, 4096, 4096, 4096)
+    key = ("Fake GPU",) + tuning.problem_key("forward", 3000, 4096, 4096, "rows", dtype=torch.float16, precision="tf32",
+                                             activation="relu", bias_grad=False, store=False, tma=True)
+    assert key[-3:] == (4096, 4096, 4096)
     monkeypatch.setattr(tuning, "TABLE", {key: measured})
     monkeypatch.setattr(tuning, "autotune", lambda configs, launch: pytest.fail("tuned a key the table has"))
     assert _select("forward", 3000, 4096, 4096, "rows") == (measured, True)  # 3000 rows: bucket 4096

@@ -1,0 +1,103 @@
+"""Host cost of fa_triton's launchers: the Python from the call to Triton's launch.
+
+    python -m bench.launch_overhead                 # CPU: Triton's interpreter, launches stubbed
+    python -m bench.launch_overhead --device cuda   # the same harness on CUDA tensors
+
+Every kernel's ``run`` is replaced by a no-op, so the launch itself (Triton's argument binding
+and the driver call) is not counted, and outputs are preallocated (``out=``), so allocation is
+not counted either: what remains is the launcher's own work per call — the plan lookup and the
+argument list. Plans are built (and on a GPU tuned) before the timing. Reports the median over
+``--repeats`` runs of ``--calls`` calls each, in microseconds per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+KERNEL_NAMES = ("forward_kernel", "forward_tma_kernel", "forward_split_epilogue_kernel", "backward_input_kernel",
+                "backward_input_tma_kernel", "backward_weight_kernel", "backward_weight_tma_kernel",
+                "split_sum_kernel")
+SHAPES = ((4, 8, 8), (64, 784, 128))  # (M, in_features, out_features)
+
+
+def _stub_launches(jit_module) -> dict:
+    saved = {}
+    for name in KERNEL_NAMES:
+        kernel = getattr(jit_module, name)
+        saved[name] = kernel.run
+        kernel.run = lambda *args, grid, warmup, **kwargs: None
+    return saved
+
+
+def _per_call_us(fn, calls: int, repeats: int) -> float:
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter_ns()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter_ns() - start) / calls / 1e3)
+    return statistics.median(samples)
+
+
+def measure(device: str, calls: int = 2000, repeats: int = 7) -> list[tuple[str, tuple, float]]:
+    """(launcher, (M, K, N), µs per call) for each launcher and shape."""
+    import torch
+
+    from fa_triton import kernels
+    from fa_triton.kernels import fa_linear_kernels
+
+    rows = []
+    saved = _stub_launches(fa_linear_kernels)
+    try:
+        for M, K, N in SHAPES:
+            x = torch.randn(M, K, device=device)
+            weight = torch.randn(N, K, device=device)
+            bias = torch.randn(N, device=device)
+            y = torch.empty(M, N, device=device)
+            grad_y = torch.randn(M, N, device=device)
+            grad_x = torch.empty(M, K, device=device)
+            grad_w, grad_b = torch.empty(N, K, device=device), torch.empty(N, device=device)
+            launches = {
+                "fa_linear_forward": lambda: kernels.fa_linear_forward(x, weight, bias, "relu", 0.0, False, y),
+                "fa_linear_backward_input": lambda: kernels.fa_linear_backward_input(
+                    grad_y, y, weight, "relu", 0.0, out=grad_x),
+                "fa_linear_backward_weight": lambda: kernels.fa_linear_backward_weight(
+                    grad_y, y, x, "relu", 0.0, True, out=(grad_w, grad_b)),
+            }
+            for name, fn in launches.items():
+                fn()  # builds (and on a GPU tunes) the plan
+                rows.append((name, (M, K, N), _per_call_us(fn, calls, repeats)))
+    finally:
+        for name, run in saved.items():
+            getattr(fa_linear_kernels, name).run = run
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier timings)")
+    args = parser.parse_args(argv)
+    if args.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
+    import platform
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU {platform.processor() or platform.machine()}"
+    print(f"launcher host cost, launches stubbed, outputs preallocated | {where} | python {sys.version.split()[0]} "
+          f"| torch {torch.__version__} | median of {args.repeats} x {args.calls} calls")
+    for name, (M, K, N), us in measure(args.device, args.calls, args.repeats):
+        print(f"{name:28s} {M:>5d}x{K:<4d}->{N:<4d} {us:7.2f} us/call")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

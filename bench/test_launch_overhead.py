@@ -1,0 +1,24 @@
+"""bench/launch_overhead.py and bench/memory.py on the CPU: what they measure, not how fast."""
+
+from bench import launch_overhead, memory
+from fa_triton.kernels import fa_linear_kernels
+
+
+def test_launch_overhead_measures_each_launcher_and_restores_the_kernels():
+    runs = {name: getattr(fa_linear_kernels, name).run for name in launch_overhead.KERNEL_NAMES}
+    rows = launch_overhead.measure("cpu", calls=20, repeats=2)
+    assert {name for name, _, _ in rows} == {"fa_linear_forward", "fa_linear_backward_input",
+                                            "fa_linear_backward_weight"}
+    assert {shape for _, shape, _ in rows} == set(launch_overhead.SHAPES)
+    assert all(us > 0 for _, _, us in rows)
+    assert {name: getattr(fa_linear_kernels, name).run for name in runs} == runs
+
+
+def test_memory_counts_what_the_layer_saves():
+    # One [M, N] tensor per layer besides the caller's x, W and B: y for relu, f'(z) for gelu.
+    for M, K, N, activation, dtype in memory.DRY_SHAPES:
+        results = {b: memory.measure(M, K, N, activation, dtype, "cpu", b) for b in ("torch", "triton")}
+        itemsize = 4 if dtype == "fp32" else 2
+        expected = M * N * itemsize
+        assert results["torch"]["saved_bytes"] == results["triton"]["saved_bytes"] == expected
+        assert results["triton"]["peak_bytes"] is None  # CUDA only
