@@ -1,7 +1,7 @@
 """pytest setup for bench/: the benchmark suite doubles as a smoke test in CI.
 
-- Without a GPU, TRITON_INTERPRET=1 is set here, before anything imports fa_triton's
-  kernels, so the Triton provider runs through the interpreter (as in tests/conftest.py).
+- The CPU/CUDA setup (TRITON_INTERPRET=1 without a GPU, the ``cuda`` marker's skip) is the
+  repository's root conftest.py, shared with tests/.
 - Benchmarking is off unless asked for (``--benchmark-only`` or ``--benchmark-enable``): a plain
   ``pytest`` runs every benchmark body once, at ``--bench-size smoke``.
 - ``--bench-size`` picks the shapes: smoke (tiny, CI), cpu (the tutorial's sizes on a CPU), full
@@ -9,14 +9,9 @@
 - Without pytest-benchmark installed, a stand-in ``benchmark`` fixture calls the function once.
 """
 
-import os
-
 import pytest
-import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.helpers import HAS_CUDA
 
 try:
     import pytest_benchmark  # noqa: F401
@@ -48,15 +43,6 @@ def bench_size(config) -> str:
     if not enabled:
         return "smoke"
     return "full" if HAS_CUDA else "cpu"
-
-
-def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
-        return
-    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip_cuda)
 
 
 if not HAS_PYTEST_BENCHMARK:

@@ -8,11 +8,11 @@ Triton; the kernels load on first use. The ``torch.library`` ops ``torch.ops.fa_
 
 from . import ops  # registers the torch.library ops (fa_triton::*)
 from .activations import ACTIVATIONS
+from .autograd import FALinearFunction, ReferenceFALinearFunction
+from .backend import BACKENDS
 from .convert import ConversionSummary, convert, load_linear_state_dict
-from .functional import FALinearFunction, fa_linear
+from .functional import fa_linear, reference
 from .modules import FALinear
-from .torch_reference import ReferenceFALinearFunction, reference
-from .validation import BACKENDS
 
 __version__ = "0.1.0"
 

@@ -1,8 +1,8 @@
 """Activation functions of the FA layer, in plain PyTorch.
 
-The Triton kernels implement the same formulas (``kernels/fa_linear.py``); this module
-is the single list of names, the rule for which tensor the backward pass needs, and the
-PyTorch implementations used by the reference path.
+The Triton kernels implement the same formulas (``kernels/jit_helpers.py``); this module is
+the single list of names, the rule for which tensor the backward pass needs besides y, and the
+PyTorch implementations used by the reference backend.
 """
 
 from __future__ import annotations
@@ -45,26 +45,6 @@ def extra_for_backward(z: torch.Tensor, activation: str) -> torch.Tensor:
         # f'(z) = Φ(z) + z φ(z) (exact, erf form)
         return 0.5 * (1 + torch.erf(z * _INV_SQRT2)) + z * torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
     return z
-
-
-def saves_activation_input(activation: str) -> bool:
-    """Whether backward needs any of y or z (identity needs neither)."""
-    return activation != "identity"
-
-
-def save_for_fa_backward(ctx, x, feedback, y, extra, activation: str, negative_slope: float) -> None:
-    """Save on ``ctx`` only what the FA backward will read, given ``ctx.needs_input_grad``.
-
-    x is kept for grad_W, feedback for grad_x, and y or the extra tensor (see
-    :func:`saves_extra`) for δ; the rest is saved as None.
-    """
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    saved = None
-    if saves_activation_input(activation) and (need_x or need_w or need_b):
-        saved = extra if saves_extra(activation, negative_slope) else y
-    ctx.save_for_backward(x if need_w else None, feedback if need_x else None, saved)
-    ctx.activation = activation
-    ctx.negative_slope = negative_slope
 
 
 def apply_activation(z: torch.Tensor, activation: str, negative_slope: float) -> torch.Tensor:

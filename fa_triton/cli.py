@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .validation import BACKENDS
+from .backend import BACKENDS
 
 PROG = "fa-triton"
 

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .modules import FALinear
-from .validation import check_backend
+from .backend import check_backend
 
 __all__ = ["ConvertedLayer", "ConversionSummary", "convert", "load_linear_state_dict"]
 

@@ -1,69 +1,17 @@
-"""The functional form of the FA layer and the autograd Function over the Triton kernels."""
+"""The functional form of the FA layer: :func:`fa_linear` (either backend) and :func:`reference`.
+
+Both check their arguments once, here, where they enter; the autograd Functions and ops below
+them do not check again.
+"""
 
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from .activations import save_for_fa_backward, saves_extra
-from .ops import fa_backward, fa_linear_op, launch_backward_input
-from .torch_reference import ReferenceFALinearFunction
-from .validation import check_backend, check_inputs
-
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _kernels():
-    # Imported on first use, not with the package: triton may be missing (CPU-only
-    # installs), and TRITON_INTERPRET=1 only takes effect if set before this import.
-    try:
-        from . import kernels
-    except ImportError as err:  # pragma: no cover - depends on the installation
-        raise RuntimeError(f"backend='triton' needs the triton package, which failed to import: {err}") from err
-    return kernels
-
-
-class FALinearFunction(torch.autograd.Function):
-    """Feedback-alignment linear layer on the fused Triton kernels.
-
-    Inputs: x [..., K], weight [N, K], bias [N] or None, feedback [N, K] -> y [..., N].
-    Backward: grad_x = δ B, grad_W = δᵀ x, grad_b = Σ_rows δ with δ = g ⊙ f'(z); feedback gets none.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, feedback, activation, negative_slope):
-        kernels = _kernels()
-        in_features = x.shape[-1]
-        # reshape is a view whenever the strides allow it (transposed 2-D inputs included);
-        # the kernels take any strides, so only un-viewable layouts are copied.
-        x2d = x.reshape(-1, in_features)
-        store_extra = saves_extra(activation, negative_slope)
-        # y is allocated in its final shape so that the returned tensor is not a view
-        # (views made inside a Function cannot be modified in place).
-        y = torch.empty((*x.shape[:-1], weight.shape[0]), device=x.device, dtype=x.dtype)
-        _, extra = kernels.fa_linear_forward(
-            x2d, weight, bias, activation, negative_slope, store_extra, out=y.view(-1, weight.shape[0])
-        )
-
-        save_for_fa_backward(ctx, x2d, feedback, y, extra, activation, negative_slope)
-        ctx.x_shape = x.shape
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):
-        kernels = _kernels()
-        x2d, feedback, saved = ctx.saved_tensors
-        if saved is not None:
-            saved = saved.reshape(-1, saved.shape[-1])
-        grad_x, grad_w, grad_b = fa_backward(
-            ctx, grad_y.reshape(-1, grad_y.shape[-1]), x2d, feedback, saved,
-            launch_backward_input, kernels.fa_linear_backward_weight,
-            stores_delta=kernels.tuning.STORE_DELTA, bias_grad_in_fp32=True,
-        )
-        if grad_x is not None:
-            grad_x = grad_x.view(ctx.x_shape)
-        return grad_x, grad_w, grad_b, None, None, None
+from .autograd import FUNCTIONS, ReferenceFALinearFunction
+from .backend import resolve_backend
+from .ops import fa_linear_op
+from .validation import check_inputs
 
 
 @torch.compiler.assume_constant_result
@@ -101,32 +49,15 @@ def autocast_inputs(x, weight, bias, feedback):
     return cast(x), cast(weight), cast(bias), cast(feedback)
 
 
-def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """The backend that runs for ``x``: "triton" or "torch" (see :func:`fa_linear`)."""
-    check_backend(backend)
-    if backend == "auto":
-        return "triton" if x.is_cuda and x.dtype in TRITON_DTYPES else "torch"
-    if backend == "triton":
-        if x.dtype not in TRITON_DTYPES:
-            raise TypeError(
-                f"backend='triton' supports dtypes {TRITON_DTYPES}, got x of dtype {x.dtype}; use backend='torch'"
-            )
-        if x.device.type == "cpu":
-            if not _kernels().INTERPRETED:
-                raise RuntimeError(
-                    "backend='triton' got CPU tensors, which need Triton's interpreter: set the environment "
-                    "variable TRITON_INTERPRET=1 before fa_triton's kernels are first used, move the tensors "
-                    "to CUDA, or use backend='torch'"
-                )
-            if x.dtype == torch.bfloat16:
-                # The interpreter loads bf16 as garbage rather than failing: refuse instead.
-                raise TypeError(
-                    "backend='triton' on CPU tensors runs Triton's interpreter, which has no bfloat16 arithmetic; "
-                    "got x of dtype torch.bfloat16 (under torch.autocast('cpu') too): use backend='torch' or 'auto'"
-                )
-        elif not x.is_cuda:
-            raise ValueError(f"backend='triton' runs on CUDA tensors (or CPU with TRITON_INTERPRET=1), got {x.device}")
-    return backend
+def apply_checked(x, weight, bias, feedback, activation: str, negative_slope: float, backend: str) -> torch.Tensor:
+    """The layer on inputs already checked (and autocast): the resolved backend's autograd
+    Function in eager mode, its ``torch.library`` op while tracing."""
+    resolved = resolve_backend(backend, x)
+    if torch.compiler.is_compiling():
+        # torch.compile / torch.export trace the torch.library ops (one graph node each, no
+        # graph break). Eager mode keeps the autograd Functions: they cost less per call.
+        return fa_linear_op(x, weight, bias, feedback, activation, negative_slope, resolved)
+    return FUNCTIONS[resolved].apply(x, weight, bias, feedback, activation, negative_slope)
 
 
 def fa_linear(
@@ -154,10 +85,22 @@ def fa_linear(
     """
     x, weight, bias, feedback = autocast_inputs(x, weight, bias, feedback)
     check_inputs(x, weight, bias, feedback, activation, negative_slope)
-    resolved = resolve_backend(backend, x)
-    if torch.compiler.is_compiling():
-        # torch.compile / torch.export trace the torch.library ops (one graph node each, no
-        # graph break). Eager mode keeps the autograd Functions: they cost less per call.
-        return fa_linear_op(x, weight, bias, feedback, activation, float(negative_slope), resolved)
-    function = FALinearFunction if resolved == "triton" else ReferenceFALinearFunction
-    return function.apply(x, weight, bias, feedback, activation, float(negative_slope))
+    return apply_checked(x, weight, bias, feedback, activation, float(negative_slope), backend)
+
+
+def reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    feedback: torch.Tensor,
+    activation: str = "relu",
+    *,
+    negative_slope: float = 0.01,
+) -> torch.Tensor:
+    """Feedback-alignment linear layer in plain PyTorch; same contract as :func:`fa_linear`.
+
+    x [..., in], weight [out, in], bias [out] or None, feedback [out, in] -> y [..., out].
+    Works on any device and in any floating dtype (float64 included).
+    """
+    check_inputs(x, weight, bias, feedback, activation, negative_slope)
+    return ReferenceFALinearFunction.apply(x, weight, bias, feedback, activation, float(negative_slope))

@@ -25,7 +25,7 @@ from torch import nn
 
 from .metrics import fa_layers, weight_alignment
 from .modules import FALinear
-from .validation import check_backend
+from .backend import check_backend, resolve_backend
 
 if TYPE_CHECKING:  # pandas is an optional dependency (the "train" extra)
     import pandas
@@ -294,8 +294,6 @@ def train(
     import pandas as pd
     import torch.distributed as dist
     from tqdm.auto import tqdm
-
-    from .functional import resolve_backend
 
     _check_positive_int("epochs", epochs)
     _check_positive_int("batch_size", batch_size)

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from .activations import check_activation
-from .functional import fa_linear
-from .validation import check_backend
+from .backend import check_backend
+from .functional import apply_checked, autocast_inputs
+from .validation import check_inputs, inputs_fit
 
 
 def _check_features(name: str, value: int) -> None:
@@ -29,7 +30,7 @@ class FALinear(nn.Module):
     saved in ``state_dict``, moved and cast by ``.to()``, never seen by an optimizer.
     """
 
-    __constants__ = ["in_features", "out_features", "activation", "negative_slope", "backend"]
+    __constants__ = ["in_features", "out_features"]
 
     def __init__(
         self,
@@ -50,9 +51,9 @@ class FALinear(nn.Module):
         check_backend(backend)
         self.in_features = in_features
         self.out_features = out_features
-        self.activation = activation
-        self.negative_slope = float(negative_slope)
-        self.backend = backend
+        self._activation = activation
+        self._negative_slope = float(negative_slope)
+        self._backend = backend
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
         if bias:
@@ -76,11 +77,39 @@ class FALinear(nn.Module):
         bound = 1 / math.sqrt(self.in_features)
         self.feedback.uniform_(-bound, bound, generator=generator)
 
+    # activation, negative_slope and backend are checked when set, so forward need not.
+    @property
+    def activation(self) -> str:
+        return self._activation
+
+    @activation.setter
+    def activation(self, value: str) -> None:
+        check_activation(value, self._negative_slope)
+        self._activation = value
+
+    @property
+    def negative_slope(self) -> float:
+        return self._negative_slope
+
+    @negative_slope.setter
+    def negative_slope(self, value: float) -> None:
+        check_activation(self._activation, value)
+        self._negative_slope = float(value)
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        check_backend(value)
+        self._backend = value
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fa_linear(
-            x, self.weight, self.bias, self.feedback, self.activation,
-            negative_slope=self.negative_slope, backend=self.backend,
-        )
+        x, weight, bias, feedback = autocast_inputs(x, self.weight, self.bias, self.feedback)
+        if not inputs_fit(x, weight, bias, feedback):
+            check_inputs(x, weight, bias, feedback, self._activation, self._negative_slope)  # says what is wrong
+        return apply_checked(x, weight, bias, feedback, self._activation, self._negative_slope, self._backend)
 
     @classmethod
     def from_linear(

@@ -6,12 +6,20 @@ import torch
 
 from .activations import check_activation
 
-BACKENDS = ("auto", "triton", "torch")
 
-
-def check_backend(backend: str) -> None:
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+def inputs_fit(x, weight, bias, feedback) -> bool:
+    """A fast test that the layer's tensors fit together (what :func:`check_inputs` checks, but
+    the activation): True in the common case; when False, check_inputs says what is wrong."""
+    try:
+        if bias is not None and (bias.dtype != x.dtype or bias.device != x.device or bias.dim() != 1
+                                 or bias.shape[0] != weight.shape[0]):
+            return False
+        return (x.shape[-1] == weight.shape[1] and weight.dim() == 2 and feedback.dim() == 2
+                and feedback.shape[0] == weight.shape[0] and feedback.shape[1] == weight.shape[1]
+                and x.dtype == weight.dtype == feedback.dtype and x.dtype.is_floating_point
+                and x.device == weight.device == feedback.device and isinstance(x, torch.Tensor))
+    except (AttributeError, IndexError, TypeError):
+        return False
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fa_triton import FALinear, fa_linear
-from conftest import KERNEL_DEVICE
+from tests.helpers import KERNEL_DEVICE
 
 ACTIVATION_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "identity": nn.Identity}
 

@@ -13,8 +13,8 @@ from fa_triton import kernels
 from fa_triton.kernels import fa_linear as kernel_module
 from fa_triton.kernels import fa_linear_kernels, tuning
 from fa_triton.kernels.tuning import LaunchConfig
-from conftest import KERNEL_DEVICE
-from oracle import FLOOR, assert_parity, assert_within_bounds, make_inputs, oracle, run_layer, tf32_bounds
+from tests.helpers import KERNEL_DEVICE
+from tests.oracle import FLOOR, assert_parity, assert_within_bounds, make_inputs, oracle, run_layer, tf32_bounds
 
 # The interpreter has no bf16 arithmetic; bf16 is covered by the cuda-marked tests.
 INTERPRETER_DTYPES = [torch.float32, torch.float16]
@@ -236,7 +236,7 @@ def test_cuda_int64_offsets():
 def _weight_grads_against_oracle(M, in_features, out_features, dtype, bias, activation, device, **launch_kwargs):
     """grad_W and grad_b from the backward-weight launcher, checked against the float64 oracle
     with the suite's tolerance policy (<= 2x PyTorch's own error + floor). Returns them."""
-    from oracle import FLOOR, max_error
+    from tests.oracle import FLOOR, max_error
 
     x, weight, b, feedback, grad_y = make_inputs((M,), in_features, out_features, dtype, device, bias=bias,
                                                  activation=activation)
@@ -330,7 +330,7 @@ def _layer_with_configs(x, weight, b, feedback, grad_y, activation, forward=None
 
 
 def oracle_fprime(x, weight, bias, activation):
-    from oracle import activation_and_derivative
+    from tests.oracle import activation_and_derivative
 
     z = x.double() @ weight.double().t() + bias.double()
     return activation_and_derivative(z, activation, 0.01)[1]
@@ -386,7 +386,7 @@ def test_forward_epilogue_in_halves(tma, kernel_device):
     x, weight, b, _, _ = make_inputs((130,), 32, 300, torch.float32, kernel_device, activation="gelu")
     y, extra = kernels.fa_linear_forward(x, weight, b, "gelu", 0.01, True, config=LaunchConfig(128, 256, 16, tma=tma))
     z = x.double() @ weight.double().t() + b.double()
-    from oracle import activation_and_derivative
+    from tests.oracle import activation_and_derivative
     y_true, fprime = activation_and_derivative(z, "gelu", 0.01)
     torch.testing.assert_close(y.double(), y_true, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(extra.double(), fprime, rtol=1e-5, atol=1e-5)

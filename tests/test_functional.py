@@ -6,9 +6,8 @@ import torch.nn.functional as F
 
 from fa_triton import ACTIVATIONS, fa_linear, kernels
 from fa_triton.activations import apply_activation
-from fa_triton.functional import resolve_backend
-from conftest import KERNEL_DEVICE
-from oracle import make_inputs, run_layer
+from tests.helpers import KERNEL_DEVICE
+from tests.oracle import make_inputs, run_layer
 
 
 def backprop_layer(x, weight, bias, feedback, activation, negative_slope=0.01):
@@ -76,28 +75,6 @@ def test_nan_and_inf_propagate_like_pytorch(backend, activation):
     for name, value in bp.items():
         assert fa[name].isnan().any() and fa[name].isnan().any() == value.isnan().any(), name
         torch.testing.assert_close(fa[name], value, equal_nan=True, atol=1e-5, rtol=1e-5, msg=name)
-
-
-def test_auto_backend_resolution():
-    cpu = torch.zeros(2, 3)
-    assert resolve_backend("auto", cpu) == "torch"
-    assert resolve_backend("torch", cpu) == "torch"
-    assert resolve_backend("auto", cpu.double()) == "torch"
-    meta_cuda = torch.empty(2, 3, device="meta")
-    assert resolve_backend("auto", meta_cuda) == "torch"
-
-
-@pytest.mark.cuda
-def test_auto_backend_uses_triton_on_cuda():
-    assert resolve_backend("auto", torch.zeros(2, 3, device="cuda")) == "triton"
-    assert resolve_backend("auto", torch.zeros(2, 3, device="cuda", dtype=torch.float64)) == "torch"
-
-
-def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(kernels, "INTERPRETED", False)
-    x, weight, b, feedback, _ = make_inputs((2,), 3, 4, torch.float32, "cpu")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        fa_linear(x, weight, b, feedback, backend="triton")
 
 
 def test_triton_rejects_float64():

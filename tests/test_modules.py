@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fa_triton import FALinear
-from conftest import KERNEL_DEVICE
+from tests.helpers import KERNEL_DEVICE
 
 BACKEND_DEVICES = [("torch", "cpu"), ("triton", KERNEL_DEVICE)]
 

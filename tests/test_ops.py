@@ -12,10 +12,11 @@ from torch import nn
 import fa_triton
 from fa_triton import ACTIVATIONS, FALinear, fa_linear
 from fa_triton.ops import OPS, fa_linear_op
-from conftest import KERNEL_DEVICE
-from oracle import make_inputs
+from tests.helpers import KERNEL_DEVICE
+from tests.oracle import make_inputs
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton"]  # public names; the ops are keyed by the internal ones
+INTERNAL = {"torch": "reference", "triton": "triton"}
 
 
 def op_device(backend: str) -> str:
@@ -50,14 +51,14 @@ def backward_samples(device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_forward(backend):
-    forward = OPS[backend][0]
+    forward = OPS[INTERNAL[backend]][0]
     for args in forward_samples(op_device(backend)):
         torch.library.opcheck(forward, args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_backward(backend):
-    _, backward_input, backward_weight = OPS[backend]
+    _, backward_input, backward_weight = OPS[INTERNAL[backend]]
     for input_args, weight_args in backward_samples(op_device(backend)):
         torch.library.opcheck(backward_input, input_args)
         torch.library.opcheck(backward_weight, weight_args)
@@ -95,7 +96,7 @@ def test_op_path_matches_functions(backend, activation, negative_slope, requires
                                                     negative_slope=negative_slope)
     eager = run(lambda x, w, b, f: fa_linear(x, w, b, f, activation, negative_slope=negative_slope, backend=backend),
                 x, weight, bias, feedback, grad_y, requires)
-    via_ops = run(lambda x, w, b, f: fa_linear_op(x, w, b, f, activation, negative_slope, backend),
+    via_ops = run(lambda x, w, b, f: fa_linear_op(x, w, b, f, activation, negative_slope, INTERNAL[backend]),
                   x, weight, bias, feedback, grad_y, requires)
     for name, a, b in zip(("y", "grad_x", "grad_weight", "grad_bias"), eager, via_ops):
         assert (a is None) == (b is None), name
@@ -117,7 +118,7 @@ def test_gradcheck_reference_with_feedback_equal_to_weight(activation, negative_
     if path == "function":
         layer = lambda x, w, b: fa_linear(x, w, b, w, activation, negative_slope=negative_slope, backend="torch")  # noqa: E731
     else:
-        layer = lambda x, w, b: fa_linear_op(x, w, b, w, activation, negative_slope, "torch")  # noqa: E731
+        layer = lambda x, w, b: fa_linear_op(x, w, b, w, activation, negative_slope, "reference")  # noqa: E731
     assert torch.autograd.gradcheck(layer, (x, weight, bias))
 
 
@@ -231,7 +232,7 @@ def test_compile_fullgraph_matches_eager_cuda(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_opcheck_cuda(dtype):
     for backend in BACKENDS:
-        forward, backward_input, backward_weight = OPS[backend]
+        forward, backward_input, backward_weight = OPS[INTERNAL[backend]]
         for args in forward_samples("cuda"):
             args = tuple(a.to(dtype).detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
                          for a in args)

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from oracle import assert_within_bounds, make_inputs, oracle, tf32_bounds
+from tests.oracle import assert_within_bounds, make_inputs, oracle, tf32_bounds
 
 
 def _round_mantissa(t: torch.Tensor, kept_bits: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""bench/launch_overhead.py and bench/memory.py on the CPU: what they measure, not how fast."""
+"""bench/launch_overhead.py, bench/eager_overhead.py and bench/memory.py on the CPU: what they measure, not how fast."""
 
 from bench import launch_overhead, memory
 from fa_triton.kernels import fa_linear_kernels
@@ -22,3 +22,12 @@ def test_memory_counts_what_the_layer_saves():
         expected = M * N * itemsize
         assert results["torch"]["saved_bytes"] == results["triton"]["saved_bytes"] == expected
         assert results["triton"]["peak_bytes"] is None  # CUDA only
+
+
+def test_eager_overhead_times_both_providers_and_restores_the_kernels():
+    from bench import eager_overhead
+
+    runs = {name: getattr(fa_linear_kernels, name).run for name in launch_overhead.KERNEL_NAMES}
+    results = eager_overhead.measure(steps=20, repeats=2)
+    assert set(results) == {"triton (launches stubbed)", "torch"} and all(us > 0 for us in results.values())
+    assert {name: getattr(fa_linear_kernels, name).run for name in runs} == runs

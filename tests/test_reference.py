@@ -1,11 +1,11 @@
-"""The PyTorch reference (fa_triton/torch_reference.py) against the float64 oracle."""
+"""The PyTorch reference (fa_triton/reference.py, fa_triton.reference) against the float64 oracle."""
 
 import pytest
 import torch
 
 from fa_triton import ACTIVATIONS, reference
 from fa_triton.activations import activation_backward
-from oracle import max_error, make_inputs, oracle, run_layer
+from tests.oracle import max_error, make_inputs, oracle, run_layer
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

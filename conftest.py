@@ -1,7 +1,8 @@
-"""Test setup: without a GPU, the Triton kernels run on CPU tensors through Triton's interpreter.
+"""The CPU/CUDA setup shared by tests/ and bench/: without a GPU, the Triton kernels run on CPU
+tensors through Triton's interpreter, and tests marked ``cuda`` are skipped with the reason.
 
-TRITON_INTERPRET must be set before any @triton.jit module is imported, hence here,
-before the tests import fa_triton's kernels.
+TRITON_INTERPRET must be set before any @triton.jit module is imported, hence here, in the
+repository's root conftest, which pytest loads before any test module.
 """
 
 import contextlib
@@ -10,7 +11,8 @@ import os
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
+from tests.helpers import HAS_CUDA, KERNEL_DEVICE
+
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -34,9 +36,6 @@ def _check_interpreter_numpy() -> None:
 
 
 _check_interpreter_numpy()
-
-# The device the Triton kernels are tested on: real kernels on a GPU, the interpreter otherwise.
-KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,128 @@
+"""The FA layer's autograd: what the forward saves, the backward shared by every path, and the
+two eager ``torch.autograd.Function``s (Triton kernels, PyTorch reference).
+
+Eager mode calls these Functions directly (they cost less per call than the ``torch.library``
+ops of ``fa_triton.ops``, which ``torch.compile`` traces); both paths run :func:`fa_backward`
+with a backend's launches (``fa_triton.backend``), so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .activations import activation_backward, saves_extra
+from .backend import REFERENCE, TRITON, Backend, kernels
+from .reference import forward as reference_forward
+
+
+def save_for_fa_backward(ctx, x, feedback, y, extra, activation: str, negative_slope: float) -> None:
+    """Save on ``ctx`` only what the FA backward will read, given ``ctx.needs_input_grad``.
+
+    x is kept for grad_W, feedback for grad_x, and y or the extra tensor (see
+    :func:`fa_triton.activations.saves_extra`) for δ (identity needs neither); the rest is None.
+    """
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    saved = None
+    if activation != "identity" and (need_x or need_w or need_b):
+        saved = extra if extra is not None else y
+    ctx.save_for_backward(x if need_w else None, feedback if need_x else None, saved)
+    ctx.activation = activation
+    ctx.negative_slope = negative_slope
+
+
+def fa_backward(ctx, grad_y, x, feedback, saved, backend: Backend):
+    """(grad_x, grad_W, grad_b) of the FA layer, each None unless ``ctx.needs_input_grad`` asks for it.
+
+    2-D throughout: grad_y and saved [M, N], x [M, K], feedback [N, K]. When both grad_x and
+    grad_W are wanted and the backend stores δ, the input step stores δ and the weight step
+    reads it (activation "identity"), so δ is formed once.
+    """
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    activation, negative_slope = ctx.activation, ctx.negative_slope
+    store_delta = need_x and need_w and activation != "identity" and backend.stores_delta()
+    grad_x = grad_w = grad_b = None
+    if need_x:
+        grad_x, delta = backend.backward_input(grad_y, saved, feedback, activation, negative_slope, store_delta)
+    if need_w:
+        if store_delta:
+            grad_w, grad_b = backend.backward_weight(delta, None, x, "identity", negative_slope, need_b)
+        else:
+            grad_w, grad_b = backend.backward_weight(grad_y, saved, x, activation, negative_slope, need_b)
+        if not need_b:
+            grad_b = None  # the ops return an empty tensor for it
+    elif need_b:
+        # Frozen weight, trainable bias: only the row sum of δ, in plain (traceable) ops.
+        if backend.bias_grad_in_fp32:  # as the kernels, whose δ is fp32
+            delta = activation_backward(grad_y.float(), None if saved is None else saved.float(),
+                                        activation, negative_slope)
+            grad_b = delta.sum(0).to(grad_y.dtype)
+        else:
+            grad_b = activation_backward(grad_y, saved, activation, negative_slope).sum(0)
+    return grad_x, grad_w, grad_b
+
+
+def _backward_2d(ctx, grad_y, backend: Backend):
+    """fa_backward on the flattened batch; grad_x back in x's shape."""
+    x, feedback, saved = ctx.saved_tensors
+    batched = grad_y.dim() != 2
+    if batched:
+        out_features = grad_y.shape[-1]
+        grad_y = grad_y.reshape(-1, out_features)
+        saved = None if saved is None else saved.reshape(-1, out_features)
+        x = None if x is None else x.reshape(-1, x.shape[-1])
+    grad_x, grad_w, grad_b = fa_backward(ctx, grad_y, x, feedback, saved, backend)
+    if batched and grad_x is not None:
+        grad_x = grad_x.view(ctx.x_shape)
+    return grad_x, grad_w, grad_b, None, None, None
+
+
+class FALinearFunction(torch.autograd.Function):
+    """Feedback-alignment linear layer on the fused Triton kernels.
+
+    Inputs: x [..., K], weight [N, K], bias [N] or None, feedback [N, K] -> y [..., N].
+    Backward: grad_x = δ B, grad_W = δᵀ x, grad_b = Σ_rows δ with δ = g ⊙ f'(z); feedback gets none.
+    Inputs are not checked here: ``fa_triton.fa_linear`` and ``FALinear`` check them.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, feedback, activation, negative_slope):
+        out_features = weight.shape[0]
+        # reshape is a view whenever the strides allow it (transposed 2-D inputs included);
+        # the kernels take any strides, so only un-viewable layouts are copied.
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        store_extra = saves_extra(activation, negative_slope) and any(ctx.needs_input_grad[:3])
+        # y is allocated in its final shape so that the returned tensor is not a view (views made
+        # inside a Function cannot be modified in place).
+        y = torch.empty((*x.shape[:-1], out_features), device=x.device, dtype=x.dtype)
+        _, extra = kernels().fa_linear_forward(x2d, weight, bias, activation, negative_slope, store_extra,
+                                               y if y.dim() == 2 else y.view(-1, out_features))
+        save_for_fa_backward(ctx, x2d, feedback, y, extra, activation, negative_slope)
+        ctx.x_shape = x.shape
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        return _backward_2d(ctx, grad_y, TRITON)
+
+
+class ReferenceFALinearFunction(torch.autograd.Function):
+    """The same layer in plain PyTorch ops (``fa_triton.reference``): the CPU path, float64
+    included, and the baseline of the benchmarks. Same inputs, outputs and gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, feedback, activation, negative_slope):
+        store_extra = saves_extra(activation, negative_slope) and any(ctx.needs_input_grad[:3])
+        y, extra = reference_forward(x, weight, bias, activation, negative_slope, store_extra)
+        save_for_fa_backward(ctx, x, feedback, y, extra, activation, negative_slope)
+        ctx.x_shape = x.shape
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        return _backward_2d(ctx, grad_y, REFERENCE)
+
+
+FUNCTIONS = {"triton": FALinearFunction, "reference": ReferenceFALinearFunction}
