@@ -6,7 +6,14 @@ backprop (B in place of W), so the two should take about the same time. Variants
 
 - ``backprop_plain_loop``: nn.Linear + nn.ReLU in a plain PyTorch training loop (the baseline).
 - ``fa_plain_loop``: ``fa_triton.mnist.build_model`` in the same plain loop.
-- ``fa_train_epoch``: ``fa_triton.mnist.train_epoch``, the loop that ``fa_triton.mnist.train`` runs.
+- ``fa_train_epoch``: ``fa_triton.mnist.train_epoch``, the eager loop of ``fa_triton.mnist.train``.
+- on CUDA also ``backprop_graphed`` and ``fa_graphed``: each step captured whole in a CUDA graph
+  (``fa_triton.mnist.GraphedTrainStep``, Adam with ``capturable=True``), the default of ``train``
+  on CUDA.
+
+``--train-epochs N`` then also runs ``fa_triton.mnist.train`` itself for N epochs (its default
+mode on the device) and prints the sum of its per-epoch ``seconds`` beside the whole call's
+wall time (data loading, evaluation and the CUDA-graph warm-up included).
 
 On a shared machine the speed drifts by tens of percent over seconds, so the variants run
 interleaved: each epoch is cut into chunks of ``--chunk`` steps, and the variants take turns
@@ -16,6 +23,7 @@ time is printed beside it). Reported: the median over ``--rounds`` epochs per va
 ratio of medians to the baseline. ``--csv`` writes long-format rows (one per variant and epoch).
 
     python3 bench/mnist_epoch_time.py --data-dir ../shared/data --rounds 5 --threads 1
+    python3 bench/mnist_epoch_time.py --data-dir ../shared/data --device cuda --train-epochs 10
 """
 
 from __future__ import annotations
@@ -30,25 +38,47 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fa_triton.mnist import batch_indices, build_model, load_mnist, resolve_device, train_epoch
+from fa_triton.mnist import (
+    GraphedTrainStep,
+    batch_indices,
+    build_model,
+    load_mnist,
+    resolve_device,
+    train,
+    train_epoch,
+)
 
 
 def backprop_model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
-def plain_loop(model, optimizer, x, y, indices) -> None:
-    for idx in indices:
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+def plain_loop(model, optimizer, x, y):
+    def run(indices) -> None:
+        for idx in indices:
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return run
 
 
+def train_epoch_loop(model, optimizer, x, y):
+    return lambda indices: train_epoch(model, optimizer, x, y, indices)
+
+
+def graphed_loop(model, optimizer, x, y):
+    step = GraphedTrainStep(model, optimizer, x, y, 64)
+    return lambda indices: train_epoch(model, optimizer, x, y, indices, step=step)
+
+
+# name -> (model, loop factory, CUDA only)
 VARIANTS = {
-    "backprop_plain_loop": (backprop_model, plain_loop),
-    "fa_plain_loop": (build_model, plain_loop),
-    "fa_train_epoch": (build_model, train_epoch),
+    "backprop_plain_loop": (backprop_model, plain_loop, False),
+    "fa_plain_loop": (build_model, plain_loop, False),
+    "fa_train_epoch": (build_model, train_epoch_loop, False),
+    "backprop_graphed": (backprop_model, graphed_loop, True),
+    "fa_graphed": (build_model, graphed_loop, True),
 }
 BASELINE = "backprop_plain_loop"
 
@@ -77,6 +107,8 @@ def main(argv=None) -> None:
     parser.add_argument("--chunk", type=int, default=25, help="steps per turn when interleaving the variants")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--csv", default=None, help="write long-format rows to this CSV file")
+    parser.add_argument("--train-epochs", type=int, default=0,
+                        help="then run fa_triton.mnist.train for this many epochs and report its times")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -85,13 +117,16 @@ def main(argv=None) -> None:
     x, y = data.x_train, data.y_train
 
     state = {}
-    for name, (make, loop) in VARIANTS.items():
+    for name, (make, make_loop, cuda_only) in VARIANTS.items():
+        if cuda_only and device.type != "cuda":
+            continue
         torch.manual_seed(0)
         model = make().to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-4, **({"capturable": True} if cuda_only else {}))
+        loop = make_loop(model, optimizer, x, y)
         warmup = batch_indices(len(x), 64, torch.Generator().manual_seed(1))[:100].to(device)
-        loop(model, optimizer, x, y, warmup)
-        state[name] = (model, optimizer, loop)
+        loop(warmup)  # compiles, tunes and (graphed) captures outside the timing
+        state[name] = loop
 
     names = list(state)
     rows = []
@@ -106,10 +141,10 @@ def main(argv=None) -> None:
             shift = turn % len(names)  # rotate: no variant always goes first
             turn += 1
             for name in names[shift:] + names[:shift]:
-                model, optimizer, loop = state[name]
+                loop = state[name]
                 _sync(device)
                 wall, cpu = time.perf_counter(), time.process_time()
-                loop(model, optimizer, x, y, chunk)
+                loop(chunk)
                 _sync(device)
                 seconds[name] += time.perf_counter() - wall
                 cpu_seconds[name] += time.process_time() - cpu
@@ -128,6 +163,13 @@ def main(argv=None) -> None:
         for name, median in medians.items():
             print(f"{label:12s} {name:20s} {median:7.3f} s/epoch   ratio to {BASELINE} "
                   f"{median / medians[BASELINE]:5.3f}")
+    if args.train_epochs:
+        _sync(device)
+        wall = time.perf_counter()
+        df = train(epochs=args.train_epochs, device=device, data_dir=args.data_dir, download=False, progress=False)
+        wall = time.perf_counter() - wall
+        print(f"fa_triton.mnist.train, {args.train_epochs} epochs on {device}: sum of the epochs' seconds "
+              f"{df['seconds'].sum():.3f} s, whole call {wall:.3f} s, acc_test {df['acc_test'].iloc[-1]:.3f}")
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=_positive_int, default=None,
                        help="CPU threads per process (torch.set_num_threads); 1 avoids stalls on a busy machine")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--no-cuda-graph", action="store_true",
+                       help="train eagerly on CUDA (default there: the whole step captured in one CUDA graph)")
     return parser
 
 
@@ -112,6 +114,7 @@ def _train(args: argparse.Namespace) -> int:
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, device=args.device,
         backend=args.backend, data_dir=args.data_dir, download=not args.no_download,
         progress=not args.no_progress, train_samples=args.train_samples, test_samples=args.test_samples,
+        cuda_graph=False if args.no_cuda_graph else None,
     )
     if rank == 0:
         print(format_table(df))

@@ -16,6 +16,7 @@ import inspect
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Sequence
 
@@ -185,20 +186,82 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator, *, rank: 
     return perm.view(n_batches, world_size, batch_size // world_size)[:, rank]
 
 
-def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                indices: torch.Tensor, progress=None) -> None:
-    """One pass of Adam steps on the batches x[indices[i]] (indices [n_batches, batch], on x's device).
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               idx: torch.Tensor) -> torch.Tensor:
+    """One optimizer step on the batch x[idx], y[idx] (cross-entropy); returns the loss (0-d)."""
+    loss = F.cross_entropy(model(x[idx]), y[idx])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
 
-    ``progress`` is a tqdm bar (or None): it is advanced once per batch.
+
+class GraphedTrainStep:
+    """:func:`train_step` captured whole — forward, loss, backward, optimizer step — in one
+    ``torch.cuda.CUDAGraph``, replayed for each batch: one launch instead of dozens per step.
+
+    Call it as ``step(idx)`` with a batch's row indices idx [batch_size] (CUDA, int64): they are
+    copied into a static buffer and the graph replays. The first ``warmup`` calls are ordinary
+    eager steps on a side stream (they also tune the Triton kernels, which cannot be tuned while
+    a graph is captured); the next call captures the step, then replays it, so every call is a
+    real training step and the training is the eager one up to rounding. The batch size is
+    fixed (incomplete batches are dropped anyway). The optimizer must be built with
+    ``capturable=True`` (Adam, AdamW, SGD and the others that have it).
     """
-    for step, idx in enumerate(indices):
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                 batch_size: int, warmup: int = 3) -> None:
+        if not optimizer.defaults.get("capturable", False):
+            raise ValueError(f"CUDA-graph training needs an optimizer built with capturable=True, got "
+                             f"{type(optimizer).__name__} without it")
+        if not x.is_cuda:
+            raise ValueError(f"CUDA-graph training needs the data and model on a CUDA device, got {x.device}; "
+                             "use cuda_graph=False (--no-cuda-graph) on the CPU")
+        self.model, self.optimizer, self.x, self.y = model, optimizer, x, y
+        self.warmup = warmup
+        self.steps = 0
+        self.idx = torch.zeros(batch_size, dtype=torch.long, device=x.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.loss: torch.Tensor | None = None
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.graph is None:
+            if self.steps < self.warmup:
+                self.steps += 1
+                side = torch.cuda.Stream(device=self.x.device)
+                side.wait_stream(torch.cuda.current_stream(self.x.device))
+                with torch.cuda.stream(side):
+                    loss = train_step(self.model, self.optimizer, self.x, self.y, idx)
+                torch.cuda.current_stream(self.x.device).wait_stream(side)
+                return loss
+            self._capture()
+        self.idx.copy_(idx)
+        self.graph.replay()
+        return self.loss
+
+    def _capture(self) -> None:
+        # Gradients set to None now are allocated by the captured backward in the graph's memory
+        # pool; each replay then writes them afresh (no accumulation across steps).
+        self.optimizer.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = F.cross_entropy(self.model(self.x[self.idx]), self.y[self.idx])
+            self.loss.backward()
+            self.optimizer.step()
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                indices: torch.Tensor, progress=None, step=None) -> None:
+    """One pass of optimizer steps on the batches x[indices[i]] (indices [n_batches, batch], on x's device).
+
+    ``step``: a :class:`GraphedTrainStep` to run each batch through (default: eager
+    :func:`train_step`). ``progress`` is a tqdm bar (or None): it is advanced once per batch.
+    """
+    for i, idx in enumerate(indices):
+        loss = step(idx) if step is not None else train_step(model, optimizer, x, y, idx)
         if progress is not None:
             progress.update(1)
-            if step % 50 == 0:  # .item() synchronises a GPU: not every step
+            if i % 50 == 0:  # .item() synchronises a GPU: not every step
                 progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
 
 
@@ -254,6 +317,67 @@ def _check_ranks_agree(model: nn.Module) -> None:
             raise RuntimeError(f"after training, rank {other_rank}'s weights differ from rank 0's")
 
 
+def _check_train_arguments(epochs, lr, batch_size, seed, train_samples, test_samples, backend) -> None:
+    _check_positive_int("epochs", epochs)
+    _check_positive_int("batch_size", batch_size)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    for name, value in (("train_samples", train_samples), ("test_samples", test_samples)):
+        if value is not None:
+            _check_positive_int(name, value)
+    if train_samples is not None and train_samples < batch_size:
+        raise ValueError(f"train_samples={train_samples} holds no complete batch of batch_size={batch_size}")
+    check_backend(backend)
+
+
+def _use_cuda_graph(cuda_graph: bool | None, device: torch.device, world_size: int) -> bool:
+    """Whether to capture the training step: by default on CUDA with one process."""
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be True, False or None, got {cuda_graph!r}")
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs device='cuda', got device {str(device)!r}; CUDA graphs capture GPU "
+                         "work only (use cuda_graph=False or None on the CPU)")
+    if world_size > 1:
+        if cuda_graph:
+            warnings.warn("cuda_graph=True is not supported with several processes (DistributedDataParallel's "
+                          "gradient all-reduce runs outside the captured step): training eagerly", stacklevel=3)
+        return False
+    return device.type == "cuda" if cuda_graph is None else cuda_graph
+
+
+def _wrap_ddp(model: nn.Module, layers: list, device: torch.device) -> nn.Module:
+    """``model`` in DistributedDataParallel, with rank 0's feedback matrices on every rank."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    with torch.no_grad():
+        for layer in layers:  # the fixed feedback matrices come from rank 0
+            dist.broadcast(layer.feedback, src=0)
+    # DDP broadcasts rank 0's parameters once here. Feedback never changes, so buffers need no
+    # re-broadcast every forward (the option's name changed in recent PyTorch).
+    options = {"device_ids": [device.index] if device.type == "cuda" else None}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        options["forward_sync_buffers"] = False
+    else:
+        options["broadcast_buffers"] = False
+    return DistributedDataParallel(model, **options)
+
+
+def _epoch_row(epoch: int, seconds: float, model: nn.Module, layers: list, data: MNISTTensors,
+               batch_size: int) -> dict:
+    """The table's row after an epoch: losses and accuracies (eval mode), seconds, angles."""
+    model.eval()
+    loss_train, acc_train = evaluate(model, data.x_train, data.y_train, batch_size)
+    loss_test, acc_test = evaluate(model, data.x_test, data.y_test, batch_size)
+    row = {"epoch": epoch, "loss_train": loss_train, "loss_test": loss_test, "acc_train": acc_train,
+           "acc_test": acc_test, "seconds": seconds}
+    for i, layer in enumerate(layers, start=1):
+        row[f"angle_{i}"] = weight_alignment(layer).angle
+    return row
+
+
 def train(
     epochs: int = 10,
     lr: float = 3e-4,
@@ -268,6 +392,7 @@ def train(
     train_samples: int | None = None,
     test_samples: int | None = None,
     model: nn.Module | None = None,
+    cuda_graph: bool | None = None,
 ) -> "pandas.DataFrame":
     """Train the tutorial's FA MLP on MNIST and return one row per epoch.
 
@@ -284,29 +409,22 @@ def train(
         progress: a tqdm bar over the batches of each epoch (rank 0 only).
         train_samples, test_samples: use only the first N images of each set (quick runs, tests).
         model: train this module in place instead of ``build_model(backend=backend)``.
+        cuda_graph: capture the whole training step in a CUDA graph (:class:`GraphedTrainStep`;
+            Adam with ``capturable=True``). None (default): on CUDA with one process. True on
+            the CPU is an error; with several processes training is eager (with a warning).
 
     Same seed, device and backend give the same table: the seed sets torch's RNG before the
-    model is built and a separate generator that shuffles the batches. Under ``torchrun``
-    (``WORLD_SIZE`` > 1; gloo on CPU, nccl on CUDA) ``batch_size`` is the global batch, split
-    evenly over the processes; rank 0's feedback matrices and weights are broadcast to all
-    ranks, every rank ends with identical weights and returns the same table.
+    model is built and a separate generator that shuffles the batches; the graphed and the
+    eager loop train alike up to rounding. Under ``torchrun`` (``WORLD_SIZE`` > 1; gloo on CPU,
+    nccl on CUDA) ``batch_size`` is the global batch, split evenly over the processes; rank 0's
+    feedback matrices and weights are broadcast to all ranks, every rank ends with identical
+    weights and returns the same table.
     """
     import pandas as pd
     import torch.distributed as dist
     from tqdm.auto import tqdm
 
-    _check_positive_int("epochs", epochs)
-    _check_positive_int("batch_size", batch_size)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    for name, value in (("train_samples", train_samples), ("test_samples", test_samples)):
-        if value is not None:
-            _check_positive_int(name, value)
-    if train_samples is not None and train_samples < batch_size:
-        raise ValueError(f"train_samples={train_samples} holds no complete batch of batch_size={batch_size}")
-    check_backend(backend)
+    _check_train_arguments(epochs, lr, batch_size, seed, train_samples, test_samples, backend)
     rank, world_size, local_rank = _distributed_env()
     if world_size > 1 and batch_size % world_size:
         raise ValueError(f"batch_size={batch_size} must be divisible by the number of processes ({world_size})")
@@ -314,6 +432,7 @@ def train(
     if world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    graphed = _use_cuda_graph(cuda_graph, device, world_size)
     # Fails now, with the reason, if the backend cannot run on this device (e.g. triton on CPU
     # without TRITON_INTERPRET=1), rather than inside the first training step.
     resolve_backend(backend, torch.empty(0, device=device))
@@ -324,60 +443,34 @@ def train(
         own_group = True
     try:
         data = _load_on_all_ranks(data_dir, download, device, rank, world_size)
-        x_train, y_train = data.x_train[:train_samples], data.y_train[:train_samples]
-        x_test, y_test = data.x_test[:test_samples], data.y_test[:test_samples]
-
+        data = MNISTTensors(data.x_train[:train_samples], data.y_train[:train_samples],
+                            data.x_test[:test_samples], data.y_test[:test_samples])
         torch.manual_seed(seed)
-        if model is None:
-            model = build_model(backend=backend)
-        model = model.to(device)
+        model = (build_model(backend=backend) if model is None else model).to(device)
         layers = fa_layers(model)
         if not layers:
             raise ValueError(f"model has no FALinear layer: {type(model).__name__}")
-        train_model = model
-        if world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            with torch.no_grad():
-                for layer in layers:  # the fixed feedback matrices come from rank 0
-                    dist.broadcast(layer.feedback, src=0)
-            # DDP broadcasts rank 0's parameters once here. Feedback never changes, so buffers need
-            # no re-broadcast every forward (the option's name changed in recent PyTorch).
-            options = {"device_ids": [device.index] if device.type == "cuda" else None}
-            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
-                options["forward_sync_buffers"] = False
-            else:
-                options["broadcast_buffers"] = False
-            train_model = DistributedDataParallel(model, **options)
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        train_model = _wrap_ddp(model, layers, device) if world_size > 1 else model
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, **({"capturable": True} if graphed else {}))
+        step = GraphedTrainStep(model, optimizer, data.x_train, data.y_train, batch_size) if graphed else None
         generator = torch.Generator().manual_seed(seed)
 
         rows = []
         for epoch in range(1, epochs + 1):
-            indices = batch_indices(len(x_train), batch_size, generator, rank=rank, world_size=world_size)
+            indices = batch_indices(len(data.x_train), batch_size, generator, rank=rank, world_size=world_size)
             indices = indices.to(device)
             bar = tqdm(total=len(indices), desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
                        disable=not progress or rank != 0)
             model.train()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            _synchronize(device)
             start = time.perf_counter()
-            train_epoch(train_model, optimizer, x_train, y_train, indices, progress=bar)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            train_epoch(train_model, optimizer, data.x_train, data.y_train, indices, progress=bar, step=step)
+            _synchronize(device)
             seconds = time.perf_counter() - start
             bar.close()
-
-            model.eval()
-            loss_train, acc_train = evaluate(model, x_train, y_train, batch_size)
-            loss_test, acc_test = evaluate(model, x_test, y_test, batch_size)
-            row = {"epoch": epoch, "loss_train": loss_train, "loss_test": loss_test,
-                   "acc_train": acc_train, "acc_test": acc_test, "seconds": seconds}
-            for i, layer in enumerate(layers, start=1):
-                row[f"angle_{i}"] = weight_alignment(layer).angle
-            rows.append(row)
+            rows.append(_epoch_row(epoch, seconds, model, layers, data, batch_size))
             if progress and rank == 0:
-                tqdm.write(f"epoch {epoch}: loss_test {loss_test:.3f} acc_test {acc_test:.3f} "
+                tqdm.write(f"epoch {epoch}: loss_test {rows[-1]['loss_test']:.3f} acc_test {rows[-1]['acc_test']:.3f} "
                            f"({seconds:.1f} s)")
         if world_size > 1:
             _check_ranks_agree(model)
@@ -385,6 +478,11 @@ def train(
         if own_group:
             dist.destroy_process_group()
     return pd.DataFrame(rows)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def format_table(df: "pandas.DataFrame", digits: int = 3) -> str:

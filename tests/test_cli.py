@@ -85,6 +85,24 @@ def test_missing_data_exits_1_with_one_line(tmp_path, capsys):
     assert "--data-dir" in err and all(name in err for name in MNIST_FILES)
 
 
+class _Stop(Exception):
+    """Raised by a stand-in for train(): the arguments it got are all the test needs."""
+
+
+def test_no_cuda_graph_option(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_train(**kwargs):
+        seen.update(kwargs)
+        raise _Stop
+
+    monkeypatch.setattr("fa_triton.mnist.train", fake_train)
+    for argv, expected in ((["train"], None), (["train", "--no-cuda-graph"], False)):
+        with pytest.raises(_Stop):
+            cli.main([*argv, "--out", str(tmp_path / "run")])
+        assert seen["cuda_graph"] is expected
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when CUDA is absent")
 def test_cuda_without_a_gpu_exits_1(tmp_path, capsys):
     code = cli.main(["train", "--device", "cuda", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")])

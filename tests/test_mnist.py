@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from fa_triton import FALinear
 from fa_triton.mnist import (
     MNIST_FILES,
+    GraphedTrainStep,
     MissingDataError,
     _mean_over_batches,
+    _use_cuda_graph,
     batch_indices,
     build_model,
     evaluate,
@@ -19,6 +21,7 @@ from fa_triton.mnist import (
     load_mnist,
     resolve_device,
     train,
+    train_step,
 )
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -122,6 +125,8 @@ def test_resolve_device():
         ({"backend": "cuda"}, ValueError, "backend must be one of"),
         ({"train_samples": 10}, ValueError, "train_samples=10 holds no complete batch of batch_size=64"),
         ({"device": "tpu"}, ValueError, "device must be"),
+        ({"device": "cpu", "cuda_graph": True}, ValueError, "cuda_graph=True needs device='cuda'"),
+        ({"cuda_graph": "yes"}, TypeError, "cuda_graph must be True, False or None"),
     ],
 )
 def test_train_rejects_bad_arguments_before_loading_data(tmp_path, kwargs, error, match):
@@ -246,3 +251,84 @@ def test_progress_bar_over_the_batches(one_thread, capsys):
     train(epochs=1, device="cpu", data_dir=data_dir, download=False, progress=False, train_samples=640,
           test_samples=100)
     assert capsys.readouterr() == ("", "")
+
+
+# ------------------------------------------------------------------------ CUDA-graph training
+
+def test_cuda_graph_is_the_default_on_cuda_with_one_process():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert _use_cuda_graph(None, cpu, 1) is False
+    assert _use_cuda_graph(False, cpu, 1) is False
+    assert _use_cuda_graph(None, cuda, 1) is True
+    assert _use_cuda_graph(False, cuda, 1) is False
+    assert _use_cuda_graph(None, cuda, 2) is False  # DDP: eager, silently by default
+    with pytest.warns(UserWarning, match="not supported with several processes"):
+        assert _use_cuda_graph(True, cuda, 2) is False
+    with pytest.raises(ValueError, match="needs device='cuda'"):
+        _use_cuda_graph(True, cpu, 1)
+
+
+def test_graphed_step_refuses_what_it_cannot_capture():
+    model = build_model((8, 4), ("identity",))
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    with pytest.raises(ValueError, match="capturable=True"):
+        GraphedTrainStep(model, torch.optim.Adam(model.parameters()), x, y, 4)
+    with pytest.raises(ValueError, match="CUDA device, got cpu"):
+        GraphedTrainStep(model, torch.optim.Adam(model.parameters(), capturable=True), x, y, 4)
+
+
+def test_train_step_is_one_optimizer_step():
+    torch.manual_seed(0)
+    model = build_model((8, 6, 4), ("relu", "identity"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    idx = torch.arange(4, 12)
+    before = [p.detach().clone() for p in model.parameters()]
+    expected = F.cross_entropy(model(x[idx]), y[idx])
+    expected.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    loss = train_step(model, optimizer, x, y, idx)
+    assert torch.equal(loss, expected.detach())
+    for p, p0, g in zip(model.parameters(), before, grads):
+        torch.testing.assert_close(p.detach(), p0 - 0.1 * g)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_cuda_graphed_steps_train_like_eager_steps(backend):
+    data = load_mnist(require_mnist(), download=False, device="cuda")
+    indices = batch_indices(len(data.x_train), 64, torch.Generator().manual_seed(0))[:30].cuda()
+    results = {}
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model = build_model(backend=backend, device="cuda")
+        optimizer = torch.optim.Adam(model.parameters(), lr=2e-3, capturable=True)
+        step = GraphedTrainStep(model, optimizer, data.x_train, data.y_train, 64) if graphed else None
+        losses = [(step(idx) if graphed else train_step(model, optimizer, data.x_train, data.y_train, idx)).item()
+                  for idx in indices]
+        results[graphed] = (torch.tensor(losses), [p.detach().clone() for p in model.parameters()])
+        if graphed:
+            assert step.graph is not None and step.steps == step.warmup  # captured after the warm-up
+    torch.testing.assert_close(results[True][0], results[False][0], atol=2e-4, rtol=1e-4)
+    for graphed_param, eager_param in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(graphed_param, eager_param, atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.cuda
+def test_cuda_train_graphed_and_eager_give_the_same_table():
+    kwargs = {"epochs": 2, "device": "cuda", "data_dir": require_mnist(), "download": False, "progress": False,
+              "train_samples": 6400, "test_samples": 1000}
+    graphed, eager = train(cuda_graph=None, **kwargs), train(cuda_graph=False, **kwargs)
+    columns = [c for c in graphed.columns if c not in ("epoch", "seconds")]
+    assert (graphed[columns] - eager[columns]).abs().max().max() < 2e-3
+
+
+@pytest.mark.cuda
+def test_cuda_compile_reduce_overhead_runs_fa_models():
+    torch.manual_seed(0)
+    model = build_model(device="cuda")
+    compiled = torch.compile(model, mode="reduce-overhead")
+    x = torch.rand(64, 784, device="cuda")
+    for _ in range(3):  # records, then replays the CUDA graph
+        compiled(x).sum().backward()
+    torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)
