@@ -30,8 +30,7 @@ def measure(batch: int = 4, features: int = 8, steps: int = 2000, repeats: int =
 
     import fa_triton
     from fa_triton.kernels import fa_linear_kernels
-
-    from .launch_overhead import KERNEL_NAMES
+    from fa_triton.kernels.fa_linear_kernels import KERNEL_NAMES
 
     results = {}
     saved = {name: getattr(fa_linear_kernels, name).run for name in KERNEL_NAMES}

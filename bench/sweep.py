@@ -223,7 +223,7 @@ def candidates(problem: Problem, job: str, device: str) -> list:
         heuristic = tuning.heuristic_config(kernel, rows, cols, red, problem.x.dtype, 1, True, True)
         small = tuning.LaunchConfig(16, 16, 16, split=2 if kernel != "backward_input" else 1)
         return [heuristic, small] + ([small.replace(split=1, tma=True)] if problem.tma_layout(job) else [])
-    tma = tuning.tma_supported(dev) and problem.tma_layout(job)
+    tma = tuning.tma_allowed(dev, problem.tma_layout(job), problem.precision())
     return tuning.candidate_configs(kernel, rows, cols, red, problem.x.dtype, tuning.sm_count(dev), True, tma)
 
 
@@ -253,9 +253,7 @@ def _warm_worker(args) -> int:
     items, device = args
     from fa_triton.kernels import fa_linear_kernels
 
-    from .launch_overhead import KERNEL_NAMES
-
-    for name in KERNEL_NAMES:
+    for name in fa_linear_kernels.KERNEL_NAMES:
         kernel = getattr(fa_linear_kernels, name)
         kernel.run = (lambda run: lambda *a, grid, warmup, **kw: run(*a, grid=grid, warmup=True, **kw))(kernel.run)
     done, problems = 0, {}
@@ -334,7 +332,11 @@ def run_sweep(args) -> Path:
             else:
                 plan += [(target, job, config) for config in configs]
         del problem
-    warm_compile(plan if not chosen_mode else compile_list, device, args.workers)
+    try:
+        warm_compile(plan if not chosen_mode else compile_list, device, args.workers)
+    except Exception as err:  # noqa: BLE001 - the timing below compiles what is missing, one by one
+        print(f"bench.sweep: the parallel compile failed ({type(err).__name__}: {err}); compiling while timing",
+              flush=True)
     print(f"bench.sweep: {len(plan)} launches to time on {env['gpu']}; compiled in "
           f"{time.monotonic() - start:.0f} s", flush=True)
 
@@ -349,8 +351,13 @@ def run_sweep(args) -> Path:
                 break
             if problem is None or problem.target != target:
                 problem, cublas = None, {}
-                torch.cuda.empty_cache() if device == "cuda" else None
-                problem = Problem(target, device)
+                try:
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                    problem = Problem(target, device)
+                except Exception as err:  # noqa: BLE001 - e.g. out of memory: the other targets go on
+                    print(f"bench.sweep: {target} skipped ({type(err).__name__}: {err})", flush=True)
+                    continue
             small = target.M * target.N * target.K < SMALL_MACS
             row = dict(env, target=target.name, job=job, kernel=KERNEL_OF_JOB[job], dtype=target.dtype,
                        precision=problem.precision(), activation=problem.activation(job),
@@ -402,7 +409,7 @@ def _table_key(problem: Problem, job: str, device: str) -> tuple:
     return (tuning.device_name(dev),) + tuning.problem_key(
         kernel, rows, cols, red, batch_axis, dtype=problem.x.dtype, precision=problem.precision(),
         activation=problem.activation(job), bias_grad=kernel == "backward_weight", store=problem.store(job),
-        tma=tuning.tma_supported(dev) and problem.tma_layout(job))
+        tma=tuning.tma_allowed(dev, problem.tma_layout(job), problem.precision()))
 
 
 def _describe(config) -> str:

@@ -5,7 +5,7 @@ from fa_triton.kernels import fa_linear_kernels
 
 
 def test_launch_overhead_measures_each_launcher_and_restores_the_kernels():
-    runs = {name: getattr(fa_linear_kernels, name).run for name in launch_overhead.KERNEL_NAMES}
+    runs = {name: getattr(fa_linear_kernels, name).run for name in fa_linear_kernels.KERNEL_NAMES}
     rows = launch_overhead.measure("cpu", calls=20, repeats=2)
     assert {name for name, _, _ in rows} == {"fa_linear_forward", "fa_linear_backward_input",
                                             "fa_linear_backward_weight"}
@@ -27,7 +27,7 @@ def test_memory_counts_what_the_layer_saves():
 def test_eager_overhead_times_both_providers_and_restores_the_kernels():
     from bench import eager_overhead
 
-    runs = {name: getattr(fa_linear_kernels, name).run for name in launch_overhead.KERNEL_NAMES}
+    runs = {name: getattr(fa_linear_kernels, name).run for name in fa_linear_kernels.KERNEL_NAMES}
     results = eager_overhead.measure(steps=20, repeats=2)
     assert set(results) == {"triton (launches stubbed)", "torch"} and all(us > 0 for us in results.values())
     assert {name: getattr(fa_linear_kernels, name).run for name in runs} == runs

@@ -15,6 +15,8 @@ read through strides and nothing is transposed or copied.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 
@@ -141,11 +143,21 @@ def _plan(key: tuple, build, config, kernel: str, rows: int, cols: int, red: int
     if config is not None:
         cfg, final = as_config(config), True
     else:
-        cfg, final = tuning.select_config(
-            kernel, rows, cols, red, batch_axis, dtype=dtype, device=device, precision=precision,
-            activation=activation, bias_grad=bias_grad, store=store, tma_layout=tma_layout, interpreted=INTERPRETED,
-            launch=lambda c: build(c)(*run_args),
-        )
+        runners = {}
+
+        def launch(candidate):
+            # Built once per candidate, outside what the tuner times.
+            if candidate not in runners:
+                runners[candidate] = build(candidate)
+            runners[candidate](*run_args)
+
+        # do_bench times (and capture is checked) on the current device: make it the tensors' own.
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            cfg, final = tuning.select_config(
+                kernel, rows, cols, red, batch_axis, dtype=dtype, device=device, precision=precision,
+                activation=activation, bias_grad=bias_grad, store=store, tma_layout=tma_layout,
+                interpreted=INTERPRETED, launch=launch,
+            )
     plan = build(cfg)
     plan.config = cfg  # what the plan launches with (bench/sweep.py reports it)
     if final:
@@ -203,8 +215,10 @@ def fa_linear_forward(
         return y, extra
     if config is not None:
         config = as_config(config)
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()  # the kernels read bias with a unit stride (an expanded one included)
     precision = _dot_precision(x.dtype)
-    key = ("forward", x.device, x.dtype, M, N, K, x.stride(), weight.stride(), y.stride(), bias is None,
+    key = ("forward", x.device, x.dtype, weight.dtype, M, N, K, x.stride(), weight.stride(), y.stride(), bias is None,
            activation, store_extra, precision, config)
     plan = _PLANS.get(key)
     if plan is None:
@@ -231,7 +245,7 @@ def _forward_plan(key, x, weight, bias, y, extra, activation, negative_slope, st
 
     def pointer_runner(cfg: LaunchConfig):
         tiles = triton.cdiv(M, cfg.block_rows) * triton.cdiv(N, cfg.block_cols)
-        splits, k_per_split = tuning.split_plan(K, cfg.split, cfg.block_red)
+        splits, k_per_split = tuning.split_plan(K, tuning.cap_split(cfg.split, K, M * N, cfg.block_red), cfg.block_red)
         meta = dict(flags, INPUT_PRECISION=precision, USE_INT64=use_int64, SPLIT=splits > 1,
                     EPILOGUE_HALVES=_epilogue_halves(activation, store_extra, cfg), BLOCK_M=cfg.block_rows, BLOCK_N=cfg.block_cols, BLOCK_K=cfg.block_red, GROUP_M=cfg.group,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -331,7 +345,8 @@ def fa_linear_backward_input(
         config = as_config(config)
     saved_arg = saved if saved is not None else grad_y
     precision = _dot_precision(feedback.dtype)
-    key = ("backward_input", grad_y.device, feedback.dtype, M, N, K, grad_y.stride(), saved_arg.stride(),
+    key = ("backward_input", grad_y.device, feedback.dtype, grad_y.dtype, saved_arg.dtype, M, N, K, grad_y.stride(),
+           saved_arg.stride(),
            feedback.stride(), grad_x.stride(), None if delta_out is None else delta_out.stride(0), activation,
            precision, config)
     plan = _PLANS.get(key)
@@ -424,6 +439,8 @@ def fa_linear_backward_weight(
             raise ValueError(f"out[0] (grad_W) must be contiguous, got strides {grad_w.stride()}")
         if bias_grad:
             _check_out(grad_b, (N,), x, "out[1]")
+            if grad_b.stride(0) != 1 and N > 1:
+                raise ValueError(f"out[1] (grad_b) must have a unit stride, got stride {grad_b.stride()}")
     if M == 0:
         grad_w.zero_()
         if grad_b is not None:
@@ -433,7 +450,8 @@ def fa_linear_backward_weight(
         config = as_config(config)
     saved_arg = saved if saved is not None else grad_y
     precision = _dot_precision(x.dtype)
-    key = ("backward_weight", x.device, x.dtype, M, N, K, grad_y.stride(), saved_arg.stride(), x.stride(),
+    key = ("backward_weight", x.device, x.dtype, grad_y.dtype, saved_arg.dtype, M, N, K, grad_y.stride(),
+           saved_arg.stride(), x.stride(),
            bias_grad, activation, precision, config, split_k)
     plan = _PLANS.get(key)
     if plan is None:
@@ -455,11 +473,11 @@ def _backward_weight_plan(key, grad_y, saved, x, grad_w, grad_b, activation, neg
 
     def build(cfg: LaunchConfig):
         _check_tma(cfg, tma_layout, "backward-weight")
-        if split_k is not None:
-            # A forced split may use slices of a single reduction block (tests, experiments).
-            cfg = cfg.replace(split=min(split_k, tuning.max_split(M, outputs, cfg.block_red, 1)))
-        splits, rows_per_split = tuning.split_plan(M, cfg.split, cfg.block_red)
-        grid = (triton.cdiv(N, cfg.block_rows) * triton.cdiv(K, cfg.block_cols), splits)
+        # A forced split_k may use slices of a single reduction block (tests, experiments).
+        split = tuning.cap_split(cfg.split if split_k is None else split_k, M, outputs, cfg.block_red)
+        splits, rows_per_split = tuning.split_plan(M, split, cfg.block_red)
+        # At least one column of K tiles: its programs also write grad_b (in_features = 0 included).
+        grid = (triton.cdiv(N, cfg.block_rows) * max(1, triton.cdiv(K, cfg.block_cols)), splits)
         common = dict(HAS_BIAS_GRAD=bias_grad, ACTIVATION=activation, INPUT_PRECISION=precision,
                       BLOCK_N=cfg.block_rows, BLOCK_K=cfg.block_cols, BLOCK_M=cfg.block_red, GROUP_N=cfg.group,
                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)

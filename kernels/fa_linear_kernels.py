@@ -32,6 +32,11 @@ import triton.language as tl
 
 from .jit_helpers import activation_and_extra, apply_activation, grouped_tile, local_error
 
+#: Every kernel the launchers run (benchmarks and tests stub or record them by these names).
+KERNEL_NAMES = ("forward_kernel", "forward_tma_kernel", "forward_split_epilogue_kernel", "backward_input_kernel",
+                "backward_input_tma_kernel", "backward_weight_kernel", "backward_weight_tma_kernel",
+                "split_sum_kernel")
+
 # ----------------------------------------------------------------------------------- forward
 
 

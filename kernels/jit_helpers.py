@@ -90,8 +90,10 @@ def grouped_tile(pid, num_rows, num_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: 
                  GROUP_ROWS: tl.constexpr):
     """(row tile, column tile) of program ``pid``, GROUP_ROWS row tiles at a time (Triton
     tutorial 03): neighbouring programs share operand tiles, which then come from L2."""
-    num_pid_rows = tl.cdiv(num_rows, BLOCK_ROWS)
-    num_pid_cols = tl.cdiv(num_cols, BLOCK_COLS)
+    # At least one tile per axis: an empty axis (in_features = 0) still has the programs that
+    # write grad_b, and no division by zero below.
+    num_pid_rows = tl.maximum(tl.cdiv(num_rows, BLOCK_ROWS), 1)
+    num_pid_cols = tl.maximum(tl.cdiv(num_cols, BLOCK_COLS), 1)
     num_pid_in_group = GROUP_ROWS * num_pid_cols
     group_id = pid // num_pid_in_group
     first_pid_row = group_id * GROUP_ROWS

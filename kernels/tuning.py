@@ -167,11 +167,18 @@ def max_split(red: int, outputs: int, block_red: int, min_steps: int) -> int:
     return min(by_steps, by_bytes, by_offsets)
 
 
+def cap_split(split: int, red: int, outputs: int, block_red: int) -> int:
+    """``split`` limited to what any launch can take: slices of at least one reduction block,
+    fp32 partials within SPLIT_MAX_BYTES and int32 offsets, and a grid's second dimension (65535)."""
+    return max(1, min(split, max_split(red, outputs, block_red, 1), 65535))
+
+
 def split_plan(red: int, split: int, block_red: int) -> tuple[int, int]:
     """(slices actually used, reduction length per slice): the length is a multiple of
-    block_red and no slice is empty, so fewer than ``split`` slices may result."""
-    per_split = triton.cdiv(triton.cdiv(red, max(1, split)), block_red) * block_red
-    return triton.cdiv(red, per_split), per_split
+    block_red and no slice is empty, so fewer than ``split`` slices may result (one for an
+    empty reduction)."""
+    per_split = max(block_red, triton.cdiv(triton.cdiv(red, max(1, split)), block_red) * block_red)
+    return max(1, triton.cdiv(red, per_split)), per_split
 
 
 def split_outputs(kernel: str, rows: int, cols: int, bias_grad: bool) -> int:
@@ -325,6 +332,13 @@ def tma_supported(device: torch.device) -> bool:
     return _device_facts(device.index if device.index is not None else torch.cuda.current_device())[1][0] >= 9
 
 
+def tma_allowed(device: torch.device, tma_layout: bool, precision: str) -> bool:
+    """Whether tuning may try the tensor-descriptor kernels: the GPU and the operands' layout
+    allow them, and the dots are not IEEE fp32 (whose TMA forward, compiled for sm_90, spills
+    about 21 KB per thread: its transposed operand goes through local memory)."""
+    return tma_layout and precision != "ieee" and tma_supported(device)
+
+
 def tracing() -> bool:
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
@@ -362,7 +376,7 @@ def select_config(kernel: str, rows: int, cols: int, red: int, batch_axis: str, 
     sms = sm_count(device)
     if (interpreted or not AUTOTUNE or device.type != "cuda" or rows * cols * red < TUNE_MIN_MACS or tracing()):
         return heuristic_config(kernel, rows, cols, red, dtype, sms, bias_grad, interpreted), True
-    tma = tma_layout and tma_supported(device)
+    tma = tma_allowed(device, tma_layout, precision)
     key = problem_key(kernel, rows, cols, red, batch_axis, dtype=dtype, precision=precision, activation=activation,
                       bias_grad=bias_grad, store=store, tma=tma)
     config = TABLE.get((device_name(device),) + key)

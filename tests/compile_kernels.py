@@ -39,9 +39,6 @@ try:
 except ImportError:  # pragma: no cover - older Triton
     native_specialize_impl = None
 
-KERNEL_NAMES = ("forward_kernel", "forward_tma_kernel", "forward_split_epilogue_kernel", "backward_input_kernel",
-                "backward_input_tma_kernel", "backward_weight_kernel", "backward_weight_tma_kernel",
-                "split_sum_kernel")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu", "identity")
 # The tiles the guard checks: Hopper's largest (as tutorial 03/09 use) and a square one that
@@ -166,7 +163,7 @@ def _record(call):
     """The launches ``call()`` makes: (kernel name, positional args, keyword args)."""
     recorded = []
     saved = {}
-    for name in KERNEL_NAMES:
+    for name in fa_linear_kernels.KERNEL_NAMES:
         kernel = getattr(fa_linear_kernels, name)
         saved[name] = kernel.run
 

@@ -35,9 +35,7 @@ def fresh_plans():
 def launches(monkeypatch):
     """(kernel name, grid) of every kernel launch in the test, in order."""
     seen = []
-    for name in ("forward_kernel", "forward_tma_kernel", "forward_split_epilogue_kernel", "backward_input_kernel",
-                 "backward_input_tma_kernel", "backward_weight_kernel", "backward_weight_tma_kernel",
-                 "split_sum_kernel"):
+    for name in fa_linear_kernels.KERNEL_NAMES:
         kernel = getattr(fa_linear_kernels, name)
 
         def spy(*args, grid, _run=kernel.run, _name=name, **kwargs):
@@ -507,3 +505,34 @@ def test_cuda_split_k_long_batch(dtype):
     for a, b in zip(first, second):
         assert torch.equal(a, b)
     _weight_grads_against_oracle(8192, 784, 128, dtype, True, "relu", "cuda")  # tuned or heuristic split
+
+
+def test_strided_and_expanded_bias(kernel_device):
+    # The kernels read bias with a unit stride: the launcher makes it so (a view of every other
+    # element, an expanded scalar), and refuses a strided grad_b output.
+    x, weight, _, _, _ = make_inputs((9,), 12, 5, torch.float32, kernel_device)
+    expected_from = lambda b: torch.relu(x @ weight.t() + b)  # noqa: E731
+    strided = torch.randn(10, device=kernel_device)[::2]
+    expanded = torch.tensor(0.5, device=kernel_device).expand(5)
+    for bias in (strided, expanded):
+        y, _ = kernels.fa_linear_forward(x, weight, bias, "relu")
+        torch.testing.assert_close(y, expected_from(bias), rtol=1e-5, atol=1e-5)
+    grad_y = torch.randn(9, 5, device=kernel_device)
+    with pytest.raises(ValueError, match="unit stride"):
+        kernels.fa_linear_backward_weight(grad_y, None, x, "identity",
+                                          out=(torch.empty(5, 12, device=kernel_device),
+                                               torch.empty(10, device=kernel_device)[::2]))
+
+
+def test_zero_in_features(kernel_device):
+    # K = 0: y = f(b), grad_x and grad_W are empty, grad_b = Σ δ still (a grid of one K tile).
+    x = torch.empty(6, 0, device=kernel_device)
+    weight = torch.empty(4, 0, device=kernel_device)
+    bias = torch.randn(4, device=kernel_device)
+    grad_y = torch.randn(6, 4, device=kernel_device)
+    y, _ = kernels.fa_linear_forward(x, weight, bias, "tanh")
+    torch.testing.assert_close(y, torch.tanh(bias).expand(6, 4))
+    grad_w, grad_b = kernels.fa_linear_backward_weight(grad_y, y, x, "tanh")
+    assert grad_w.shape == (4, 0)
+    torch.testing.assert_close(grad_b, (grad_y * (1 - y * y)).sum(0), rtol=1e-5, atol=1e-5)
+    assert kernels.fa_linear_backward_input(grad_y, y, weight, "tanh").shape == (6, 0)

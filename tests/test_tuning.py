@@ -186,3 +186,21 @@ def test_the_sweeps_table_is_used_without_tuning(as_gpu, monkeypatch):
 def test_heuristic_under_the_interpreter_is_few_large_programs():
     config = tuning.heuristic_config("forward", 300, 70, 45, torch.float32, 1, False, True)
     assert (config.block_rows, config.block_cols, config.block_red, config.split) == (64, 64, 64, 1)
+
+
+def test_no_tma_candidates_for_ieee_fp32(as_gpu, monkeypatch):
+    as_gpu(132, tma=True)
+    tuned = []
+    monkeypatch.setattr(tuning, "autotune", lambda configs, launch: tuned.append(configs) or configs[0])
+    for precision in ("ieee", "tf32"):
+        tuning.select_config("forward", 4096, 4096, 4096, "rows", dtype=torch.float32, device=torch.device("cuda", 0),
+                             precision=precision, activation="relu", bias_grad=False, store=False, tma_layout=True,
+                             interpreted=False, launch=None)
+    assert [any(c.tma for c in configs) for configs in tuned] == [False, True]
+
+
+def test_cap_split_keeps_every_launch_possible():
+    assert tuning.cap_split(8, 1024, 100, 64) == 8
+    assert tuning.cap_split(100, 1024, 100, 64) == 16  # slices of at least one block
+    assert tuning.cap_split(10**6, 10**8, 10, 16) == 65535  # the grid's second dimension
+    assert tuning.cap_split(4, 0, 10, 16) == 1
