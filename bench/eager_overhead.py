@@ -46,7 +46,7 @@ def measure(batch: int = 4, features: int = 8, steps: int = 2000, repeats: int =
             x = torch.randn(batch, features, requires_grad=True)
             grad = torch.randn(batch, features)
 
-            def step():
+            def step(layer=layer, x=x, grad=grad):
                 layer(x).backward(grad)
 
             for _ in range(50):

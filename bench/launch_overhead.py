@@ -13,6 +13,7 @@ argument list. Plans are built (and on a GPU tuned) before the timing. Reports t
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -59,11 +60,12 @@ def measure(device: str, calls: int = 2000, repeats: int = 7) -> list[tuple[str,
             grad_x = torch.empty(M, K, device=device)
             grad_w, grad_b = torch.empty(N, K, device=device), torch.empty(N, device=device)
             launches = {
-                "fa_linear_forward": lambda: kernels.fa_linear_forward(x, weight, bias, "relu", 0.0, False, y),
-                "fa_linear_backward_input": lambda: kernels.fa_linear_backward_input(
-                    grad_y, y, weight, "relu", 0.0, out=grad_x),
-                "fa_linear_backward_weight": lambda: kernels.fa_linear_backward_weight(
-                    grad_y, y, x, "relu", 0.0, True, out=(grad_w, grad_b)),
+                "fa_linear_forward": functools.partial(kernels.fa_linear_forward, x, weight, bias, "relu", 0.0,
+                                                       False, y),
+                "fa_linear_backward_input": functools.partial(kernels.fa_linear_backward_input, grad_y, y, weight,
+                                                              "relu", 0.0, out=grad_x),
+                "fa_linear_backward_weight": functools.partial(kernels.fa_linear_backward_weight, grad_y, y, x, "relu",
+                                                               0.0, True, out=(grad_w, grad_b)),
             }
             for name, fn in launches.items():
                 fn()  # builds (and on a GPU tunes) the plan
@@ -88,7 +90,8 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU {platform.processor() or platform.machine()}"
+    cpu = platform.processor() or platform.machine()
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU {cpu}"
     print(f"launcher host cost, launches stubbed, outputs preallocated | {where} | python {sys.version.split()[0]} "
           f"| torch {torch.__version__} | median of {args.repeats} x {args.calls} calls")
     for name, (M, K, N), us in measure(args.device, args.calls, args.repeats):

@@ -52,7 +52,8 @@ def summary_lines(rows: list[dict]) -> list[str]:
 
     def order(c):
         kernel, provider, mode, dtype, M, N, K = c
-        return (kernel.startswith("mlp"), M == N == K, M, -K, dtype, mode_order.index(mode) if mode in mode_order else 9)
+        mode_rank = mode_order.index(mode) if mode in mode_order else 9
+        return (kernel.startswith("mlp"), M == N == K, M, -K, dtype, mode_rank)
 
     for kernel, provider, mode, dtype, M, N, K in sorted(set(cases), key=order):
         fa_ms = _value(index.get((kernel, provider, mode, dtype, M, N, K, "time")))

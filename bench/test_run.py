@@ -222,7 +222,7 @@ def test_providers_compute_the_same_layer():
         y = C.layer_function(provider, "relu")(x, weight, bias, torch.zeros_like(weight))
         results[provider] = (y.detach(), weight.grad, bias.grad, x.grad)
     reference = results["reference"]
-    for provider, (y, grad_w, grad_b, grad_x) in results.items():
+    for y, grad_w, grad_b, _ in results.values():
         torch.testing.assert_close(y, reference[0])
         torch.testing.assert_close(grad_w, reference[1])
         torch.testing.assert_close(grad_b, reference[2])

@@ -6,7 +6,7 @@ Triton; the kernels load on first use. The ``torch.library`` ops ``torch.ops.fa_
 (:mod:`fa_triton.ops`) are registered on import.
 """
 
-from . import ops  # registers the torch.library ops (fa_triton::*)
+from . import ops  # noqa: F401 - registers the torch.library ops (fa_triton::*)
 from .activations import ACTIVATIONS
 from .autograd import FALinearFunction, ReferenceFALinearFunction
 from .backend import BACKENDS

@@ -71,7 +71,9 @@ def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" and dtype in TRITON_DTYPES else "reference"
     if dtype not in TRITON_DTYPES:
-        raise TypeError(f"backend='triton' supports dtypes {TRITON_DTYPES}, got x of dtype {dtype}; use backend='torch'")
+        raise TypeError(
+            f"backend='triton' supports dtypes {TRITON_DTYPES}, got x of dtype {dtype}; use backend='torch'"
+        )
     if device.type == "cpu":
         if not kernels().INTERPRETED:
             raise RuntimeError(

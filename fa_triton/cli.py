@@ -99,9 +99,9 @@ def _launch_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .mnist import format_table, plot_training, train
-
     import torch
+
+    from .mnist import format_table, plot_training, train
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .modules import FALinear
 from .backend import check_backend
+from .modules import FALinear
 
 __all__ = ["ConvertedLayer", "ConversionSummary", "convert", "load_linear_state_dict"]
 

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backend import check_backend, resolve_backend
 from .metrics import fa_layers, weight_alignment
 from .modules import FALinear
-from .backend import check_backend, resolve_backend
 
 if TYPE_CHECKING:  # pandas is an optional dependency (the "train" extra)
     import pandas

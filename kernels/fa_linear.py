@@ -247,7 +247,8 @@ def _forward_plan(key, x, weight, bias, y, extra, activation, negative_slope, st
         tiles = triton.cdiv(M, cfg.block_rows) * triton.cdiv(N, cfg.block_cols)
         splits, k_per_split = tuning.split_plan(K, tuning.cap_split(cfg.split, K, M * N, cfg.block_red), cfg.block_red)
         meta = dict(flags, INPUT_PRECISION=precision, USE_INT64=use_int64, SPLIT=splits > 1,
-                    EPILOGUE_HALVES=_epilogue_halves(activation, store_extra, cfg), BLOCK_M=cfg.block_rows, BLOCK_N=cfg.block_cols, BLOCK_K=cfg.block_red, GROUP_M=cfg.group,
+                    EPILOGUE_HALVES=_epilogue_halves(activation, store_extra, cfg), BLOCK_M=cfg.block_rows,
+                    BLOCK_N=cfg.block_cols, BLOCK_K=cfg.block_red, GROUP_M=cfg.group,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if splits == 1:
             def run(x, weight, bias, y, extra, slope):

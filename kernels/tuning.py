@@ -212,7 +212,8 @@ def heuristic_config(kernel: str, rows: int, cols: int, red: int, dtype: torch.d
     split = 1
     tiles = triton.cdiv(rows, block_rows) * triton.cdiv(cols, block_cols)
     steps = triton.cdiv(red, block_red)
-    if splittable and 2 * tiles <= sms and (long_red or (kernel == "forward" and steps >= FORWARD_SPLIT_MIN_TOTAL_STEPS)):
+    long_forward = kernel == "forward" and steps >= FORWARD_SPLIT_MIN_TOTAL_STEPS
+    if splittable and 2 * tiles <= sms and (long_red or long_forward):
         outputs = split_outputs(kernel, rows, cols, bias_grad)
         split = min(triton.cdiv(sms, tiles), max_split(red, outputs, block_red, SPLIT_MIN_STEPS))
     return LaunchConfig(block_rows, block_cols, block_red, num_warps, 3, split=split)
@@ -281,7 +282,7 @@ def autotune(configs: list[LaunchConfig], launch, timer=benchmark_ms) -> LaunchC
     best, best_ms, first_error, timings = None, math.inf, None, []
     for config in configs:
         try:
-            ms = timer(lambda: launch(config))
+            ms = timer(lambda config=config: launch(config))
         except Exception as err:  # noqa: BLE001 - any failure just disqualifies this config
             first_error = first_error or err
             timings.append((config, f"failed: {type(err).__name__}"))

@@ -190,5 +190,6 @@ def assert_within_bounds(result: dict, expected: dict, bounds: dict) -> None:
         excess = err - bounds[name].cpu()
         worst = int(excess.argmax())
         assert excess.max() <= 0, (
-            f"{name}: error {err.flatten()[worst]:.3g} > bound {bounds[name].flatten()[worst]:.3g} at flat index {worst}"
+            f"{name}: error {err.flatten()[worst]:.3g} > bound {bounds[name].flatten()[worst]:.3g} "
+            f"at flat index {worst}"
         )

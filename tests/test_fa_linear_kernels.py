@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import fa_triton
-from fa_triton import ACTIVATIONS, fa_linear
-from fa_triton import kernels
+from fa_triton import ACTIVATIONS, fa_linear, kernels
 from fa_triton.kernels import fa_linear as kernel_module
 from fa_triton.kernels import fa_linear_kernels, tuning
 from fa_triton.kernels.tuning import LaunchConfig

@@ -58,7 +58,8 @@ def _mlp(seed=0):
 
 def _batch():
     generator = torch.Generator().manual_seed(1)
-    return torch.randn(32, 20, generator=generator, dtype=torch.float64), torch.randint(0, 5, (32,), generator=generator)
+    x = torch.randn(32, 20, generator=generator, dtype=torch.float64)
+    return x, torch.randint(0, 5, (32,), generator=generator)
 
 
 def test_gradient_alignment_matches_explicit_backprop():

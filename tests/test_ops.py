@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-import fa_triton
 from fa_triton import ACTIVATIONS, FALinear, fa_linear
 from fa_triton.ops import OPS, fa_linear_op
 from tests.helpers import KERNEL_DEVICE

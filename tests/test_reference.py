@@ -5,7 +5,7 @@ import torch
 
 from fa_triton import ACTIVATIONS, reference
 from fa_triton.activations import activation_backward
-from tests.oracle import max_error, make_inputs, oracle, run_layer
+from tests.oracle import make_inputs, max_error, oracle, run_layer
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
