@@ -11,7 +11,9 @@ from .activations import ACTIVATIONS
 from .autograd import FALinearFunction, ReferenceFALinearFunction
 from .backend import BACKENDS
 from .convert import ConversionSummary, convert, load_linear_state_dict
+from .dfa import DFANetwork
 from .functional import fa_linear, reference
+from .methods import INITS, METHODS
 from .modules import FALinear
 
 __version__ = "0.1.0"
@@ -20,8 +22,11 @@ __all__ = [
     "ACTIVATIONS",
     "BACKENDS",
     "ConversionSummary",
+    "DFANetwork",
     "FALinear",
     "FALinearFunction",
+    "INITS",
+    "METHODS",
     "ReferenceFALinearFunction",
     "convert",
     "fa_linear",

@@ -13,38 +13,54 @@ from torch.autograd.function import once_differentiable
 
 from .activations import activation_backward, saves_extra
 from .backend import REFERENCE, TRITON, Backend, kernels
+from .methods import FeedbackRule
 from .reference import forward as reference_forward
 
 
-def save_for_fa_backward(ctx, x, feedback, y, extra, activation: str, negative_slope: float) -> None:
+def save_for_fa_backward(ctx, x, weight, feedback, counter, y, extra, activation: str, negative_slope: float,
+                         rule: FeedbackRule) -> None:
     """Save on ``ctx`` only what the FA backward will read, given ``ctx.needs_input_grad``.
 
-    x is kept for grad_W, feedback for grad_x, and y or the extra tensor (see
+    x is kept for grad_W; for grad_x whatever B is formed from (the feedback tensor, W for the
+    sign rules, the draw counter for brsf); y or the extra tensor (see
     :func:`fa_triton.activations.saves_extra`) for δ (identity needs neither); the rest is None.
     """
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_feedback = rule.trains_feedback and ctx.needs_input_grad[3]
     saved = None
-    if activation != "identity" and (need_x or need_w or need_b):
+    if activation != "identity" and (need_x or need_w or need_b or need_feedback):
         saved = extra if extra is not None else y
-    ctx.save_for_backward(x if need_w else None, feedback if need_x else None, saved)
+    ctx.save_for_backward(
+        x if need_w or need_feedback else None,
+        weight if need_x and rule.reads_weight else None,
+        feedback if need_x and rule.reads_feedback else None,
+        counter if need_x and rule.kind == "random_sign" else None,
+        saved,
+    )
     ctx.activation = activation
     ctx.negative_slope = negative_slope
+    ctx.rule = rule
 
 
-def fa_backward(ctx, grad_y, x, feedback, saved, backend: Backend):
-    """(grad_x, grad_W, grad_b) of the FA layer, each None unless ``ctx.needs_input_grad`` asks for it.
+def fa_backward(ctx, grad_y, x, weight, feedback, counter, saved, backend: Backend):
+    """(grad_x, grad_W, grad_b, grad_B) of the FA layer, each None unless ``ctx.needs_input_grad``
+    asks for it; grad_B (Kolen–Pollack: B's gradient is W's) only when ``ctx.rule`` trains B.
 
-    2-D throughout: grad_y and saved [M, N], x [M, K], feedback [N, K]. When both grad_x and
-    grad_W are wanted and the backend stores δ, the input step stores δ and the weight step
-    reads it (activation "identity"), so δ is formed once.
+    2-D throughout: grad_y and saved [M, N], x [M, K], weight and feedback [N, K]. When both
+    grad_x and grad_W are wanted and the backend stores δ, the input step stores δ and the
+    weight step reads it (activation "identity"), so δ is formed once.
     """
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    rule = ctx.rule
+    need_feedback = rule.trains_feedback and ctx.needs_input_grad[3]
+    need_grad_w = need_w or need_feedback
     activation, negative_slope = ctx.activation, ctx.negative_slope
-    store_delta = need_x and need_w and activation != "identity" and backend.stores_delta()
+    store_delta = need_x and need_grad_w and activation != "identity" and backend.stores_delta()
     grad_x = grad_w = grad_b = None
     if need_x:
-        grad_x, delta = backend.backward_input(grad_y, saved, feedback, activation, negative_slope, store_delta)
-    if need_w:
+        grad_x, delta = backend.backward_input(grad_y, saved, feedback, weight, counter, activation, negative_slope,
+                                               store_delta, rule)
+    if need_grad_w:
         if store_delta:
             grad_w, grad_b = backend.backward_weight(delta, None, x, "identity", negative_slope, need_b)
         else:
@@ -59,45 +75,48 @@ def fa_backward(ctx, grad_y, x, feedback, saved, backend: Backend):
             grad_b = delta.sum(0).to(grad_y.dtype)
         else:
             grad_b = activation_backward(grad_y, saved, activation, negative_slope).sum(0)
-    return grad_x, grad_w, grad_b
+    # Autograd accumulates each returned tensor into its own .grad (copying a shared one).
+    return grad_x, grad_w if need_w else None, grad_b, grad_w if need_feedback else None
 
 
 def _backward_2d(ctx, grad_y, backend: Backend):
     """fa_backward on the flattened batch; grad_x back in x's shape."""
-    x, feedback, saved = ctx.saved_tensors
+    x, weight, feedback, counter, saved = ctx.saved_tensors
     batched = grad_y.dim() != 2
     if batched:
         out_features = grad_y.shape[-1]
         grad_y = grad_y.reshape(-1, out_features)
         saved = None if saved is None else saved.reshape(-1, out_features)
         x = None if x is None else x.reshape(-1, x.shape[-1])
-    grad_x, grad_w, grad_b = fa_backward(ctx, grad_y, x, feedback, saved, backend)
+    grad_x, grad_w, grad_b, grad_feedback = fa_backward(ctx, grad_y, x, weight, feedback, counter, saved, backend)
     if batched and grad_x is not None:
         grad_x = grad_x.view(ctx.x_shape)
-    return grad_x, grad_w, grad_b, None, None, None
+    return grad_x, grad_w, grad_b, grad_feedback, None, None, None, None
 
 
 class FALinearFunction(torch.autograd.Function):
     """Feedback-alignment linear layer on the fused Triton kernels.
 
-    Inputs: x [..., K], weight [N, K], bias [N] or None, feedback [N, K] -> y [..., N].
-    Backward: grad_x = δ B, grad_W = δᵀ x, grad_b = Σ_rows δ with δ = g ⊙ f'(z); feedback gets none.
-    Inputs are not checked here: ``fa_triton.fa_linear`` and ``FALinear`` check them.
+    Inputs: x [..., K], weight [N, K], bias [N] or None, feedback [N, K] or None (as ``rule``
+    needs), counter (brsf's draw, int64 [1]) or None, activation, negative_slope, rule
+    -> y [..., N]. Backward: grad_x = δ B, grad_W = δᵀ x, grad_b = Σ_rows δ with δ = g ⊙ f'(z);
+    feedback gets grad_W when the rule trains it (kp), else none. Inputs are not checked here:
+    ``fa_triton.fa_linear`` and ``FALinear`` check them.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, feedback, activation, negative_slope):
+    def forward(ctx, x, weight, bias, feedback, counter, activation, negative_slope, rule):
         out_features = weight.shape[0]
         # reshape is a view whenever the strides allow it (transposed 2-D inputs included);
         # the kernels take any strides, so only un-viewable layouts are copied.
         x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        store_extra = saves_extra(activation, negative_slope) and any(ctx.needs_input_grad[:3])
+        store_extra = saves_extra(activation, negative_slope) and any(ctx.needs_input_grad[:4])
         # y is allocated in its final shape so that the returned tensor is not a view (views made
         # inside a Function cannot be modified in place).
         y = torch.empty((*x.shape[:-1], out_features), device=x.device, dtype=x.dtype)
         _, extra = kernels().fa_linear_forward(x2d, weight, bias, activation, negative_slope, store_extra,
                                                y if y.dim() == 2 else y.view(-1, out_features))
-        save_for_fa_backward(ctx, x2d, feedback, y, extra, activation, negative_slope)
+        save_for_fa_backward(ctx, x2d, weight, feedback, counter, y, extra, activation, negative_slope, rule)
         ctx.x_shape = x.shape
         return y
 
@@ -112,10 +131,10 @@ class ReferenceFALinearFunction(torch.autograd.Function):
     included, and the baseline of the benchmarks. Same inputs, outputs and gradients."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, feedback, activation, negative_slope):
-        store_extra = saves_extra(activation, negative_slope) and any(ctx.needs_input_grad[:3])
+    def forward(ctx, x, weight, bias, feedback, counter, activation, negative_slope, rule):
+        store_extra = saves_extra(activation, negative_slope) and any(ctx.needs_input_grad[:4])
         y, extra = reference_forward(x, weight, bias, activation, negative_slope, store_extra)
-        save_for_fa_backward(ctx, x, feedback, y, extra, activation, negative_slope)
+        save_for_fa_backward(ctx, x, weight, feedback, counter, y, extra, activation, negative_slope, rule)
         ctx.x_shape = x.shape
         return y
 

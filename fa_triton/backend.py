@@ -93,7 +93,10 @@ def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
 
 
 class Backend(NamedTuple):
-    """One backend's three launches (signatures of ``fa_triton/reference.py``) and its policies."""
+    """One backend's three launches (signatures of ``fa_triton/reference.py``) and its policies.
+
+    ``backward_input(grad_y, saved, feedback, weight, counter, activation, negative_slope,
+    store_delta, rule)`` forms B as ``rule`` (``fa_triton.methods.FeedbackRule``) says."""
 
     name: str
     forward: Callable
@@ -109,9 +112,13 @@ def _triton_forward(x, weight, bias, activation, negative_slope, store_extra):
     return kernels().fa_linear_forward(x, weight, bias, activation, negative_slope, store_extra)
 
 
-def _triton_backward_input(grad_y, saved, feedback, activation, negative_slope, store_delta):
-    delta = torch.empty(grad_y.shape, device=grad_y.device, dtype=feedback.dtype) if store_delta else None
-    grad_x = kernels().fa_linear_backward_input(grad_y, saved, feedback, activation, negative_slope, delta_out=delta)
+def _triton_backward_input(grad_y, saved, feedback, weight, counter, activation, negative_slope, store_delta, rule):
+    # The kernel forms B from the rule in its tiles: no B is materialized for usf or brsf.
+    dtype = feedback.dtype if rule.kind == "matrix" else weight.dtype
+    delta = torch.empty(grad_y.shape, device=grad_y.device, dtype=dtype) if store_delta else None
+    grad_x = kernels().fa_linear_backward_input(
+        grad_y, saved, feedback, activation, negative_slope, delta_out=delta, feedback_mode=rule.kind, weight=weight,
+        feedback_scale=rule.scale, seed=rule.seed, counter=counter)
     return grad_x, delta
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .backend import check_backend
+from .methods import INITS, check_method
 from .modules import FALinear
 
 __all__ = ["ConvertedLayer", "ConversionSummary", "convert", "load_linear_state_dict"]
@@ -125,9 +126,11 @@ def _unconvertible(linear: nn.Linear, parent: nn.Module | None) -> str | None:
 
 
 class _Converter:
-    def __init__(self, activation_fusion, backend, include, exclude):
+    def __init__(self, activation_fusion, backend, include, exclude, method="fa", init="kaiming"):
         self.activation_fusion = activation_fusion
         self.backend = backend
+        self.method = method
+        self.init = init
         self.include_names, self.include_types = include
         self.exclude_names, self.exclude_types = exclude
         self.include = bool(self.include_names or self.include_types)
@@ -150,14 +153,24 @@ class _Converter:
         # the feedback is drawn (no wasted initialisation, no extra RNG draws).
         layer = FALinear(
             linear.in_features, linear.out_features, bias=linear.bias is not None, activation=activation,
-            negative_slope=negative_slope, backend=self.backend, device="meta",
+            negative_slope=negative_slope, backend=self.backend, method=self.method, init=self.init, device="meta",
         )
         layer.weight = linear.weight
         layer.bias = linear.bias
-        if variants:
-            layer.feedback = next(iter(variants.values())).feedback
+        weight = linear.weight
+        if variants:  # one Linear fused two ways: the layers share its feedback state
+            first = next(iter(variants.values()))
+            layer.feedback = first.feedback
+            if self.method == "brsf":
+                layer.feedback_seed, layer.counter, layer._seed = first.feedback_seed, first.counter, first._seed
         else:
-            layer.feedback = torch.empty_like(linear.weight, requires_grad=False)
+            if self.method == "kp":
+                layer.feedback = nn.Parameter(torch.empty_like(weight, requires_grad=False))
+            elif layer.feedback is not None:
+                layer.feedback = torch.empty_like(weight, requires_grad=False)
+            if self.method == "brsf":
+                layer.feedback_seed = torch.zeros(1, dtype=torch.int64, device=weight.device)
+                layer.counter = torch.zeros(1, dtype=torch.int64, device=weight.device)
             layer.reset_feedback()
         layer.train(linear.training)
         variants[(activation, negative_slope)] = layer
@@ -213,13 +226,22 @@ def convert(
     exclude=None,
     verbose: bool = False,
     return_summary: bool = False,
+    method: str = "fa",
+    init: str = "kaiming",
 ):
     """Replace every ``nn.Linear`` of ``model`` by an :class:`~fa_triton.FALinear`.
 
     Each converted layer keeps the ``nn.Linear``'s own ``weight`` and ``bias`` Parameters
     (values, device, dtype, ``requires_grad`` and weight tying preserved) and gets a freshly
-    drawn ``feedback``. With ``activation_fusion``, an ``nn.Linear`` directly followed, inside an
-    ``nn.Sequential``, by ``nn.ReLU``, ``nn.LeakyReLU`` (its slope), ``nn.Tanh``, ``nn.Sigmoid``,
+    drawn ``feedback`` (as its ``method`` needs one; from ``init``'s distribution).
+
+    ``method="dfa"`` converts an ``nn.Sequential`` MLP as a whole into a
+    :class:`~fa_triton.DFANetwork` (direct feedback alignment): parameter-free modules before the
+    first ``nn.Linear`` (e.g. ``nn.Flatten``) become its prefix, each ``nn.Linear`` with the
+    fusable activation after it one layer; anything else between the layers is an error.
+
+    With ``activation_fusion``, an ``nn.Linear`` directly followed, inside an ``nn.Sequential``,
+    by ``nn.ReLU``, ``nn.LeakyReLU`` (its slope), ``nn.Tanh``, ``nn.Sigmoid``,
     ``nn.GELU(approximate="none")`` or ``nn.Identity`` becomes one FALinear with that activation
     (the fused kernel), and the activation's slot becomes ``nn.Identity``: indices and
     state_dict keys do not change. Other layers get ``activation="identity"``.
@@ -236,6 +258,8 @@ def convert(
             the output layer to keep it trained by backprop. A matching activation is not fused.
         verbose: print the summary.
         return_summary: return ``(model, summary)`` instead of the model.
+        method: the layers' rule, one of ``fa_triton.METHODS`` (``fa_triton.methods``), or "dfa".
+        init: how new feedback is drawn ("kaiming" or "xavier"; weights are the Linear's own).
     Returns:
         The converted model (and a :class:`ConversionSummary` if ``return_summary``). A model
         with no ``nn.Linear`` to convert is returned as it is (the same object), with a warning.
@@ -252,7 +276,11 @@ def convert(
         if not isinstance(value, bool):
             raise TypeError(f"{argument} must be a bool, got {type(value).__name__}")
     check_backend(backend)
-    converter = _Converter(activation_fusion, backend, _selector(include, "include"), _selector(exclude, "exclude"))
+    if method == "dfa":
+        return _convert_dfa(model, backend, init, inplace, include, exclude, verbose, return_summary)
+    check_method(method, init)
+    converter = _Converter(activation_fusion, backend, _selector(include, "include"), _selector(exclude, "exclude"),
+                           method, init)
 
     target = model if inplace else copy.deepcopy(model)
     if isinstance(target, nn.Linear):
@@ -279,6 +307,44 @@ def convert(
     if verbose:
         print(summary)
     return (result, summary) if return_summary else result
+
+
+def _convert_dfa(model, backend, init, inplace, include, exclude, verbose, return_summary):
+    """convert(model, method="dfa"): an nn.Sequential MLP rebuilt as a DFANetwork."""
+    from .dfa import DFANetwork
+
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if inplace or include is not None or exclude is not None:
+        raise ValueError("method='dfa' converts the whole network into a new DFANetwork: inplace, include and "
+                         "exclude do not apply")
+    if not isinstance(model, nn.Sequential):
+        raise ValueError(f"method='dfa' converts an nn.Sequential MLP, got {type(model).__name__}")
+    target = copy.deepcopy(model)
+    converter = _Converter(True, backend, _selector(None, "include"), _selector(None, "exclude"), "backprop", init)
+    slots = list(target.named_children())
+    prefix, layers, index = [], [], 0
+    while index < len(slots) and not isinstance(slots[index][1], nn.Linear):
+        prefix.append(slots[index][1])
+        index += 1
+    while index < len(slots):
+        name, module = slots[index]
+        if not isinstance(module, nn.Linear) or _unconvertible(module, target) is not None:
+            raise ValueError(f"method='dfa' needs nn.Linear layers, each followed by at most a fusable activation; "
+                             f"module {name!r} is a {type(module).__name__}")
+        activation, negative_slope, fused = "identity", _DEFAULT_SLOPE, None
+        if index + 1 < len(slots) and fusable_activation(slots[index + 1][1]) is not None:
+            (activation, negative_slope), fused = fusable_activation(slots[index + 1][1]), slots[index + 1][0]
+            index += 1
+        layers.append(converter.falinear(module, activation, negative_slope))
+        converter.summary.converted.append(ConvertedLayer(name, activation, fused))
+        index += 1
+    if len(layers) < 2:
+        raise ValueError(f"method='dfa' needs at least two nn.Linear layers, got {len(layers)}")
+    network = DFANetwork(layers, nn.Sequential(*prefix) if prefix else None, backend=backend, init=init)
+    if verbose:
+        print(converter.summary)
+    return (network, converter.summary) if return_summary else network
 
 
 def load_linear_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True):

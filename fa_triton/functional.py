@@ -10,8 +10,9 @@ import torch
 
 from .autograd import FUNCTIONS, ReferenceFALinearFunction
 from .backend import resolve_backend
+from .methods import FA_RULE, FEEDBACK_METHODS, FeedbackRule, rule_for
 from .ops import fa_linear_op
-from .validation import check_inputs
+from .validation import check_inputs, check_method_arguments
 
 
 @torch.compiler.assume_constant_result
@@ -49,43 +50,59 @@ def autocast_inputs(x, weight, bias, feedback):
     return cast(x), cast(weight), cast(bias), cast(feedback)
 
 
-def apply_checked(x, weight, bias, feedback, activation: str, negative_slope: float, backend: str) -> torch.Tensor:
+def apply_checked(x, weight, bias, feedback, counter, activation: str, negative_slope: float, rule: FeedbackRule,
+                  backend: str) -> torch.Tensor:
     """The layer on inputs already checked (and autocast): the resolved backend's autograd
     Function in eager mode, its ``torch.library`` op while tracing."""
     resolved = resolve_backend(backend, x)
     if torch.compiler.is_compiling():
         # torch.compile / torch.export trace the torch.library ops (one graph node each, no
         # graph break). Eager mode keeps the autograd Functions: they cost less per call.
-        return fa_linear_op(x, weight, bias, feedback, activation, negative_slope, resolved)
-    return FUNCTIONS[resolved].apply(x, weight, bias, feedback, activation, negative_slope)
+        return fa_linear_op(x, weight, bias, feedback, counter, activation, negative_slope, rule, resolved)
+    return FUNCTIONS[resolved].apply(x, weight, bias, feedback, counter, activation, negative_slope, rule)
 
 
 def fa_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    feedback: torch.Tensor,
+    feedback: torch.Tensor | None,
     activation: str = "relu",
     *,
     negative_slope: float = 0.01,
     backend: str = "auto",
+    method: str = "fa",
+    feedback_scale: float | None = None,
+    seed: int | None = None,
+    counter: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Feedback-alignment linear layer: ``y = f(x Wᵀ + b)``, gradients sent back through ``feedback``.
+    """Feedback-alignment linear layer: ``y = f(x Wᵀ + b)``, gradients sent back through B.
 
     Args:
         x: input [..., in_features].
         weight: W [out_features, in_features] (nn.Linear's layout).
         bias: b [out_features] or None.
-        feedback: fixed random B [out_features, in_features]; receives no gradient.
+        feedback: [out_features, in_features]: B for "fa" and "wm" (no gradient); B for "kp",
+            which receives W's gradient; R for "frsf" (|R|·sign(W)); None for "backprop",
+            "usf" and "brsf".
         activation: one of ``fa_triton.ACTIVATIONS``.
         negative_slope: slope of ``"leaky_relu"`` for z < 0.
         backend: ``"triton"`` (fused kernels), ``"torch"`` (reference) or ``"auto"`` (Triton on CUDA).
+        method: one of ``fa_triton.METHODS`` (``fa_triton.methods``).
+        feedback_scale: "usf": s of B = s·sign(W); "brsf": the bound b of |R| ~ U(0, b).
+        seed, counter: "brsf": R's Philox seed and draw number (an int64 tensor [1] on x's
+            device; the caller advances it for a new R, as ``FALinear`` does in training).
     Returns:
         y [..., out_features]; under ``torch.autocast`` in the autocast dtype, as ``nn.Linear``.
     """
     x, weight, bias, feedback = autocast_inputs(x, weight, bias, feedback)
-    check_inputs(x, weight, bias, feedback, activation, negative_slope)
-    return apply_checked(x, weight, bias, feedback, activation, float(negative_slope), backend)
+    if method != "fa":
+        check_method_arguments(method, feedback, feedback_scale, seed, counter, x)
+    check_inputs(x, weight, bias, feedback, activation, negative_slope, needs_feedback=method in FEEDBACK_METHODS)
+    if method == "backprop":
+        feedback = weight  # B = W: exactly backprop
+    return apply_checked(x, weight, bias, feedback, counter, activation, float(negative_slope),
+                         rule_for(method, feedback_scale, seed), backend)
 
 
 def reference(
@@ -103,4 +120,4 @@ def reference(
     Works on any device and in any floating dtype (float64 included).
     """
     check_inputs(x, weight, bias, feedback, activation, negative_slope)
-    return ReferenceFALinearFunction.apply(x, weight, bias, feedback, activation, float(negative_slope))
+    return ReferenceFALinearFunction.apply(x, weight, bias, feedback, None, activation, float(negative_slope), FA_RULE)

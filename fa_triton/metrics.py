@@ -45,10 +45,14 @@ def fa_layers(model: nn.Module) -> list[FALinear]:
 
 
 def weight_alignment(layer: FALinear) -> WeightAlignment:
-    """Angle (degrees) between the layer's flattened ``weight`` W and ``feedback`` B, and ‖W‖/‖B‖."""
+    """Angle (degrees) between the layer's flattened ``weight`` W and its B, and ‖W‖/‖B‖.
+
+    B as the layer's method forms it (``FALinear.feedback_matrix``): the feedback matrix (fa,
+    kp, wm), W (backprop: 0°), s·sign(W) (usf: the angle between W and sign(W)), |R|·sign(W)
+    (frsf; brsf's latest draw)."""
     if not isinstance(layer, FALinear):
         raise TypeError(f"layer must be an FALinear, got {type(layer).__name__}")
-    weight, feedback = layer.weight.detach(), layer.feedback.detach()
+    weight, feedback = layer.weight.detach(), layer.feedback_matrix()
     feedback_norm = feedback.double().norm().item()
     ratio = weight.double().norm().item() / feedback_norm if feedback_norm > 0 else math.inf
     return WeightAlignment(angle_between(weight, feedback), ratio)
@@ -63,10 +67,10 @@ def gradient_alignment(
     """Per FALinear layer, the angle (degrees) between the FA gradient of W and backprop's.
 
     Both gradients are of ``loss_fn(model(x), y)`` on the same batch; the backprop one is
-    computed with every layer's ``feedback`` temporarily replaced by its ``weight`` (with
-    B = W the FA rule is exactly backprop). The model's ``.grad`` fields and feedback
-    matrices are left as they were. The last layer's angle is 0 up to rounding: its weight
-    gradient does not pass through any feedback matrix. Pass a plain module, not a
+    computed with every layer temporarily in method "backprop" (B = W: exactly backprop). The
+    model's ``.grad`` fields, feedback matrices and brsf draw counters are left as they were.
+    The last layer's angle is 0 up to rounding: its weight gradient does not pass through any
+    feedback matrix. Pass a plain module, not a
     ``DistributedDataParallel`` wrapper (its reducer expects ``backward()``): ``ddp.module``.
     """
     layers = fa_layers(model)
@@ -79,15 +83,19 @@ def gradient_alignment(
         loss = loss_fn(model(x), y)
         return torch.autograd.grad(loss, weights, allow_unused=True)
 
+    counters = [layer.counter.clone() for layer in layers if layer.method == "brsf"]
     fa_grads = weight_grads()
-    saved = [layer.feedback for layer in layers]
+    methods = [layer._method for layer in layers]
     try:
         for layer in layers:
-            layer.feedback = layer.weight.detach().clone()
+            layer._method, layer._rule = "backprop", None  # B = W: exactly backprop
         bp_grads = weight_grads()
     finally:
-        for layer, feedback in zip(layers, saved):
-            layer.feedback = feedback
+        for layer, method in zip(layers, methods):
+            layer._method, layer._rule = method, None
+        with torch.no_grad():  # brsf's draws are left as they were too
+            for layer, counter in zip((layer for layer in layers if layer.method == "brsf"), counters):
+                layer.counter.copy_(counter)
     angles = []
     for layer, fa, bp in zip(layers, fa_grads, bp_grads):
         if fa is None or bp is None:

@@ -353,8 +353,13 @@ def _wrap_ddp(model: nn.Module, layers: list, device: torch.device) -> nn.Module
     from torch.nn.parallel import DistributedDataParallel
 
     with torch.no_grad():
-        for layer in layers:  # the fixed feedback matrices come from rank 0
-            dist.broadcast(layer.feedback, src=0)
+        for layer in layers:  # the feedback state (B, R, brsf's seed and counter) comes from rank 0
+            for buffer in layer.buffers(recurse=False):
+                dist.broadcast(buffer, src=0)
+            if layer.method == "kp":
+                dist.broadcast(layer.feedback, src=0)
+            if layer.method == "brsf":
+                layer.sync_seed()
     # DDP broadcasts rank 0's parameters once here. Feedback never changes, so buffers need no
     # re-broadcast every forward (the option's name changed in recent PyTorch).
     options = {"device_ids": [device.index] if device.type == "cuda" else None}

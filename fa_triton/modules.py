@@ -7,9 +7,10 @@ import math
 import torch
 from torch import nn
 
-from .activations import check_activation
+from .activations import apply_activation, check_activation
 from .backend import check_backend
 from .functional import apply_checked, autocast_inputs
+from .methods import FEEDBACK_METHODS, FeedbackRule, check_method, feedback_matrix, init_bound, init_std, rule_for
 from .validation import check_inputs, inputs_fit
 
 
@@ -21,13 +22,28 @@ def _check_features(name: str, value: int) -> None:
 
 
 class FALinear(nn.Module):
-    """``y = f(x Wᵀ + b)`` whose backward pass uses a fixed random ``feedback`` B instead of Wᵀ.
+    """``y = f(x Wᵀ + b)`` whose backward pass sends the error through B instead of Wᵀ.
 
-    Shapes: input [..., in_features] -> output [..., out_features].
-    ``weight`` [out, in] and ``bias`` [out] are Parameters initialised exactly as in
-    ``nn.Linear`` (with the same seed, the same values). ``feedback`` [out, in] is a
-    persistent buffer drawn independently from the same distribution as ``weight``:
-    saved in ``state_dict``, moved and cast by ``.to()``, never seen by an optimizer.
+    Shapes: input [..., in_features] -> output [..., out_features]. ``weight`` [out, in] and
+    ``bias`` [out] are Parameters. ``method`` (``fa_triton.METHODS``, see ``fa_triton.methods``)
+    chooses B:
+
+    - ``"fa"`` (default): ``feedback`` [out, in], a persistent buffer drawn independently from
+      the init's distribution: saved in ``state_dict``, moved and cast by ``.to()``, never seen
+      by an optimizer.
+    - ``"backprop"``: B = W (no feedback is stored).
+    - ``"usf"``: B = s·sign(W) with s the init's standard deviation (nothing stored: the kernel
+      forms B from W).
+    - ``"frsf"``: B = |R|·sign(W); ``feedback`` holds R (a fixed buffer).
+    - ``"brsf"``: B = |R|·sign(W) with R ~ the init's U(-b, b) redrawn at every training forward
+      (``self.training`` and grad enabled) from a seed (``seed``, in ``state_dict``) and a draw
+      counter (buffer ``counter``, advanced on the device, so CUDA-graph replays redraw).
+    - ``"kp"``: ``feedback`` is a **Parameter** (for this method only) whose gradient is W's:
+      in W's parameter group it gets W's updates and weight decay (Kolen–Pollack).
+    - ``"wm"``: ``feedback`` is a buffer that :meth:`mirror` moves towards W (weight mirroring).
+
+    ``init``: ``"kaiming"`` (default: nn.Linear's, the same values for the same seed; B from
+    U(±1/√in)) or ``"xavier"`` (W and B xavier-uniform, bias 0; as BioTorch).
     """
 
     __constants__ = ["in_features", "out_features"]
@@ -41,6 +57,8 @@ class FALinear(nn.Module):
         *,
         negative_slope: float = 0.01,
         backend: str = "auto",
+        method: str = "fa",
+        init: str = "kaiming",
         device=None,
         dtype=None,
     ) -> None:
@@ -49,33 +67,116 @@ class FALinear(nn.Module):
         _check_features("out_features", out_features)
         check_activation(activation, negative_slope)
         check_backend(backend)
+        check_method(method, init)
         self.in_features = in_features
         self.out_features = out_features
         self._activation = activation
         self._negative_slope = float(negative_slope)
         self._backend = backend
+        self._method = method
+        self._init = init
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, **factory))
         else:
             self.register_parameter("bias", None)
-        self.register_buffer("feedback", torch.empty((out_features, in_features), **factory))
+        feedback = torch.empty((out_features, in_features), **factory)
+        if method == "kp":
+            self.feedback = nn.Parameter(feedback)
+        elif method in FEEDBACK_METHODS:
+            self.register_buffer("feedback", feedback)
+        else:
+            self.feedback = None
+        self._seed = 0  # brsf: R's Philox seed, a kernel argument (mirrors the feedback_seed buffer)
+        if method == "brsf":
+            self.register_buffer("feedback_seed", torch.zeros(1, dtype=torch.int64, device=device))
+            self.register_buffer("counter", torch.zeros(1, dtype=torch.int64, device=device))
+        self._rule = None
         self.reset_parameters()
 
+    @property
+    def method(self) -> str:
+        return self._method
+
+    @property
+    def init(self) -> str:
+        return self._init
+
+    @property
+    def feedback_scale(self) -> float | None:
+        """usf: s, the init's standard deviation; brsf: the init's bound b (|R| ~ U(0, b)); else None."""
+        if self.method == "usf":
+            return init_std(self.init, self.in_features, self.out_features)
+        if self.method == "brsf":
+            return init_bound(self.init, self.in_features, self.out_features)
+        return None
+
+    @property
+    def rule(self) -> FeedbackRule:
+        """How the backward forms B (``fa_triton.methods.FeedbackRule``)."""
+        if self._rule is None or self._rule.seed != self._seed:
+            self._rule = rule_for(self._method, self.feedback_scale, self._seed if self._method == "brsf" else None)
+        return self._rule
+
     def reset_parameters(self) -> None:
-        """nn.Linear's initialisation for weight and bias (same RNG draws, same order), then feedback."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
+        """The init's weight and bias (kaiming: nn.Linear's, same RNG draws and order), then B."""
+        if self.init == "xavier":
+            nn.init.xavier_uniform_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+        else:
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            if self.bias is not None:
+                bound = 1 / math.sqrt(self.in_features)
+                nn.init.uniform_(self.bias, -bound, bound)
         self.reset_feedback()
 
     @torch.no_grad()
     def reset_feedback(self, generator: torch.Generator | None = None) -> None:
-        """Draw a new feedback matrix from weight's initial distribution, U(±1/√in_features)."""
-        bound = 1 / math.sqrt(self.in_features)
-        self.feedback.uniform_(-bound, bound, generator=generator)
+        """Draw a new B (or R) from the init's distribution: U(±1/√in_features) for kaiming,
+        xavier-uniform for xavier. brsf draws a new seed (and restarts its counter)."""
+        if self.feedback is not None:
+            bound = init_bound(self.init, self.in_features, self.out_features)
+            self.feedback.uniform_(-bound, bound, generator=generator)
+        if self.method == "brsf":
+            self._seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            self.feedback_seed.fill_(self._seed)
+            self.counter.zero_()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self._method == "brsf":
+            self.sync_seed()
+
+    def sync_seed(self) -> None:
+        """brsf: read the seed back from the ``feedback_seed`` buffer (after it was loaded or
+        broadcast): the kernels take it as a number, not from the device."""
+        self._seed = int(self.feedback_seed.item())
+
+    @torch.no_grad()
+    def feedback_matrix(self) -> torch.Tensor:
+        """B as the backward uses it now, materialized [out, in] (metrics, tests): W for
+        backprop, s·sign(W), |R|·sign(W), or brsf's last draw."""
+        if self.method == "backprop":
+            return self.weight.detach()
+        return feedback_matrix(self.rule, self.weight.detach(), self.feedback, getattr(self, "counter", None))
+
+    @torch.no_grad()
+    def mirror(self, batch_size: int = 128, eta: float = 0.01, noise_amplitude: float = 0.1,
+               generator: torch.Generator | None = None, activation: str | None = None) -> None:
+        """One weight-mirroring step (method ``"wm"``; Akrout et al. 2019, their defaults): on
+        noise inputs x ~ U(±noise_amplitude / 2) [batch_size, in], with the layer's response
+        y = f(x Wᵀ + b) [batch_size, out] (f: ``activation``, default the layer's own),
+        B += eta · yᵀ x (summed over the batch), which drives B towards W."""
+        if self.method != "wm":
+            raise ValueError(f"mirror() is the weight-mirroring step of method='wm', this layer's is {self.method!r}")
+        activation = self._activation if activation is None else activation
+        check_activation(activation, self._negative_slope)
+        x = (torch.rand(batch_size, self.in_features, generator=generator, device=self.weight.device,
+                        dtype=self.weight.dtype) - 0.5) * noise_amplitude
+        y = apply_activation(torch.nn.functional.linear(x, self.weight, self.bias), activation, self._negative_slope)
+        self.feedback.add_(y.t() @ x, alpha=eta)
 
     # activation, negative_slope and backend are checked when set, so forward need not.
     @property
@@ -106,10 +207,23 @@ class FALinear(nn.Module):
         self._backend = value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, weight, bias, feedback = autocast_inputs(x, self.weight, self.bias, self.feedback)
-        if not inputs_fit(x, weight, bias, feedback):
-            check_inputs(x, weight, bias, feedback, self._activation, self._negative_slope)  # says what is wrong
-        return apply_checked(x, weight, bias, feedback, self._activation, self._negative_slope, self._backend)
+        method = self.method
+        feedback = self.feedback if method != "backprop" else self.weight  # backprop: B = W
+        counter = None
+        if method == "brsf":
+            if self.training and torch.is_grad_enabled():
+                self.counter.add_(1)  # a new R for this step: on the device, so graph replays redraw too
+            counter = self.counter.clone()  # this forward's draw, kept for its backward
+        x, weight, bias, feedback = autocast_inputs(x, self.weight, self.bias, feedback)
+        if feedback is None:  # usf, brsf: B is formed from W
+            fits = inputs_fit(x, weight, bias, weight)
+        else:
+            fits = inputs_fit(x, weight, bias, feedback)
+        if not fits:  # says what is wrong
+            check_inputs(x, weight, bias, feedback, self._activation, self._negative_slope,
+                         needs_feedback=feedback is not None)
+        return apply_checked(x, weight, bias, feedback, counter, self._activation, self._negative_slope, self.rule,
+                             self._backend)
 
     @classmethod
     def from_linear(
@@ -120,18 +234,24 @@ class FALinear(nn.Module):
         *,
         negative_slope: float = 0.01,
         backend: str = "auto",
+        method: str = "fa",
+        init: str = "kaiming",
     ) -> "FALinear":
         """An FALinear with a copy of ``linear``'s weight and bias (same device and dtype).
 
-        ``feedback`` [out, in] is copied if given, else drawn fresh.
+        ``feedback`` [out, in] (B, or R for frsf) is copied if given, else drawn from ``init``'s
+        distribution; methods without a feedback tensor take none.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         weight = linear.weight
         layer = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None, activation=activation,
-            negative_slope=negative_slope, backend=backend, device=weight.device, dtype=weight.dtype,
+            negative_slope=negative_slope, backend=backend, method=method, init=init, device=weight.device,
+            dtype=weight.dtype,
         )
+        if feedback is not None and layer.feedback is None:
+            raise ValueError(f"method={method!r} stores no feedback tensor: feedback must be None")
         with torch.no_grad():
             layer.weight.copy_(weight)
             if linear.bias is not None:
@@ -151,7 +271,8 @@ class FALinear(nn.Module):
         activation = self.activation
         if activation == "leaky_relu":
             activation = f"leaky_relu(negative_slope={self.negative_slope})"
-        return (
+        text = (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"activation={activation}, backend={self.backend}"
+            f"activation={activation}, method={self.method}, backend={self.backend}"
         )
+        return text + (f", init={self.init}" if self.init != "kaiming" else "")

@@ -5,10 +5,11 @@ Two families of ops, one per backend (``fa_triton.backend``), so that the backen
 :func:`fa_triton.fa_linear` survives tracing. All are 2-D, like the kernel launchers (M rows,
 K = in_features, N = out_features); :func:`fa_linear_op` flattens the batch dimensions around them::
 
-    fa_triton::triton_forward(x[M,K], weight[N,K], bias[N]?, feedback[N,K], activation, negative_slope)
-        -> (y[M,N], extra)
-    fa_triton::triton_backward_input(grad_y[M,N], saved[M,N]?, feedback[N,K], activation, negative_slope,
-                                     store_delta) -> (grad_x[M,K], delta)
+    fa_triton::triton_forward(x[M,K], weight[N,K], bias[N]?, feedback[N,K]?, counter[1]?, activation,
+                              negative_slope, kind, scale, seed, trains_feedback) -> (y[M,N], extra)
+    fa_triton::triton_backward_input(grad_y[M,N], saved[M,N]?, feedback[N,K]?, weight[N,K]?, counter[1]?,
+                                     activation, negative_slope, store_delta, kind, scale, seed)
+        -> (grad_x[M,K], delta)
     fa_triton::triton_backward_weight(grad_y[M,N], saved[M,N]?, x[M,K], activation, negative_slope, bias_grad)
         -> (grad_W[N,K], grad_b)
     fa_triton::reference_forward / reference_backward_input / reference_backward_weight: the same
@@ -18,7 +19,10 @@ K = in_features, N = out_features); :func:`fa_linear_op` flattens the batch dime
 [M, N] when it needs one, else an empty [0] tensor; ``delta`` is δ = g ⊙ f'(z) [M, N] when
 ``store_delta`` (the weight op then takes δ with activation "identity"), else empty; and
 ``grad_b`` is [N] when ``bias_grad``, else empty [0]: an op's outputs cannot be None.
-``feedback`` is an input of the forward ops only so that autograd can save it. The forward ops
+``kind, scale, seed, trains_feedback`` are the fields of a ``fa_triton.methods.FeedbackRule``
+(how B is formed; whether B trains, Kolen–Pollack); ``feedback``, ``weight`` and ``counter``
+are what the rule forms B from. ``feedback`` and ``counter`` are inputs of the forward ops so
+that autograd can save them. The forward ops
 carry the FA backward (``register_autograd``, through ``fa_triton.autograd.fa_backward``); the
 backward ops have no autograd of their own (like ``once_differentiable``).
 
@@ -36,6 +40,7 @@ from torch import Tensor
 from .activations import saves_extra
 from .autograd import fa_backward, save_for_fa_backward
 from .backend import REFERENCE, TRITON, Backend
+from .methods import FeedbackRule
 
 __all__ = ["fa_linear_op", "OPS"]
 
@@ -54,15 +59,19 @@ def _define(backend: Backend):
     prefix = f"fa_triton::{backend.name}"
 
     @torch.library.custom_op(f"{prefix}_forward", mutates_args=())
-    def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], feedback: Tensor, activation: str,
-                negative_slope: float) -> tuple[Tensor, Tensor]:
+    def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], feedback: Optional[Tensor],
+                counter: Optional[Tensor], activation: str, negative_slope: float, kind: str, scale: float, seed: int,
+                trains_feedback: bool) -> tuple[Tensor, Tensor]:
         y, extra = backend.forward(x, weight, bias, activation, negative_slope, saves_extra(activation, negative_slope))
         return y, _or_empty(extra, x)
 
     @torch.library.custom_op(f"{prefix}_backward_input", mutates_args=())
-    def backward_input(grad_y: Tensor, saved: Optional[Tensor], feedback: Tensor, activation: str,
-                       negative_slope: float, store_delta: bool) -> tuple[Tensor, Tensor]:
-        grad_x, delta = backend.backward_input(grad_y, saved, feedback, activation, negative_slope, store_delta)
+    def backward_input(grad_y: Tensor, saved: Optional[Tensor], feedback: Optional[Tensor], weight: Optional[Tensor],
+                       counter: Optional[Tensor], activation: str, negative_slope: float, store_delta: bool,
+                       kind: str, scale: float, seed: int) -> tuple[Tensor, Tensor]:
+        rule = FeedbackRule(kind, scale, seed)
+        grad_x, delta = backend.backward_input(grad_y, saved, feedback, weight, counter, activation, negative_slope,
+                                               store_delta, rule)
         # An op's output must not alias its input (the reference's identity δ is grad_y itself).
         return grad_x, _or_empty(delta if delta is not grad_y else delta.clone(), grad_x)
 
@@ -75,26 +84,36 @@ def _define(backend: Backend):
     forward.register_fake(_forward_fake)
     backward_input.register_fake(_backward_input_fake)
     backward_weight.register_fake(_backward_weight_fake)
+
+    def backward_input_from_rule(grad_y, saved, feedback, weight, counter, activation, negative_slope, store_delta,
+                                 rule):
+        return backward_input(grad_y, saved, feedback, weight, counter, activation, negative_slope, store_delta,
+                              rule.kind, rule.scale, rule.seed)
+
     # The backward graph calls this family's backward ops, with the backend's policies.
-    op_backend = backend._replace(forward=forward, backward_input=backward_input, backward_weight=backward_weight)
+    op_backend = backend._replace(forward=forward, backward_input=backward_input_from_rule,
+                                  backward_weight=backward_weight)
 
     def backward(ctx, grad_y, grad_extra):
         # extra is an internal output: nothing downstream uses it, so grad_extra is ignored.
-        x, feedback, saved = ctx.saved_tensors
-        return (*fa_backward(ctx, grad_y, x, feedback, saved, op_backend), None, None, None)
+        x, weight, feedback, counter, saved = ctx.saved_tensors
+        grads = fa_backward(ctx, grad_y, x, weight, feedback, counter, saved, op_backend)
+        return (*grads, None, None, None, None, None, None, None)
 
     forward.register_autograd(backward, setup_context=_setup_context)
     return forward, backward_input, backward_weight
 
 
-def _forward_fake(x, weight, bias, feedback, activation, negative_slope):
+def _forward_fake(x, weight, bias, feedback, counter, activation, negative_slope, kind, scale, seed, trains_feedback):
     y = x.new_empty((x.shape[0], weight.shape[0]))
     return y, x.new_empty(y.shape) if saves_extra(activation, negative_slope) else _empty(x)
 
 
-def _backward_input_fake(grad_y, saved, feedback, activation, negative_slope, store_delta):
-    delta = feedback.new_empty(grad_y.shape) if store_delta else _empty(feedback)
-    return feedback.new_empty((grad_y.shape[0], feedback.shape[1])), delta
+def _backward_input_fake(grad_y, saved, feedback, weight, counter, activation, negative_slope, store_delta, kind,
+                         scale, seed):
+    source = feedback if kind == "matrix" else weight
+    delta = source.new_empty(grad_y.shape) if store_delta else _empty(source)
+    return source.new_empty((grad_y.shape[0], source.shape[1])), delta
 
 
 def _backward_weight_fake(grad_y, saved, x, activation, negative_slope, bias_grad):
@@ -103,23 +122,27 @@ def _backward_weight_fake(grad_y, saved, x, activation, negative_slope, bias_gra
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, feedback, activation, negative_slope = inputs
+    x, weight, bias, feedback, counter, activation, negative_slope, kind, scale, seed, trains_feedback = inputs
     y, extra = output
-    save_for_fa_backward(ctx, x, feedback, y, extra if saves_extra(activation, negative_slope) else None,
-                         activation, negative_slope)
+    rule = FeedbackRule(kind, scale, seed, trains_feedback)
+    extra = extra if saves_extra(activation, negative_slope) else None
+    save_for_fa_backward(ctx, x, weight, feedback, counter, y, extra, activation, negative_slope, rule)
 
 
 #: The ops of each backend (internal names): (forward, backward_input, backward_weight).
 OPS = {backend.name: _define(backend) for backend in (TRITON, REFERENCE)}
 
 
-def fa_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], feedback: Tensor, activation: str,
-                 negative_slope: float, backend: str) -> Tensor:
+def fa_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], feedback: Optional[Tensor],
+                 counter: Optional[Tensor], activation: str, negative_slope: float, rule: FeedbackRule,
+                 backend: str) -> Tensor:
     """The FA layer through the custom ops of ``backend`` ("triton" or "reference", resolved).
 
-    x [..., K], weight [N, K], bias [N] or None, feedback [N, K] -> y [..., N]. Inputs are
-    not checked here: :func:`fa_triton.fa_linear` checks them and calls this when compiling.
+    x [..., K], weight [N, K], bias [N] or None, feedback [N, K] or None and counter as ``rule``
+    needs -> y [..., N]. Inputs are not checked here: :func:`fa_triton.fa_linear` checks them
+    and calls this when compiling.
     """
     forward = OPS[backend][0]
-    y, _ = forward(x.reshape(-1, x.shape[-1]), weight, bias, feedback, activation, negative_slope)
+    y, _ = forward(x.reshape(-1, x.shape[-1]), weight, bias, feedback, counter, activation, negative_slope, rule.kind,
+                   rule.scale, rule.seed, rule.trains_feedback)
     return y.view(*x.shape[:-1], weight.shape[0])

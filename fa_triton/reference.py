@@ -6,7 +6,7 @@ Three functions, with the same signatures and results as the Triton backend's la
 (``fa_triton.ops``). Any device, any floating dtype (float64 included). Shapes::
 
     forward:          x [..., K], weight [N, K], bias [N]        -> y [..., N] (and the extra tensor)
-    backward_input:   grad_y, saved [M, N], feedback [N, K]      -> grad_x [M, K] (and δ)
+    backward_input:   grad_y, saved [M, N], B from the rule      -> grad_x [M, K] (and δ)
     backward_weight:  grad_y, saved [M, N], x [M, K]             -> grad_W [N, K], grad_b [N]
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from .activations import activation_backward, apply_activation, extra_for_backward
+from .methods import FeedbackRule, feedback_matrix
 
 
 def forward(x, weight, bias, activation: str, negative_slope: float, store_extra: bool):
@@ -24,11 +25,13 @@ def forward(x, weight, bias, activation: str, negative_slope: float, store_extra
     return y, extra_for_backward(z, activation) if store_extra else None
 
 
-def backward_input(grad_y, saved, feedback, activation: str, negative_slope: float, store_delta: bool):
-    """(grad_x = δ B, δ or None): B in place of W, the only change from backprop. δ is returned
-    when ``store_delta``, for :func:`backward_weight` to take with activation "identity"."""
+def backward_input(grad_y, saved, feedback, weight, counter, activation: str, negative_slope: float,
+                   store_delta: bool, rule: FeedbackRule):
+    """(grad_x = δ B, δ or None): B in place of W, the only change from backprop, formed by
+    ``rule`` from feedback, weight and counter (``fa_triton.methods.feedback_matrix``). δ is
+    returned when ``store_delta``, for :func:`backward_weight` to take with activation "identity"."""
     delta = activation_backward(grad_y, saved, activation, negative_slope)
-    return delta @ feedback, delta if store_delta else None
+    return delta @ feedback_matrix(rule, weight, feedback, counter), delta if store_delta else None
 
 
 def backward_weight(grad_y, saved, x, activation: str, negative_slope: float, bias_grad: bool):

@@ -14,6 +14,7 @@ from .fa_linear import (
     LaunchConfig,
     fa_linear_backward_input,
     fa_linear_backward_weight,
+    fa_linear_dfa_delta,
     fa_linear_forward,
 )
 
@@ -23,4 +24,5 @@ __all__ = [
     "fa_linear_forward",
     "fa_linear_backward_input",
     "fa_linear_backward_weight",
+    "fa_linear_dfa_delta",
 ]

@@ -310,34 +310,57 @@ def _with_device(device_index: int | None, run):
 
 # ---------------------------------------------------------------------------- backward input
 
+FEEDBACK_MODES = ("matrix", "sign", "magnitude_sign", "random_sign")
+
+
 def fa_linear_backward_input(
     grad_y: torch.Tensor,
     saved: torch.Tensor | None,
-    feedback: torch.Tensor,
+    feedback: torch.Tensor | None,
     activation: str,
     negative_slope: float = 0.0,
     *,
     config: LaunchConfig | dict | None = None,
     delta_out: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    feedback_mode: str = "matrix",
+    weight: torch.Tensor | None = None,
+    feedback_scale: float = 1.0,
+    seed: int = 0,
+    counter: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``grad_x = (g ⊙ f'(z)) B``.
 
     Args: grad_y [M, N], saved [M, N] (y or the extra tensor, see ``saves_extra``; None
-    for identity), feedback [N, K]; ``delta_out``, an optional [M, N] tensor of feedback's dtype with
+    for identity); B [N, K] as ``feedback_mode`` forms it (``fa_triton.methods``):
+    "matrix": ``feedback``; "sign": ``feedback_scale``·sign(``weight``); "magnitude_sign":
+    |``feedback``|·sign(``weight``); "random_sign": |R|·sign(``weight``) with |R| =
+    ``feedback_scale``·U(0, 1) drawn by Philox from ``seed`` and the draw number in ``counter``
+    (int64 [1], read on the device). ``delta_out``, an optional [M, N] tensor of B's dtype with
     unit column stride into which δ is also written (for the weight kernel to read); ``out``,
     an optional [M, K] tensor for grad_x; ``config`` as in :func:`fa_linear_forward`.
-    Returns grad_x [M, K] (contiguous unless ``out`` says otherwise), in feedback's dtype.
+    Returns grad_x [M, K] (contiguous unless ``out`` says otherwise), in B's dtype.
     """
+    if feedback_mode not in FEEDBACK_MODES:
+        raise ValueError(f"feedback_mode must be one of {FEEDBACK_MODES}, got {feedback_mode!r}")
+    if feedback_mode == "matrix" and feedback is None:
+        raise ValueError("feedback_mode='matrix' needs feedback (B)")
+    if feedback_mode != "matrix" and weight is None:
+        raise ValueError(f"feedback_mode={feedback_mode!r} needs weight (B is formed from its sign)")
+    if feedback_mode == "magnitude_sign" and feedback is None:
+        raise ValueError("feedback_mode='magnitude_sign' needs feedback (the magnitudes R)")
+    source = feedback if feedback_mode == "matrix" else weight
+    if feedback_mode == "random_sign" and (counter is None or counter.numel() != 1 or counter.dtype != torch.int64):
+        raise ValueError("feedback_mode='random_sign' needs counter, an int64 tensor of one element")
     M, N = grad_y.shape
-    K = feedback.shape[1]
+    K = source.shape[1]
     if out is None:
-        grad_x = torch.empty((M, K), device=grad_y.device, dtype=feedback.dtype)
+        grad_x = torch.empty((M, K), device=grad_y.device, dtype=source.dtype)
     else:
-        _check_out(out, (M, K), feedback, "out")
+        _check_out(out, (M, K), source, "out")
         grad_x = out
     if delta_out is not None:
-        _check_out(delta_out, (M, N), feedback, "delta_out")
+        _check_out(delta_out, (M, N), source, "delta_out")
         if delta_out.stride(1) != 1 and N > 1:
             raise ValueError(f"delta_out must have a unit column stride, got strides {delta_out.stride()}")
     if M == 0:
@@ -345,30 +368,34 @@ def fa_linear_backward_input(
     if config is not None:
         config = as_config(config)
     saved_arg = saved if saved is not None else grad_y
-    precision = _dot_precision(feedback.dtype)
-    key = ("backward_input", grad_y.device, feedback.dtype, grad_y.dtype, saved_arg.dtype, M, N, K, grad_y.stride(),
-           saved_arg.stride(),
-           feedback.stride(), grad_x.stride(), None if delta_out is None else delta_out.stride(0), activation,
-           precision, config)
+    feedback_arg = feedback if feedback is not None else source
+    weight_arg = weight if weight is not None else source
+    precision = _dot_precision(source.dtype)
+    key = ("backward_input", grad_y.device, source.dtype, grad_y.dtype, saved_arg.dtype, M, N, K, grad_y.stride(),
+           saved_arg.stride(), feedback_arg.stride(), weight_arg.stride(), grad_x.stride(),
+           None if delta_out is None else delta_out.stride(0), activation, feedback_mode, precision, config)
+    counter_arg = counter if counter is not None else grad_x  # read only by "random_sign"
+    run_args = (grad_y, saved_arg, feedback_arg, weight_arg, counter_arg, grad_x, delta_out, negative_slope,
+                float(feedback_scale), seed)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _backward_input_plan(key, grad_y, saved_arg, feedback, grad_x, delta_out, activation, negative_slope,
-                                    precision, config)
-    plan(grad_y, saved_arg, feedback, grad_x, delta_out, negative_slope)
+        plan = _backward_input_plan(key, run_args, activation, feedback_mode, precision, config)
+    plan(*run_args)
     return grad_x
 
 
-def _backward_input_plan(key, grad_y, saved, feedback, grad_x, delta_out, activation, negative_slope, precision,
-                         config):
+def _backward_input_plan(key, run_args, activation, feedback_mode, precision, config):
+    grad_y, saved, feedback, weight, _, grad_x, delta_out = run_args[:7]
     M, N = grad_y.shape
-    K = feedback.shape[1]
+    K = grad_x.shape[1]
     store_delta = delta_out is not None
-    use_int64 = _needs_int64(grad_y, saved, feedback, grad_x, delta_out)
-    tma_layout = not use_int64 and _tma_layout(grad_y, saved, feedback, grad_x)
-    device_index = _device_index(feedback)
+    use_int64 = _needs_int64(grad_y, saved, feedback, weight, grad_x, delta_out)
+    # The tensor-descriptor kernel loads B as stored: the rules that form B run the pointer kernel.
+    tma_layout = feedback_mode == "matrix" and not use_int64 and _tma_layout(grad_y, saved, feedback, grad_x)
+    device_index = _device_index(grad_x)
     stride_dm = delta_out.stride(0) if store_delta else 0
     strides = (grad_y.stride(0), grad_y.stride(1), saved.stride(0), saved.stride(1), feedback.stride(0),
-               feedback.stride(1), grad_x.stride(0), grad_x.stride(1), stride_dm)
+               feedback.stride(1), weight.stride(0), weight.stride(1), grad_x.stride(0), grad_x.stride(1), stride_dm)
 
     def build(cfg: LaunchConfig):
         _check_tma(cfg, tma_layout, "backward-input")
@@ -376,20 +403,20 @@ def _backward_input_plan(key, grad_y, saved, feedback, grad_x, delta_out, activa
         common = dict(ACTIVATION=activation, INPUT_PRECISION=precision, STORE_DELTA=store_delta,
                       BLOCK_M=cfg.block_rows, BLOCK_K=cfg.block_cols, BLOCK_N=cfg.block_red, GROUP_M=cfg.group,
                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        meta = dict(common, USE_INT64=use_int64)
+        meta = dict(common, USE_INT64=use_int64, FEEDBACK=feedback_mode)
 
-        def run(grad_y, saved, feedback, grad_x, delta, slope):
+        def run(grad_y, saved, feedback, weight, counter, grad_x, delta, slope, scale, seed):
             jit.backward_input_kernel.run(
-                grad_y, saved, feedback, grad_x, grad_x if delta is None else delta,
-                M, N, K, *strides, float(slope), grid=grid, warmup=False, **meta)
+                grad_y, saved, feedback, weight, counter, grad_x, grad_x if delta is None else delta,
+                M, N, K, *strides, float(slope), scale, seed, grid=grid, warmup=False, **meta)
 
         if not cfg.tma:
             return _with_device(device_index, run)
         bm, bk, bn = cfg.block_rows, cfg.block_cols, cfg.block_red
 
-        def run_tma(grad_y, saved, feedback, grad_x, delta, slope):
+        def run_tma(grad_y, saved, feedback, weight, counter, grad_x, delta, slope, scale, seed):
             if not _aligned(grad_y, saved, feedback, grad_x):
-                return run(grad_y, saved, feedback, grad_x, delta, slope)
+                return run(grad_y, saved, feedback, weight, counter, grad_x, delta, slope, scale, seed)
             g_desc = _descriptor(grad_y, bm, bn)
             jit.backward_input_tma_kernel.run(
                 g_desc, g_desc if saved is grad_y else _descriptor(saved, bm, bn), _descriptor(feedback, bn, bk),
@@ -397,10 +424,11 @@ def _backward_input_plan(key, grad_y, saved, feedback, grad_x, delta_out, activa
                 M, N, K, stride_dm, float(slope), grid=grid, warmup=False, **common)
         return _with_device(device_index, run_tma)
 
-    return _plan(key, build, config, "backward_input", M, K, N, "rows", dtype=feedback.dtype,
-                 device=feedback.device, precision=precision, activation=activation, bias_grad=False,
-                 store=store_delta, tma_layout=tma_layout,
-                 run_args=(grad_y, saved, feedback, grad_x, delta_out, negative_slope))
+    # The rule that forms B changes the kernel's cost: it is part of the tuning key.
+    tuned_as = activation if feedback_mode == "matrix" else f"{activation}/{feedback_mode}"
+    return _plan(key, build, config, "backward_input", M, K, N, "rows", dtype=grad_x.dtype,
+                 device=grad_x.device, precision=precision, activation=tuned_as, bias_grad=False,
+                 store=store_delta, tma_layout=tma_layout, run_args=run_args)
 
 
 # --------------------------------------------------------------------------- backward weight
@@ -525,3 +553,63 @@ def _backward_weight_plan(key, grad_y, saved, x, grad_w, grad_b, activation, neg
     return _plan(key, build, config, "backward_weight", N, K, M, "red", dtype=x.dtype, device=x.device,
                  precision=precision, activation=activation, bias_grad=bias_grad, store=False,
                  tma_layout=tma_layout, run_args=(grad_y, saved, x, grad_w, grad_b, negative_slope))
+
+
+# ------------------------------------------------------------------------------------- DFA
+
+def fa_linear_dfa_delta(
+    error: torch.Tensor,
+    feedback: torch.Tensor,
+    saved: torch.Tensor | None,
+    activation: str,
+    negative_slope: float = 0.0,
+    *,
+    out: torch.Tensor | None = None,
+    config: LaunchConfig | dict | None = None,
+) -> torch.Tensor:
+    """Direct feedback alignment's local errors in one GEMM: ``δ = (e B) ⊙ f'(saved)``.
+
+    Args: error e [M, n_out] (the loss's gradient at the network's output), feedback B
+    [n_out, N] (every hidden layer's matrix side by side), saved [M, N] (each layer's y, or f'(z)
+    for gelu; None for identity); ``out``, an optional [M, N] tensor of B's dtype.
+    Returns δ [M, N] in B's dtype.
+    """
+    M, K = error.shape
+    N = feedback.shape[1]
+    if out is None:
+        delta = torch.empty((M, N), device=error.device, dtype=feedback.dtype)
+    else:
+        _check_out(out, (M, N), feedback, "out")
+        delta = out
+    if M == 0 or N == 0:
+        return delta
+    if config is not None:
+        config = as_config(config)
+    saved_arg = saved if saved is not None else delta
+    precision = _dot_precision(feedback.dtype)
+    key = ("dfa", error.device, error.dtype, feedback.dtype, saved_arg.dtype, M, N, K, error.stride(),
+           feedback.stride(), saved_arg.stride(), delta.stride(), activation, precision, config)
+    run_args = (error, feedback, saved_arg, delta, negative_slope)
+    plan = _PLANS.get(key)
+    if plan is None:
+        use_int64 = _needs_int64(error, feedback, saved_arg, delta)
+        strides = (*error.stride(), *feedback.stride(), *saved_arg.stride(), *delta.stride())
+        device_index = _device_index(delta)
+
+        def build(cfg: LaunchConfig):
+            _check_tma(cfg, False, "DFA")
+            grid = (triton.cdiv(M, cfg.block_rows) * triton.cdiv(N, cfg.block_cols),)
+            meta = dict(ACTIVATION=activation, INPUT_PRECISION=precision, USE_INT64=use_int64, BLOCK_M=cfg.block_rows,
+                        BLOCK_N=cfg.block_cols, BLOCK_K=cfg.block_red, GROUP_M=cfg.group, num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages)
+
+            def run(error, feedback, saved, delta, slope):
+                jit.dfa_delta_kernel.run(error, feedback, saved, delta, M, N, K, *strides, float(slope), grid=grid,
+                                         warmup=False, **meta)
+            return _with_device(device_index, run)
+
+        plan = _plan(key, build, config, "dfa", M, N, K, "rows", dtype=feedback.dtype, device=delta.device,
+                     precision=precision, activation=activation, bias_grad=False, store=False, tma_layout=False,
+                     run_args=run_args)
+    plan(*run_args)
+    return delta

@@ -30,12 +30,12 @@ constexpr flags, constexpr blocks.
 import triton
 import triton.language as tl
 
-from .jit_helpers import activation_and_extra, apply_activation, grouped_tile, local_error
+from .jit_helpers import activation_and_extra, apply_activation, feedback_tile, grouped_tile, local_error
 
 #: Every kernel the launchers run (benchmarks and tests stub or record them by these names).
 KERNEL_NAMES = ("forward_kernel", "forward_tma_kernel", "forward_split_epilogue_kernel", "backward_input_kernel",
                 "backward_input_tma_kernel", "backward_weight_kernel", "backward_weight_tma_kernel",
-                "split_sum_kernel")
+                "split_sum_kernel", "dfa_delta_kernel")
 
 # ----------------------------------------------------------------------------------- forward
 
@@ -223,25 +223,29 @@ def forward_tma_kernel(
 @triton.jit
 def backward_input_kernel(
     # pointers
-    grad_y_ptr, saved_ptr, feedback_ptr, grad_x_ptr, delta_ptr,
+    grad_y_ptr, saved_ptr, feedback_ptr, weight_ptr, counter_ptr, grad_x_ptr, delta_ptr,
     # sizes
     M, N, K,
     # strides
     stride_gm, stride_gn,
     stride_sm, stride_sn,
     stride_bn, stride_bk,
+    stride_wn, stride_wk,
     stride_gxm, stride_gxk,
     stride_dm,
     # scalars
-    negative_slope,
+    negative_slope, feedback_scale, seed,
     # flags
-    ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr,
+    ACTIVATION: tl.constexpr, FEEDBACK: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr,
     STORE_DELTA: tl.constexpr,
     # blocks
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """grad_x[M, K] = (g[M, N] ⊙ f'(saved[M, N])) @ B[N, K]: tiles over (M, K), reduces over N.
 
+    B's tiles come from the rule FEEDBACK (jit_helpers.feedback_tile): loaded from feedback
+    ("matrix"), or formed from W's sign (weight) with a scale, stored magnitudes (feedback) or
+    magnitudes drawn from (seed, the draw counter at counter_ptr).
     STORE_DELTA: the programs of the first K tile also store δ (rounded to B's dtype, as the
     dot uses it) into delta [M, N] (row stride stride_dm, unit column stride).
     """
@@ -256,7 +260,11 @@ def backward_input_kernel(
     g_rows = grad_y_ptr + offs_m[:, None] * stride_gm
     s_rows = saved_ptr + offs_m[:, None] * stride_sm
     b_cols = feedback_ptr + offs_k[None, :] * stride_bk
+    w_cols = weight_ptr + offs_k[None, :] * stride_wk
     d_rows = delta_ptr + offs_m[:, None] * stride_dm
+    draw_offset = 0
+    if FEEDBACK == "random_sign":
+        draw_offset = tl.load(counter_ptr) * N * K
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
@@ -266,7 +274,10 @@ def backward_input_kernel(
             offs_n = offs_n.to(tl.int64)
         tile_mask = mask_m[:, None] & mask_n[None, :]
         g = tl.load(g_rows + offs_n[None, :] * stride_gn, mask=tile_mask, other=0.0)
-        feedback = tl.load(b_cols + offs_n[:, None] * stride_bn, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        feedback = feedback_tile(b_cols + offs_n[:, None] * stride_bn, w_cols + offs_n[:, None] * stride_wn,
+                                 mask_n[:, None] & mask_k[None, :],
+                                 offs_n[:, None].to(tl.int64) * K + offs_k[None, :].to(tl.int64), draw_offset, seed,
+                                 feedback_scale, FEEDBACK)
         if ACTIVATION != "identity":
             s = tl.load(s_rows + offs_n[None, :] * stride_sn, mask=tile_mask, other=0.0)
             g = local_error(g, s, ACTIVATION, negative_slope)
@@ -459,3 +470,57 @@ def split_sum_kernel(
     is_weight = offs < numel_w
     tl.store(grad_w_ptr + offs, acc.to(grad_w_ptr.dtype.element_ty), mask=mask & is_weight)
     tl.store(grad_b_ptr + (offs - numel_w), acc.to(grad_b_ptr.dtype.element_ty), mask=mask & (offs >= numel_w))
+
+
+# ------------------------------------------------------------------------------------- DFA
+
+
+@triton.jit
+def dfa_delta_kernel(
+    # pointers
+    error_ptr, feedback_ptr, saved_ptr, delta_ptr,
+    # sizes
+    M, N, K,
+    # strides
+    stride_em, stride_ek,
+    stride_bk, stride_bn,
+    stride_sm, stride_sn,
+    stride_dm, stride_dn,
+    # scalars
+    negative_slope,
+    # flags
+    ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr,
+    # blocks
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Direct feedback alignment: δ[M, N] = (e[M, K] @ B[K, N]) ⊙ f'(saved[M, N]).
+
+    e is the output error (K = the network's outputs); B the hidden layers' feedback matrices
+    side by side (N = their widths summed), so one GEMM projects e to every layer; f' is
+    applied in the epilogue from the saved tensor (y, or f'(z) for gelu), and δ stored in its dtype.
+    """
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if USE_INT64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    e_rows = error_ptr + offs_m[:, None] * stride_em
+    b_cols = feedback_ptr + offs_n[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        if USE_INT64:
+            offs_k = offs_k.to(tl.int64)
+        e = tl.load(e_rows + offs_k[None, :] * stride_ek, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_cols + offs_k[:, None] * stride_bk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(e.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if ACTIVATION != "identity":
+        s = tl.load(saved_ptr + offs_m[:, None] * stride_sm + offs_n[None, :] * stride_sn, mask=mask, other=0.0)
+        acc = local_error(acc, s, ACTIVATION, negative_slope)
+    out = delta_ptr + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn
+    tl.store(out, acc.to(delta_ptr.dtype.element_ty), mask=mask)

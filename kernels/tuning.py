@@ -35,7 +35,7 @@ import triton
 
 from . import tuned_tables
 
-KERNELS = ("forward", "backward_input", "backward_weight")
+KERNELS = ("forward", "backward_input", "backward_weight", "dfa")
 _INT32_MAX = 2**31 - 1
 
 

@@ -120,7 +120,7 @@ def test_from_linear_rejects_bad_arguments():
 def test_extra_repr_shows_sizes_activation_backend():
     text = repr(FALinear(784, 128, activation="leaky_relu", negative_slope=0.2, backend="torch", bias=False))
     assert text == ("FALinear(in_features=784, out_features=128, bias=False, "
-                    "activation=leaky_relu(negative_slope=0.2), backend=torch)")
+                    "activation=leaky_relu(negative_slope=0.2), method=fa, backend=torch)")
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICES)

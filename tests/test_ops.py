@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fa_triton import ACTIVATIONS, FALinear, fa_linear
+from fa_triton.methods import FA_RULE
 from fa_triton.ops import OPS, fa_linear_op
 from tests.helpers import KERNEL_DEVICE
 from tests.oracle import make_inputs
@@ -25,26 +26,41 @@ def op_device(backend: str) -> str:
 
 # ------------------------------------------------------------------------------ opcheck
 
+FA = ("matrix", 1.0, 0, False)  # the op arguments of FA's FeedbackRule: kind, scale, seed, trains_feedback
+
+
 def forward_samples(device):
     x, weight, bias, feedback, _ = make_inputs((6,), 9, 5, torch.float32, device)
     x_t = x.t().contiguous().t()  # stride (1, 6): the ops take any strides
     leaf = lambda t: t.clone().requires_grad_(True)  # noqa: E731
+    counter = torch.tensor([3], dtype=torch.int64, device=device)
     return [
-        (leaf(x), leaf(weight), leaf(bias), feedback, "gelu", 0.01),  # also returns z
-        (leaf(x), leaf(weight), None, feedback, "relu", 0.01),
-        (x_t, weight, bias, feedback, "leaky_relu", -0.2),  # z kept (negative slope); no grad
-        (leaf(x), weight, leaf(bias), feedback, "identity", 0.01),
+        (leaf(x), leaf(weight), leaf(bias), feedback, None, "gelu", 0.01, *FA),  # also returns f'(z)
+        (leaf(x), leaf(weight), None, feedback, None, "relu", 0.01, *FA),
+        (x_t, weight, bias, feedback, None, "leaky_relu", -0.2, *FA),  # z kept (negative slope); no grad
+        (leaf(x), weight, leaf(bias), feedback, None, "identity", 0.01, *FA),
+        (leaf(x), leaf(weight), leaf(bias), None, None, "tanh", 0.01, "sign", 0.3, 0, False),  # usf
+        (leaf(x), leaf(weight), None, None, counter, "relu", 0.01, "random_sign", 0.5, 7, False),  # brsf
+        (leaf(x), leaf(weight), leaf(bias), leaf(feedback), None, "relu", 0.01, "matrix", 1.0, 0, True),  # kp
     ]
 
 
 def backward_samples(device):
     x, weight, bias, feedback, grad_y = make_inputs((6,), 9, 5, torch.float32, device, activation="tanh")
     saved = torch.tanh(x @ weight.t() + bias)
+    counter = torch.tensor([3], dtype=torch.int64, device=device)
     return [
-        ((grad_y, saved, feedback, "tanh", 0.01, True), (grad_y, saved, x, "tanh", 0.01, True)),
-        ((grad_y, None, feedback, "identity", 0.01, False), (grad_y, None, x, "identity", 0.01, False)),
-        ((grad_y.t().contiguous().t(), saved, feedback, "relu", 0.01, False),
+        ((grad_y, saved, feedback, None, None, "tanh", 0.01, True, *FA[:3]), (grad_y, saved, x, "tanh", 0.01, True)),
+        ((grad_y, None, feedback, None, None, "identity", 0.01, False, *FA[:3]),
+         (grad_y, None, x, "identity", 0.01, False)),
+        ((grad_y.t().contiguous().t(), saved, feedback, None, None, "relu", 0.01, False, *FA[:3]),
          (grad_y[:1].expand(6, 5), saved, x.t().contiguous().t(), "relu", 0.01, True)),
+        ((grad_y, saved, None, weight, None, "tanh", 0.01, True, "sign", 0.3, 0),
+         (grad_y, saved, x, "tanh", 0.01, True)),
+        ((grad_y, saved, feedback, weight, None, "relu", 0.01, False, "magnitude_sign", 1.0, 0),
+         (grad_y, saved, x, "relu", 0.01, False)),
+        ((grad_y, saved, None, weight, counter, "relu", 0.01, True, "random_sign", 0.5, 7),
+         (grad_y, saved, x, "relu", 0.01, True)),
     ]
 
 
@@ -95,7 +111,8 @@ def test_op_path_matches_functions(backend, activation, negative_slope, requires
                                                     negative_slope=negative_slope)
     eager = run(lambda x, w, b, f: fa_linear(x, w, b, f, activation, negative_slope=negative_slope, backend=backend),
                 x, weight, bias, feedback, grad_y, requires)
-    via_ops = run(lambda x, w, b, f: fa_linear_op(x, w, b, f, activation, negative_slope, INTERNAL[backend]),
+    via_ops = run(lambda x, w, b, f: fa_linear_op(x, w, b, f, None, activation, negative_slope, FA_RULE,
+                                                  INTERNAL[backend]),
                   x, weight, bias, feedback, grad_y, requires)
     for name, a, b in zip(("y", "grad_x", "grad_weight", "grad_bias"), eager, via_ops):
         assert (a is None) == (b is None), name
@@ -117,7 +134,8 @@ def test_gradcheck_reference_with_feedback_equal_to_weight(activation, negative_
     if path == "function":
         layer = lambda x, w, b: fa_linear(x, w, b, w, activation, negative_slope=negative_slope, backend="torch")  # noqa: E731
     else:
-        layer = lambda x, w, b: fa_linear_op(x, w, b, w, activation, negative_slope, "reference")  # noqa: E731
+        layer = lambda x, w, b: fa_linear_op(x, w, b, w, None, activation, negative_slope, FA_RULE,  # noqa: E731
+                                             "reference")
     assert torch.autograd.gradcheck(layer, (x, weight, bias))
 
 
@@ -230,14 +248,14 @@ def test_compile_fullgraph_matches_eager_cuda(dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_opcheck_cuda(dtype):
+    def cast(args):  # floating tensors to dtype (brsf's int64 counter stays)
+        return tuple(a.to(dtype).detach().requires_grad_(a.requires_grad)
+                     if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
     for backend in BACKENDS:
         forward, backward_input, backward_weight = OPS[INTERNAL[backend]]
         for args in forward_samples("cuda"):
-            args = tuple(a.to(dtype).detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
-                         for a in args)
-            torch.library.opcheck(forward, args)
+            torch.library.opcheck(forward, cast(args))
         for input_args, weight_args in backward_samples("cuda"):
-            cast = lambda args: tuple(a.to(dtype) if isinstance(a, torch.Tensor) else a for a in args)  # noqa: E731
             torch.library.opcheck(backward_input, cast(input_args))
             torch.library.opcheck(backward_weight, cast(weight_args))
-

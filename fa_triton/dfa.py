@@ -1,0 +1,157 @@
+"""Direct feedback alignment (DFA; Nøkland 2016) over an MLP, as one module.
+
+The output error e = ∂L/∂output [M, n_out] goes straight to every hidden layer l through a
+fixed random matrix B_l [n_out, n_l]: δ_l = (e B_l) ⊙ f'(z_l), grad_W_l = δ_lᵀ h_{l-1},
+grad_b_l = Σ_rows δ_l. The output layer gets its exact gradient. No layer waits for the one
+above it, and no grad_x is computed below the output layer.
+
+:class:`DFANetwork` keeps every hidden layer's B side by side in one buffer ``feedback``
+[n_out, Σ n_l], so the backward projects e to all layers in **one GEMM** (with f' fused: the
+Triton kernel ``dfa_delta_kernel``), then runs one weight GEMM per layer. It trains with an
+ordinary loop: ``loss = loss_fn(net(x), y); loss.backward()``. Build it with
+``fa_triton.convert(model, method="dfa")`` or from FALinear layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .activations import activation_backward, saves_extra
+from .backend import BY_NAME, check_backend, kernels, resolve_backend
+from .methods import INITS, init_bound
+from .modules import FALinear
+
+
+class DFANetwork(nn.Module):
+    """An MLP trained by direct feedback alignment.
+
+    Args: ``layers``, FALinear layers [in → n_1 → … → n_out] (their own activations; their
+    ``method`` is ignored: the output layer's gradient is exact, the hidden layers' comes from
+    e through ``feedback``); ``prefix``, a parameter-free module applied to the input first
+    (e.g. ``nn.Flatten``); ``backend`` as FALinear's; ``init``: how B is drawn ("kaiming":
+    B_l ~ U(±1/√n_l); "xavier": U(±√(6/(n_out+n_l)))).
+    Input [..., in] -> output [..., n_out]. Buffer ``feedback`` [n_out, Σ n_l] (B_l side by side,
+    in state_dict, never trained).
+    """
+
+    def __init__(self, layers, prefix: nn.Module | None = None, *, backend: str = "auto", init: str = "kaiming"):
+        super().__init__()
+        layers = list(layers)
+        if len(layers) < 2 or not all(isinstance(layer, FALinear) for layer in layers):
+            raise ValueError(f"DFANetwork needs at least two FALinear layers, got {[type(m).__name__ for m in layers]}")
+        for below, above in zip(layers, layers[1:]):
+            if below.out_features != above.in_features:
+                raise ValueError(f"layers do not chain: {below.out_features} outputs feed {above.in_features} inputs")
+        if prefix is not None and any(True for _ in prefix.parameters()):
+            raise ValueError("prefix must have no parameters: DFA's error reaches only the linear layers")
+        check_backend(backend)
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.prefix = prefix if prefix is not None else nn.Identity()
+        self.layers = nn.ModuleList(layers)
+        self.backend = backend
+        self.init = init
+        weight = layers[-1].weight
+        self.widths = [layer.out_features for layer in layers[:-1]]
+        self.register_buffer("feedback", torch.empty(layers[-1].out_features, sum(self.widths), device=weight.device,
+                                                     dtype=weight.dtype))
+        self.reset_feedback()
+
+    @torch.no_grad()
+    def reset_feedback(self, generator: torch.Generator | None = None) -> None:
+        """Draw every B_l from the init's distribution (see the class docstring)."""
+        n_out, start = self.feedback.shape[0], 0
+        for width in self.widths:
+            bound = init_bound(self.init, width, n_out)
+            self.feedback[:, start:start + width].uniform_(-bound, bound, generator=generator)
+            start += width
+
+    def feedback_matrices(self) -> list[torch.Tensor]:
+        """B_l [n_out, n_l] of each hidden layer (views of ``feedback``)."""
+        return list(torch.split(self.feedback, self.widths, dim=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.prefix(x)
+        hidden, output = self.layers[:-1], self.layers[-1]
+        trains = torch.is_grad_enabled() and any(p.requires_grad for layer in hidden for p in layer.parameters())
+        if not trains:  # inference: the plain forward
+            for layer in self.layers:
+                h = layer(h)
+            return h
+        lead = h.shape[:-1]
+        h = h.reshape(-1, h.shape[-1])
+        backend = BY_NAME[resolve_backend(self.backend, h)]
+        inputs, saved = [], []
+        saved_all = torch.empty(h.shape[0], sum(self.widths), device=h.device, dtype=h.dtype)
+        with torch.no_grad():
+            for layer, piece in zip(hidden, torch.split(saved_all, self.widths, dim=1)):
+                inputs.append(h)
+                keeps_extra = saves_extra(layer.activation, layer.negative_slope)
+                if backend.name == "triton" and not keeps_extra:
+                    # y written straight into its slice of the saved buffer (the kernels take its row stride).
+                    kernels().fa_linear_forward(h, layer.weight, layer.bias, layer.activation, layer.negative_slope,
+                                                False, piece)
+                    h = piece
+                else:
+                    h, extra = backend.forward(h, layer.weight, layer.bias, layer.activation, layer.negative_slope,
+                                               keeps_extra)
+                    piece.copy_(extra if keeps_extra else h)
+                saved.append(piece)
+        out = output(h.view(*lead, h.shape[-1]))  # exact gradient; h carries no graph below
+        params = [t for layer in hidden for t in (layer.weight, layer.bias)]
+        return _DFAFunction.apply(out, self, backend, inputs, saved_all, *params)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend}, init={self.init}, feedback={tuple(self.feedback.shape)}"
+
+
+def dfa_deltas(backend_name: str, error: torch.Tensor, feedback: torch.Tensor, saved_all: torch.Tensor,
+               layers, widths: list[int]) -> torch.Tensor:
+    """δ [M, Σ n_l] of every hidden layer: (e B) ⊙ f', one GEMM (per run of layers sharing an
+    activation, on Triton with f' fused; the reference multiplies once and applies f' per layer)."""
+    if backend_name == "reference":
+        projected = error @ feedback
+        pieces = zip(torch.split(projected, widths, dim=1), torch.split(saved_all, widths, dim=1), layers)
+        return torch.cat([activation_backward(p, s, layer.activation, layer.negative_slope) for p, s, layer in pieces],
+                         dim=1)
+    delta = torch.empty_like(saved_all)
+    start, i = 0, 0
+    while i < len(widths):  # runs of consecutive layers with one activation: one launch each
+        j, act, slope = i, layers[i].activation, layers[i].negative_slope
+        while j + 1 < len(widths) and (layers[j + 1].activation, layers[j + 1].negative_slope) == (act, slope):
+            j += 1
+        stop = start + sum(widths[i:j + 1])
+        kernels().fa_linear_dfa_delta(error, feedback[:, start:stop], saved_all[:, start:stop], act, slope,
+                                      out=delta[:, start:stop])
+        start, i = stop, j + 1
+    return delta
+
+
+class _DFAFunction(torch.autograd.Function):
+    """Identity on the network's output; its backward receives e and returns the hidden
+    layers' weight and bias gradients (the output layer's come from its own autograd)."""
+
+    @staticmethod
+    def forward(ctx, out, network, backend, inputs, saved_all, *params):
+        ctx.network, ctx.backend, ctx.inputs, ctx.saved_all = network, backend, inputs, saved_all
+        ctx.param_needs = [p is not None and p.requires_grad for p in params]
+        return out.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, error):
+        network, backend = ctx.network, ctx.backend
+        hidden = network.layers[:-1]
+        error2d = error.reshape(-1, error.shape[-1])
+        deltas = dfa_deltas(backend.name, error2d, network.feedback, ctx.saved_all, hidden, network.widths)
+        grads = []
+        for k, (x, delta) in enumerate(zip(ctx.inputs, torch.split(deltas, network.widths, dim=1))):
+            need_w, need_b = ctx.param_needs[2 * k], ctx.param_needs[2 * k + 1]
+            if need_w or need_b:
+                grad_w, grad_b = backend.backward_weight(delta, None, x, "identity", 0.0, need_b)
+                grads += [grad_w if need_w else None, grad_b if need_b else None]
+            else:
+                grads += [None, None]
+        return (error, None, None, None, None, *grads)

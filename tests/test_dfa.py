@@ -1,0 +1,121 @@
+"""Direct feedback alignment (fa_triton/dfa.py): the float64 oracle of its equations in both
+backends, one GEMM for every layer's projection, conversion, checkpoints, training."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fa_triton
+from fa_triton import DFANetwork, FALinear
+from fa_triton.kernels import fa_linear_kernels
+from tests.helpers import KERNEL_DEVICE
+from tests.oracle import FLOOR, activation_and_derivative
+
+
+def _network(backend, dtype, device, activations=("tanh", "relu", "gelu", "identity"), widths=(19, 23, 17, 11, 5)):
+    torch.manual_seed(0)
+    layers = [FALinear(n_in, n_out, activation=act, method="backprop", backend=backend, device=device, dtype=dtype)
+              for n_in, n_out, act in zip(widths[:-1], widths[1:], activations)]
+    return DFANetwork(layers, nn.Flatten(), backend=backend)
+
+
+def _oracle(net, x, error):
+    """Gradients of every layer from the DFA equations, in float64."""
+    h, hs, zs = x.reshape(len(x), -1).double(), [], []
+    for layer in net.layers:
+        hs.append(h)
+        z = h @ layer.weight.double().t() + layer.bias.double()
+        zs.append(z)
+        h = activation_and_derivative(z, layer.activation, layer.negative_slope)[0]
+    e = error.double()
+    grads = []
+    deltas = [e @ B.double() * activation_and_derivative(z, layer.activation, layer.negative_slope)[1]
+              for B, z, layer in zip(net.feedback_matrices(), zs, net.layers)]
+    last = net.layers[-1]
+    deltas.append(e * activation_and_derivative(zs[-1], last.activation, last.negative_slope)[1])
+    for delta, h_in in zip(deltas, hs):
+        grads += [delta.t() @ h_in, delta.sum(0)]
+    return h, grads
+
+
+@pytest.mark.parametrize("backend, dtype", [("torch", torch.float64), ("torch", torch.float32),
+                                            ("triton", torch.float32), ("triton", torch.float16)])
+def test_dfa_against_the_oracle(backend, dtype):
+    device = KERNEL_DEVICE if backend == "triton" else "cpu"
+    net = _network(backend, dtype, device)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(37, 19, generator=gen, dtype=torch.float64).to(dtype).to(device).view(37, 1, 19)
+    error = torch.randn(37, 5, generator=gen, dtype=torch.float64).to(dtype).to(device)
+    y = net(x)
+    y.backward(error)
+    y_true, grads_true = _oracle(net, x, error)
+    floor = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 3e-2}[dtype]
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.double(), y_true, rtol=0, atol=floor * max(1, y_true.abs().max().item()))
+    for p, g in zip(net.parameters(), grads_true):
+        assert p.grad.dtype == dtype
+        scale = max(1.0, g.abs().max().item())
+        assert (p.grad.double() - g).abs().max().item() <= max(floor, FLOOR[dtype]) * scale * 4, p.shape
+
+
+def test_every_projection_is_one_gemm(kernel_device, monkeypatch):
+    # All hidden layers share their activation: one launch of the DFA kernel projects e to all of them.
+    launches = []
+    run = fa_linear_kernels.dfa_delta_kernel.run
+    monkeypatch.setattr(fa_linear_kernels.dfa_delta_kernel, "run",
+                        lambda *a, grid, **k: (launches.append(grid), run(*a, grid=grid, **k))[1])
+    net = _network("triton", torch.float32, kernel_device, activations=("relu", "relu", "relu", "identity"))
+    net(torch.randn(8, 19, device=kernel_device)).sum().backward()
+    assert len(launches) == 1
+    mixed = _network("triton", torch.float32, kernel_device)  # tanh, relu, gelu: one launch per run of one activation
+    launches.clear()
+    mixed(torch.randn(8, 19, device=kernel_device)).sum().backward()
+    assert len(launches) == 3
+
+
+def test_inference_is_the_plain_forward():
+    net = _network("torch", torch.float64, "cpu")
+    x = torch.randn(6, 19, dtype=torch.float64)
+    with torch.no_grad():
+        plain = net(x)
+    torch.testing.assert_close(net(x).detach(), plain, rtol=0, atol=0)
+
+
+def test_convert_builds_a_dfa_network_that_learns():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    net, summary = fa_triton.convert(model, method="dfa", return_summary=True)
+    assert isinstance(net, DFANetwork) and net.feedback.shape == (4, 128) and len(summary.converted) == 3
+    assert net.layers[0].weight is not model[1].weight and torch.equal(net.layers[0].weight, model[1].weight)
+    teacher = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 4))
+    x = torch.randn(512, 20)
+    target = teacher(x).argmax(1).detach()
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    losses = []
+    for step in range(80):
+        idx = torch.arange(step * 64, (step + 1) * 64) % 512
+        loss = F.cross_entropy(net(x[idx]), target[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-10:]) < 0.8 * sum(losses[:10])
+    copy = fa_triton.convert(model, method="dfa")
+    copy.load_state_dict(net.state_dict())
+    assert torch.equal(copy.feedback, net.feedback) and "feedback" in net.state_dict()
+
+
+@pytest.mark.parametrize(
+    "model, kwargs, match",
+    [
+        (nn.Linear(4, 3), {}, "converts an nn.Sequential"),
+        (nn.Sequential(nn.Linear(4, 3)), {}, "at least two nn.Linear"),
+        (nn.Sequential(nn.Linear(4, 3), nn.Dropout(), nn.Linear(3, 2)), {}, "module '1' is a Dropout"),
+        (nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 3), nn.Linear(3, 2)), {}, "prefix must have no parameters"),
+        (nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)), {"inplace": True}, "inplace, include and exclude"),
+    ],
+)
+def test_dfa_conversion_errors(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fa_triton.convert(model, method="dfa", **kwargs)
