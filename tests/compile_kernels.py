@@ -80,11 +80,22 @@ def forward(M, K, N, dtype, activation, config):
     return call
 
 
-def backward_input(M, K, N, dtype, activation, config, store_delta=False):
+def backward_input(M, K, N, dtype, activation, config, store_delta=False, feedback_mode="matrix"):
     def call():
-        _, feedback, _, grad_y, saved = _layer(M, K, N, dtype, activation)
+        x, feedback, _, grad_y, saved = _layer(M, K, N, dtype, activation)
         delta = _meta(M, N, dtype=dtype) if store_delta else None
-        fa_linear.fa_linear_backward_input(grad_y, saved, feedback, activation, 0.01, config=config, delta_out=delta)
+        weight = _meta(N, K, dtype=dtype)
+        counter = _meta(1, dtype=torch.int64)
+        fa_linear.fa_linear_backward_input(grad_y, saved, feedback, activation, 0.01, config=config, delta_out=delta,
+                                           feedback_mode=feedback_mode, weight=weight, feedback_scale=0.05,
+                                           seed=2**40 + 7, counter=counter)
+    return call
+
+
+def dfa_delta(M, n_out, N, dtype, activation, config):
+    def call():
+        fa_linear.fa_linear_dfa_delta(_meta(M, n_out, dtype=dtype), _meta(n_out, N, dtype=dtype),
+                                      _meta(M, N, dtype=dtype), activation, 0.01, config=config)
     return call
 
 
@@ -132,6 +143,16 @@ def _variants() -> dict[str, Variant]:
             (90,), "fp16", 128)
         v[f"backward_weight-fp16-{activation}"] = Variant(
             backward_weight(1024, 784, 1024, d, activation, SQUARE), (90,), "fp16", 128)
+    # The FA family's rules, formed in the backward-input kernel's tiles (a 32-deep reduction
+    # step keeps B's tile, and Philox's state for brsf, within Ampere's registers), and DFA's projection.
+    for mode in ("sign", "magnitude_sign", "random_sign"):
+        for name, d in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+            v[f"backward_input-{name}-{mode}"] = Variant(
+                backward_input(4096, 4096, 4096, d, "relu", SQUARE_FP32, store_delta=True, feedback_mode=mode),
+                (90, 80), name, 128)
+    v["dfa_delta-bf16-relu"] = Variant(dfa_delta(8192, 16, 8192, torch.bfloat16, "relu", SQUARE), (90, 80), "bf16", 128)
+    v["dfa_delta-fp32-gelu-7x10x113"] = Variant(
+        dfa_delta(7, 10, 113, torch.float32, "gelu", LaunchConfig(16, 16, 16)), (90,), "fp32", 16)
     # fp32 with IEEE and tf32 dots (the precision follows PyTorch's switch), pointer and TMA.
     f32 = torch.float32
     for tf32 in (False, True):

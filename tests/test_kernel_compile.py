@@ -59,7 +59,7 @@ def test_every_variant_compiles(compiled):
     kernels = {r["kernel"] for r in compiled}
     assert kernels == {"forward_kernel", "forward_tma_kernel", "forward_split_epilogue_kernel", "backward_input_kernel",
                        "backward_input_tma_kernel", "backward_weight_kernel", "backward_weight_tma_kernel",
-                       "split_sum_kernel"}
+                       "split_sum_kernel", "dfa_delta_kernel"}
     assert {r["arch"] for r in compiled} == {80, 90}
 
 
