@@ -24,6 +24,36 @@ SHAPES = ((8192, 8192, 8192, "relu", "bf16"), (4096, 4096, 4096, "relu", "bf16")
 DRY_SHAPES = ((48, 40, 24, "relu", "fp32"), (33, 16, 20, "gelu", "fp16"))
 
 
+def _saved_and_peak(forward, grad_y, device: str, owned) -> tuple[int, int | None]:
+    """(bytes autograd saves for ``forward()``'s backward, beyond the tensors in ``owned``;
+    on CUDA the peak allocated during forward + backward above what was allocated before)."""
+    import torch
+
+    seen = {}
+
+    def pack(t):
+        seen.setdefault((t.data_ptr(), t.dtype, tuple(t.shape)), t.numel() * t.element_size())
+        return t
+
+    forward().backward(grad_y)  # compile, tune and allocate outside the measurement
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = forward()
+    y.backward(grad_y)
+    del y
+    peak = None
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    # Inputs and parameters saved for backward are not new memory: count only what the layer made.
+    owned = {t.data_ptr() for t in owned if t is not None}
+    return sum(size for (ptr, _, _), size in seen.items() if ptr not in owned), peak
+
+
 def measure(M, K, N, activation, dtype_name, device, backend):
     """{'saved_bytes': …, 'peak_bytes': … or None} of one forward + backward."""
     import torch
@@ -34,31 +64,7 @@ def measure(M, K, N, activation, dtype_name, device, backend):
     layer = fa_triton.FALinear(K, N, activation=activation, backend=backend, device=device, dtype=dtype)
     x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
     grad_y = torch.randn(M, N, device=device, dtype=dtype)
-    seen = {}
-
-    def pack(t):
-        seen.setdefault((t.data_ptr(), t.dtype, tuple(t.shape)), t.numel() * t.element_size())
-        return t
-
-    layer(x).backward(grad_y)  # compile, tune and allocate outside the measurement
-    layer.zero_grad(set_to_none=False)
-    x.grad = torch.zeros_like(x)
-    cuda = device == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = layer(x)
-    y.backward(grad_y)
-    del y
-    peak = None
-    if cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    # Inputs and parameters saved for backward are not new memory: count only what the layer made.
-    owned = {x.data_ptr(), layer.weight.data_ptr(), layer.feedback.data_ptr()}
-    saved = sum(size for (ptr, _, _), size in seen.items() if ptr not in owned)
+    saved, peak = _saved_and_peak(lambda: layer(x), grad_y, device, [x, *layer.parameters(), *layer.buffers()])
     return {"saved_bytes": saved, "peak_bytes": peak}
 
 

@@ -1,4 +1,4 @@
-"""bench/launch_overhead.py, bench/eager_overhead.py and bench/memory.py on the CPU: what they measure, not how fast."""
+"""bench/launch_overhead.py, eager_overhead.py, memory.py and methods.py on the CPU: what they measure, not how fast."""
 
 from bench import launch_overhead, memory
 from fa_triton.kernels import fa_linear_kernels
@@ -31,3 +31,15 @@ def test_eager_overhead_times_both_providers_and_restores_the_kernels():
     results = eager_overhead.measure(steps=20, repeats=2)
     assert set(results) == {"triton (launches stubbed)", "torch"} and all(us > 0 for us in results.values())
     assert {name: getattr(fa_linear_kernels, name).run for name in runs} == runs
+
+
+def test_methods_bench_dry_run(capsys):
+    from bench import methods
+
+    assert methods.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    from fa_triton import METHODS
+
+    for method in METHODS:
+        assert f"\n{method:9s}" in out
+    assert "backprop (nn.Linear)" in out and "dfa (fa_triton)" in out and "DFA speedup over backprop" in out
