@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from fa_triton import FALinear
 from fa_triton.mnist import MNIST_FILES, build_model, train
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -32,14 +33,21 @@ def require_mnist() -> Path:
     return DATA_DIR
 
 
-def _worker(rank: int, world_size: int, store: str, out_dir: str, data_dir: str) -> None:
+def _family_model():
+    # brsf draws R from a seed and a counter, kp trains B, usf forms B from W: all must agree across ranks.
+    return torch.nn.Sequential(FALinear(784, 128, method="brsf"), FALinear(128, 64, method="kp"),
+                               FALinear(64, 10, activation="identity", method="usf"))
+
+
+def _worker(rank: int, world_size: int, store: str, out_dir: str, data_dir: str, family: bool = False) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=120))
     try:
         torch.manual_seed(100 + rank)  # each rank draws different weights and feedback: rank 0's must win
-        model = build_model()
-        drawn_feedback = [layer.feedback.clone() for layer in model]
+        model = _family_model() if family else build_model()
+        drawn_feedback = [layer.feedback.clone() if layer.feedback is not None else layer.feedback_seed.clone()
+                          for layer in model[:2]] if family else [layer.feedback.clone() for layer in model]
         df = train(epochs=2, seed=0, device="cpu", data_dir=data_dir, download=False, progress=False,
                    model=model, **SUBSET)
         torch.save({"state": model.state_dict(), "drawn_feedback": drawn_feedback,
@@ -89,6 +97,33 @@ def test_two_processes_end_with_identical_weights(tmp_path):
         torch.testing.assert_close(state0[key], value, atol=1e-5, rtol=1e-4, msg=key)
     torch.testing.assert_close(torch.tensor(ranks[0]["table"].to_numpy()), torch.tensor(single_table.to_numpy()),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_two_processes_with_the_fa_family(tmp_path):
+    # brsf's seed and draw counter, kp's trainable B and usf's sign feedback: rank 0's everywhere,
+    # identical after training (train() itself checks every parameter and buffer across ranks).
+    data_dir = require_mnist()
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(_worker, args=(2, str(tmp_path / "store"), str(tmp_path), str(data_dir), True),
+                                 nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail(f"2-process training did not finish in {TIMEOUT_S} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    state0, state1 = ranks[0]["state"], ranks[1]["state"]
+    assert set(state0) >= {"0.feedback_seed", "0.counter", "1.feedback"}
+    for key in state0:
+        assert torch.equal(state0[key], state1[key]), key
+    assert torch.equal(state1["0.feedback_seed"], ranks[0]["drawn_feedback"][0])  # rank 0's seed
+    assert int(state0["0.counter"]) == 2 * (SUBSET["train_samples"] // 64)  # one draw per training step
+    assert ranks[0]["table"].equals(ranks[1]["table"])
 
 
 def _run_bounded(command: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
