@@ -10,6 +10,7 @@ from . import ops  # noqa: F401 - registers the torch.library ops (fa_triton::*)
 from .activations import ACTIVATIONS
 from .autograd import FALinearFunction, ReferenceFALinearFunction
 from .backend import BACKENDS
+from .conv import FAConv2d
 from .convert import ConversionSummary, convert, load_linear_state_dict
 from .dfa import DFANetwork
 from .functional import fa_linear, reference
@@ -23,6 +24,7 @@ __all__ = [
     "BACKENDS",
     "ConversionSummary",
     "DFANetwork",
+    "FAConv2d",
     "FALinear",
     "FALinearFunction",
     "INITS",

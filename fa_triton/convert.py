@@ -1,6 +1,7 @@
-"""Turn an ``nn.Linear`` model into a feedback-alignment model, and load its checkpoints.
+"""Turn an ``nn.Linear``/``nn.Conv2d`` model into a feedback-alignment model, and load its checkpoints.
 
-:func:`convert` replaces ``nn.Linear`` layers by :class:`~fa_triton.FALinear` (same weight and
+:func:`convert` replaces ``nn.Linear`` layers by :class:`~fa_triton.FALinear` and ``nn.Conv2d``
+layers by :class:`~fa_triton.FAConv2d` (same weight and
 bias Parameters, fresh feedback), fusing a directly following activation module of an
 ``nn.Sequential`` into the layer. :func:`load_linear_state_dict` loads a checkpoint of the
 original model into the converted one.
@@ -23,6 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .backend import check_backend
+from .conv import FAConv2d
 from .methods import INITS, check_method
 from .modules import FALinear
 
@@ -54,11 +56,12 @@ def fusable_activation(module: nn.Module) -> tuple[str, float] | None:
 
 @dataclass(frozen=True)
 class ConvertedLayer:
-    """One ``nn.Linear`` that became an FALinear."""
+    """One ``nn.Linear`` that became an FALinear (or ``nn.Conv2d`` an FAConv2d)."""
 
     name: str  # qualified name of the layer (unchanged by the conversion)
-    activation: str  # the FALinear's activation ("identity" unless an activation was fused)
+    activation: str  # the new layer's activation ("identity" unless an activation was fused)
     fused: str | None = None  # qualified name of the fused activation module, now nn.Identity
+    kind: str = "FALinear"  # the new layer's class
 
 
 @dataclass
@@ -74,13 +77,20 @@ class ConversionSummary:
         return [layer.name for layer in self.converted]
 
     def __str__(self) -> str:
-        lines = [f"fa_triton.convert: {len(self.converted)} nn.Linear -> FALinear, {len(self.kept)} kept"]
+        convs = sum(layer.kind == "FAConv2d" for layer in self.converted)
+        counts = f"{len(self.converted) - convs} nn.Linear -> FALinear" + (
+            f", {convs} nn.Conv2d -> FAConv2d" if convs else "")
+        lines = [f"fa_triton.convert: {counts}, {len(self.kept)} kept"]
         for layer in self.converted:
             fused = f" (fused {layer.fused}, now nn.Identity)" if layer.fused is not None else ""
-            lines.append(f"  {layer.name or '<root>'}: FALinear, activation={layer.activation}{fused}")
+            lines.append(f"  {layer.name or '<root>'}: {layer.kind}, activation={layer.activation}{fused}")
         for name, reason in self.kept:
-            lines.append(f"  {name or '<root>'}: kept as nn.Linear ({reason})")
+            lines.append(f"  {name or '<root>'}: kept ({reason})")
         return "\n".join(lines)
+
+
+def _kind(module: nn.Module) -> str:
+    return "FAConv2d" if isinstance(module, nn.Conv2d) else "FALinear"
 
 
 def _selector(spec, argument: str) -> tuple[list[str], list[type]]:
@@ -112,12 +122,13 @@ def _matches(names, types, path: list[tuple[str, nn.Module]]) -> bool:
     return False
 
 
-def _unconvertible(linear: nn.Linear, parent: nn.Module | None) -> str | None:
-    """Why ``linear`` cannot be replaced, or None."""
+def _unconvertible(linear: nn.Linear | nn.Conv2d, parent: nn.Module | None) -> str | None:
+    """Why ``linear`` (an nn.Linear or nn.Conv2d) cannot be replaced, or None."""
     if isinstance(parent, nn.MultiheadAttention):
         return "inside nn.MultiheadAttention, which reads its weights without calling it"
-    if type(linear).forward is not nn.Linear.forward:
-        return f"{type(linear).__name__} overrides nn.Linear.forward"
+    base = nn.Conv2d if isinstance(linear, nn.Conv2d) else nn.Linear
+    if type(linear).forward is not base.forward:
+        return f"{type(linear).__name__} overrides {base.__name__}.forward"
     if isinstance(linear.weight, nn.parameter.UninitializedParameter):
         return "uninitialized lazy layer: run one forward pass first"
     if parametrize.is_parametrized(linear):
@@ -145,16 +156,25 @@ class _Converter:
             return False
         return not _matches(self.exclude_names, self.exclude_types, path)
 
-    def falinear(self, linear: nn.Linear, activation: str, negative_slope: float) -> FALinear:
+    def falinear(self, linear: nn.Linear | nn.Conv2d, activation: str, negative_slope: float):
         variants = self.done.setdefault(id(linear), {})
         if (activation, negative_slope) in variants:
             return variants[(activation, negative_slope)]
         # Built on the meta device: weight and bias are linear's own Parameters, so only
         # the feedback is drawn (no wasted initialisation, no extra RNG draws).
-        layer = FALinear(
-            linear.in_features, linear.out_features, bias=linear.bias is not None, activation=activation,
-            negative_slope=negative_slope, backend=self.backend, method=self.method, init=self.init, device="meta",
-        )
+        if isinstance(linear, nn.Conv2d):
+            layer = FAConv2d(
+                linear.in_channels, linear.out_channels, linear.kernel_size, linear.stride, linear.padding,
+                linear.dilation, linear.groups, linear.bias is not None, linear.padding_mode, activation,
+                negative_slope=negative_slope, method=self.method, init=self.init,
+                backend="torch" if self.backend == "torch" else "auto", device="meta",
+            )
+        else:
+            layer = FALinear(
+                linear.in_features, linear.out_features, bias=linear.bias is not None, activation=activation,
+                negative_slope=negative_slope, backend=self.backend, method=self.method, init=self.init,
+                device="meta",
+            )
         layer.weight = linear.weight
         layer.bias = linear.bias
         weight = linear.weight
@@ -176,13 +196,13 @@ class _Converter:
         variants[(activation, negative_slope)] = layer
         return layer
 
-    def convert_root(self, model: nn.Linear) -> nn.Module:
+    def convert_root(self, model: nn.Linear | nn.Conv2d) -> nn.Module:
         path = [("", model)]
         reason = _unconvertible(model, None) or (None if self.selected(path) else "not selected by include/exclude")
         if reason is not None:
             self.summary.kept.append(("", reason))
             return model
-        self.summary.converted.append(ConvertedLayer("", "identity"))
+        self.summary.converted.append(ConvertedLayer("", "identity", kind=_kind(model)))
         return self.falinear(model, "identity", _DEFAULT_SLOPE)
 
     def visit(self, module: nn.Module, path: list[tuple[str, nn.Module]]) -> None:
@@ -192,7 +212,7 @@ class _Converter:
             qualified = f"{prefix}.{name}" if prefix else name
             self.seen_names.append(qualified)
             child_path = path + [(qualified, child)]
-            if not isinstance(child, nn.Linear):
+            if not isinstance(child, (nn.Linear, nn.Conv2d)):
                 self.visit(child, child_path)
                 continue
             reason = _unconvertible(child, module)
@@ -213,7 +233,7 @@ class _Converter:
                     # Identity in the activation's slot keeps the indices (and state_dict keys).
                     module._modules[next_name] = nn.Identity()
             module._modules[name] = self.falinear(child, activation, negative_slope)
-            self.summary.converted.append(ConvertedLayer(qualified, activation, fused))
+            self.summary.converted.append(ConvertedLayer(qualified, activation, fused, _kind(child)))
 
 
 def convert(
@@ -229,7 +249,8 @@ def convert(
     method: str = "fa",
     init: str = "kaiming",
 ):
-    """Replace every ``nn.Linear`` of ``model`` by an :class:`~fa_triton.FALinear`.
+    """Replace every ``nn.Linear`` of ``model`` by an :class:`~fa_triton.FALinear`, every
+    ``nn.Conv2d`` by an :class:`~fa_triton.FAConv2d` (the same fusion applies to both).
 
     Each converted layer keeps the ``nn.Linear``'s own ``weight`` and ``bias`` Parameters
     (values, device, dtype, ``requires_grad`` and weight tying preserved) and gets a freshly
@@ -283,7 +304,7 @@ def convert(
                            method, init)
 
     target = model if inplace else copy.deepcopy(model)
-    if isinstance(target, nn.Linear):
+    if isinstance(target, (nn.Linear, nn.Conv2d)):
         result = converter.convert_root(target)
     else:
         converter.visit(target, [("", target)])
@@ -299,9 +320,9 @@ def convert(
     summary = converter.summary
     if not summary.converted:
         result = model  # nothing changed: hand back the caller's own object, not a copy
-        kept = f" ({len(summary.kept)} nn.Linear kept: {summary.kept})" if summary.kept else ""
+        kept = f" ({len(summary.kept)} kept: {summary.kept})" if summary.kept else ""
         warnings.warn(
-            f"fa_triton.convert: {type(model).__name__} has no nn.Linear layer to convert{kept}; "
+            f"fa_triton.convert: {type(model).__name__} has no nn.Linear layer to convert (nor nn.Conv2d){kept}; "
             "returned unchanged", UserWarning, stacklevel=2,
         )
     if verbose:
@@ -372,7 +393,7 @@ def load_linear_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     feedback_keys = [
         f"{name}.feedback" if name else "feedback"
         for name, module in model.named_modules(remove_duplicate=False)
-        if isinstance(module, FALinear)
+        if isinstance(module, (FALinear, FAConv2d)) and module.feedback is not None
     ]
     missing = sorted({key for key in feedback_keys if key not in state_dict})
     full = dict(state_dict)

@@ -13,7 +13,10 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
+from .conv import FAConv2d
 from .modules import FALinear
+
+FA_LAYER_TYPES = (FALinear, FAConv2d)
 
 
 class WeightAlignment(NamedTuple):
@@ -39,19 +42,19 @@ def angle_between(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.degrees(math.acos(cosine))
 
 
-def fa_layers(model: nn.Module) -> list[FALinear]:
-    """The :class:`FALinear` layers of ``model``, in ``model.modules()`` order."""
-    return [m for m in model.modules() if isinstance(m, FALinear)]
+def fa_layers(model: nn.Module) -> list[FALinear | FAConv2d]:
+    """The :class:`FALinear` and :class:`FAConv2d` layers of ``model``, in ``model.modules()`` order."""
+    return [m for m in model.modules() if isinstance(m, FA_LAYER_TYPES)]
 
 
-def weight_alignment(layer: FALinear) -> WeightAlignment:
+def weight_alignment(layer: FALinear | FAConv2d) -> WeightAlignment:
     """Angle (degrees) between the layer's flattened ``weight`` W and its B, and ‖W‖/‖B‖.
 
     B as the layer's method forms it (``FALinear.feedback_matrix``): the feedback matrix (fa,
     kp, wm), W (backprop: 0°), s·sign(W) (usf: the angle between W and sign(W)), |R|·sign(W)
     (frsf; brsf's latest draw)."""
-    if not isinstance(layer, FALinear):
-        raise TypeError(f"layer must be an FALinear, got {type(layer).__name__}")
+    if not isinstance(layer, FA_LAYER_TYPES):
+        raise TypeError(f"layer must be an FALinear or FAConv2d, got {type(layer).__name__}")
     weight, feedback = layer.weight.detach(), layer.feedback_matrix()
     feedback_norm = feedback.double().norm().item()
     ratio = weight.double().norm().item() / feedback_norm if feedback_norm > 0 else math.inf
@@ -64,7 +67,7 @@ def gradient_alignment(
     y: torch.Tensor,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> list[float]:
-    """Per FALinear layer, the angle (degrees) between the FA gradient of W and backprop's.
+    """Per FA layer (FALinear, FAConv2d), the angle (degrees) between the FA gradient of W and backprop's.
 
     Both gradients are of ``loss_fn(model(x), y)`` on the same batch; the backprop one is
     computed with every layer temporarily in method "backprop" (B = W: exactly backprop). The
@@ -75,7 +78,7 @@ def gradient_alignment(
     """
     layers = fa_layers(model)
     if not layers:
-        raise ValueError(f"model has no FALinear layer: {type(model).__name__}")
+        raise ValueError(f"model has no FALinear or FAConv2d layer: {type(model).__name__}")
     weights = [layer.weight for layer in layers]
 
     def weight_grads() -> tuple[torch.Tensor, ...]:

@@ -1,5 +1,5 @@
-"""fa_triton.convert (nn.Linear -> FALinear, activation fusion, include/exclude) and
-fa_triton.load_linear_state_dict (checkpoints of the nn.Linear model)."""
+"""fa_triton.convert (nn.Linear -> FALinear, nn.Conv2d -> FAConv2d, activation fusion,
+include/exclude) and fa_triton.load_linear_state_dict (checkpoints of the original model)."""
 
 import io
 import warnings
@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from fa_triton import FALinear, convert, load_linear_state_dict
+from fa_triton import FAConv2d, FALinear, convert, load_linear_state_dict
 
 
 class SmallCNN(nn.Module):
-    """A CNN feature extractor with an MLP head: only the head's Linear layers should change."""
+    """A CNN feature extractor with an MLP head: the conv and the head's Linear layers change."""
 
     def __init__(self):
         super().__init__()
@@ -40,13 +40,14 @@ def batch(n=32, seed=0):
     return x, target
 
 
-def test_convert_small_cnn_replaces_only_linear_layers():
+def test_convert_small_cnn_replaces_linear_and_conv_layers():
     model = small_cnn()
     original_keys = list(model.state_dict())
     converted, summary = convert(model, return_summary=True)
 
     assert converted is not model and all(type(m) is nn.Linear for m in model.head[::2])  # model untouched
-    assert [type(m) for m in converted.features] == [nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten]
+    assert [type(m) for m in converted.features] == [FAConv2d, nn.Identity, nn.MaxPool2d, nn.Flatten]
+    assert converted.features[0].activation == "relu"  # Conv2d + ReLU fused too
     head = converted.head
     assert [type(m) for m in head] == [FALinear, nn.Identity, FALinear, nn.Identity, FALinear, nn.GELU, FALinear]
     assert [(m.activation, m.negative_slope) for m in head[::2]] == [
@@ -60,12 +61,13 @@ def test_convert_small_cnn_replaces_only_linear_layers():
 
     # Indices are kept, so the state_dict keys are the original ones plus the feedback buffers.
     assert list(k for k in converted.state_dict() if not k.endswith("feedback")) == original_keys
-    assert sorted(k for k in converted.state_dict() if k.endswith("feedback")) == [
+    assert sorted(k for k in converted.state_dict() if k.endswith("feedback")) == ["features.0.feedback"] + [
         f"head.{i}.feedback" for i in (0, 2, 4, 6)
     ]
-    assert summary.names == ["head.0", "head.2", "head.4", "head.6"]
-    assert [(c.activation, c.fused) for c in summary.converted] == [
-        ("relu", "head.1"), ("leaky_relu", "head.3"), ("identity", None), ("identity", None)
+    assert summary.names == ["features.0", "head.0", "head.2", "head.4", "head.6"]
+    assert [(c.activation, c.fused, c.kind) for c in summary.converted] == [
+        ("relu", "features.1", "FAConv2d"), ("relu", "head.1", "FALinear"), ("leaky_relu", "head.3", "FALinear"),
+        ("identity", None, "FALinear"), ("identity", None, "FALinear")
     ]
     # FA changes the backward pass only: the forward is the original model's.
     x, _ = batch()
@@ -98,7 +100,7 @@ def test_convert_options():
     converted, summary = convert(model, exclude=["head.6"], return_summary=True)
     assert type(converted.head[6]) is nn.Linear and summary.kept == [("head.6", "not selected by include/exclude")]
     # A type matches the layer or any module containing it; patterns are fnmatch-style.
-    with pytest.warns(UserWarning, match="4 nn.Linear kept"):
+    with pytest.warns(UserWarning, match="5 kept"):
         assert convert(model, exclude=[nn.Sequential], return_summary=True)[1].names == []
     assert convert(model, include=["head.[02]"], return_summary=True)[1].names == ["head.0", "head.2"]
     # An excluded activation is not fused.
@@ -138,8 +140,8 @@ def test_convert_shared_modules_and_special_cases():
 
 
 def test_convert_model_without_linear_returns_it_unchanged():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
-    with pytest.warns(UserWarning, match="no nn.Linear layer to convert.*returned unchanged"):
+    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.ReLU())
+    with pytest.warns(UserWarning, match="no nn.Linear layer to convert \\(nor nn.Conv2d\\).*returned unchanged"):
         result, summary = convert(model, return_summary=True)
     assert result is model and summary.converted == []
 
@@ -164,7 +166,7 @@ def test_load_linear_state_dict_into_converted_model():
     checkpoint = {k: v + 1 for k, v in checkpoint.items()}
     converted = convert(model)
     feedback = converted.head[0].feedback.clone()
-    with pytest.warns(UserWarning, match=r"no feedback for \['head.0.feedback', 'head.2.feedback'"):
+    with pytest.warns(UserWarning, match=r"no feedback for \['features.0.feedback', 'head.0.feedback'"):
         load_linear_state_dict(converted, checkpoint)
     state = converted.state_dict()
     assert all(torch.equal(state[k], v) for k, v in checkpoint.items())

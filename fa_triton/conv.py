@@ -1,0 +1,309 @@
+"""``FAConv2d``: a drop-in ``nn.Conv2d`` (+ activation) trained by any rule of the FA family.
+
+The backward sends δ = g ⊙ f'(z) through B (the feedback, of the weight's shape) instead of W:
+grad_input is the transposed convolution of δ with B (``torch.nn.grad.conv2d_input``, cuDNN on
+a GPU), grad_weight and grad_bias are nn.Conv2d's. B is formed by the layer's ``method`` as for
+``FALinear`` (``fa_triton.methods``): the PyTorch ops are the backend here (``backend`` takes
+"auto" and "torch").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules.utils import _pair
+
+from .activations import activation_backward, apply_activation, check_activation, extra_for_backward, saves_extra
+from .methods import FEEDBACK_METHODS, FeedbackRule, check_method, feedback_matrix, init_bound, init_std, rule_for
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+CONV_BACKENDS = ("auto", "torch")
+
+
+class FAConv2dFunction(torch.autograd.Function):
+    """z = conv2d(x, W, b), y = f(z); backward: grad_x = conv_transpose(δ, B), grad_W, grad_b as
+    nn.Conv2d's, B formed by ``rule`` from feedback, weight and counter (kp: B gets grad_W).
+
+    x [N, C_in, H, W] (already padded when the padding is not zeros or not symmetric),
+    weight and feedback [C_out, C_in / groups, kh, kw] -> y [N, C_out, H_out, W_out].
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, feedback, counter, stride, padding, dilation, groups, activation,
+                negative_slope, rule):
+        z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        y = apply_activation(z, activation, negative_slope)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_feedback = rule.trains_feedback and ctx.needs_input_grad[3]
+        saved = None
+        if activation != "identity" and (need_x or need_w or need_b or need_feedback):
+            saved = extra_for_backward(z, activation) if saves_extra(activation, negative_slope) else y
+        ctx.save_for_backward(x if need_w or need_feedback else None, weight if need_x else None,
+                              feedback if need_x and rule.reads_feedback else None,
+                              counter if need_x and rule.kind == "random_sign" else None, saved)
+        ctx.x_shape, ctx.weight_shape = x.shape, weight.shape
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.activation, ctx.negative_slope, ctx.rule = activation, negative_slope, rule
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, weight, feedback, counter, saved = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        rule = ctx.rule
+        need_feedback = rule.trains_feedback and ctx.needs_input_grad[3]
+        stride, padding, dilation, groups = ctx.conv
+        delta = activation_backward(grad_y, saved, ctx.activation, ctx.negative_slope)
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            # B in place of W: the only change from backprop (formed from W's sign for usf, frsf, brsf).
+            matrix = weight if rule.kind == "matrix" and feedback is None else _conv_feedback(rule, weight, feedback,
+                                                                                               counter)
+            grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, matrix, delta, stride, padding, dilation, groups)
+        if need_w or need_feedback:
+            grad_w = torch.nn.grad.conv2d_weight(x, ctx.weight_shape, delta, stride, padding, dilation, groups)
+        if need_b:
+            grad_b = delta.sum((0, 2, 3))
+        return (grad_x, grad_w if need_w else None, grad_b, grad_w if need_feedback else None,
+                *([None] * 8))
+
+
+def _conv_feedback(rule: FeedbackRule, weight, feedback, counter) -> torch.Tensor:
+    """B of the conv's shape, from the rule (the linear rule on the flattened [C_out, rest] matrix)."""
+    flat_weight = weight.reshape(weight.shape[0], -1)
+    flat_feedback = None if feedback is None else feedback.reshape(weight.shape[0], -1)
+    return feedback_matrix(rule, flat_weight, flat_feedback, counter).view(weight.shape)
+
+
+class FAConv2d(nn.Module):
+    """``y = f(conv2d(x, W) + b)`` whose backward sends the error through B instead of W.
+
+    nn.Conv2d's signature, defaults and init (``in_channels, out_channels, kernel_size,
+    stride=1, padding=0, dilation=1, groups=1, bias=True, padding_mode="zeros"``; padding also
+    "same" and "valid"), plus ``activation`` (default "identity": a plain convolution; "relu"
+    etc. fuse the activation, as FALinear's), ``negative_slope``, ``method`` and ``init``
+    (the FA family, as FALinear's: ``fa_triton.methods``), ``backend`` ("auto" or "torch").
+    Input [N, C_in, H, W] or [C_in, H, W] -> output [N, C_out, H_out, W_out] or [C_out, H_out, W_out].
+    The fan-in and fan-out of init and usf's scale are the conv weight's (as ``nn.init``'s).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        activation: str = "identity",
+        *,
+        negative_slope: float = 0.01,
+        method: str = "fa",
+        init: str = "kaiming",
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by "
+                             f"groups ({groups})")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        if backend not in CONV_BACKENDS:
+            raise ValueError(f"FAConv2d's backend must be one of {CONV_BACKENDS} (the PyTorch ops, cuDNN on a GPU), "
+                             f"got {backend!r}")
+        check_activation(activation, negative_slope)
+        check_method(method, init)
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+            if padding == "same" and any(s != 1 for s in self.stride):
+                raise ValueError("padding='same' is not supported for strided convolutions (as nn.Conv2d)")
+        else:
+            padding = _pair(padding)
+        self.padding, self.padding_mode = padding, padding_mode
+        self.activation, self.negative_slope = activation, float(negative_slope)
+        self._method, self.init, self.backend = method, init, backend
+        factory = {"device": device, "dtype": dtype}
+        shape = (out_channels, in_channels // groups, *self.kernel_size)
+        self.weight = nn.Parameter(torch.empty(shape, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        if not bias:
+            self.register_parameter("bias", None)
+        if method == "kp":
+            self.feedback = nn.Parameter(torch.empty(shape, **factory))
+        elif method in FEEDBACK_METHODS:
+            self.register_buffer("feedback", torch.empty(shape, **factory))
+        else:
+            self.feedback = None
+        self._seed = 0
+        if method == "brsf":
+            self.register_buffer("feedback_seed", torch.zeros(1, dtype=torch.int64, device=device))
+            self.register_buffer("counter", torch.zeros(1, dtype=torch.int64, device=device))
+        self.reset_parameters()
+
+    @property
+    def method(self) -> str:
+        return self._method
+
+    @property
+    def fans(self) -> tuple[int, int]:
+        """(fan_in, fan_out) of the weight, as ``nn.init`` computes them."""
+        receptive = self.kernel_size[0] * self.kernel_size[1]
+        return self.in_channels // self.groups * receptive, self.out_channels * receptive
+
+    @property
+    def rule(self) -> FeedbackRule:
+        fan_in, fan_out = self.fans
+        scale = (init_std if self.method == "usf" else init_bound)(self.init, fan_in, fan_out)
+        return rule_for(self.method, scale if self.method in ("usf", "brsf") else None,
+                        self._seed if self.method == "brsf" else None)
+
+    def reset_parameters(self) -> None:
+        """The init's weight and bias (kaiming: nn.Conv2d's, same RNG draws and order), then B."""
+        fan_in, _ = self.fans
+        if self.init == "xavier":
+            nn.init.xavier_uniform_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+        else:
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            if self.bias is not None:
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+                nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_feedback()
+
+    @torch.no_grad()
+    def reset_feedback(self, generator: torch.Generator | None = None) -> None:
+        """Draw a new B (or R) from the init's distribution; brsf draws a new seed."""
+        fan_in, fan_out = self.fans
+        if self.feedback is not None:
+            bound = init_bound(self.init, fan_in, fan_out)
+            self.feedback.uniform_(-bound, bound, generator=generator)
+        if self.method == "brsf":
+            self._seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            self.feedback_seed.fill_(self._seed)
+            self.counter.zero_()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.method == "brsf":
+            self.sync_seed()
+
+    def sync_seed(self) -> None:
+        """brsf: read the seed back from the ``feedback_seed`` buffer (after loading or a broadcast)."""
+        self._seed = int(self.feedback_seed.item())
+
+    @torch.no_grad()
+    def feedback_matrix(self) -> torch.Tensor:
+        """B as the backward uses it now, of the weight's shape."""
+        if self.method == "backprop":
+            return self.weight.detach()
+        return _conv_feedback(self.rule, self.weight.detach(), self.feedback, getattr(self, "counter", None))
+
+    @torch.no_grad()
+    def mirror(self, batch_size: int = 128, eta: float = 0.01, noise_amplitude: float = 0.1, size: int = 8,
+               generator: torch.Generator | None = None, activation: str | None = None) -> None:
+        """One weight-mirroring step (method "wm"), the conv form of ``FALinear.mirror``: noise
+        images x ~ U(±noise_amplitude/2) [batch, C_in, size, size], y = f(conv(x)), B += eta ·
+        the correlation of y with x (the weight gradient's form: conv2d_weight(x, y))."""
+        if self.method != "wm":
+            raise ValueError(f"mirror() is the weight-mirroring step of method='wm', this layer's is {self.method!r}")
+        activation = self.activation if activation is None else activation
+        check_activation(activation, self.negative_slope)
+        x = (torch.rand(batch_size, self.in_channels, size, size, generator=generator, device=self.weight.device,
+                        dtype=self.weight.dtype) - 0.5) * noise_amplitude
+        x, padding = self._pad(x)
+        y = apply_activation(F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups),
+                             activation, self.negative_slope)
+        self.feedback.add_(torch.nn.grad.conv2d_weight(x, self.weight.shape, y, self.stride, padding, self.dilation,
+                                                       self.groups), alpha=eta)
+
+    def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """x padded explicitly unless the padding is symmetric zeros, and the conv's own padding."""
+        if self.padding == "valid":
+            return x, (0, 0)
+        if self.padding == "same":
+            total = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+            pads = [(t // 2, t - t // 2) for t in total]
+        else:
+            pads = [(p, p) for p in self.padding]
+        if self.padding_mode == "zeros" and all(left == right for left, right in pads):
+            return x, (pads[0][0], pads[1][0])
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        return F.pad(x, (pads[1][0], pads[1][1], pads[0][0], pads[0][1]), mode=mode), (0, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4):
+            raise ValueError(f"FAConv2d expects input [N, C, H, W] or [C, H, W], got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"x must have {self.in_channels} channels (dim 1) to match the weight "
+                             f"{tuple(self.weight.shape)}, got x of shape {tuple(x.shape)}")
+        weight, bias = self.weight, self.bias
+        if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        if x.dtype != weight.dtype or x.device != weight.device:
+            raise TypeError(f"x is {x.dtype} on {x.device} but the weight is {weight.dtype} on {weight.device}: "
+                            "cast the module with .to(), or the input")
+        feedback = self.feedback if self.method != "backprop" else None
+        if feedback is not None and feedback.dtype != weight.dtype:
+            feedback = feedback.to(weight.dtype)
+        counter = None
+        if self.method == "brsf":
+            if self.training and torch.is_grad_enabled():
+                self.counter.add_(1)
+            counter = self.counter.clone()
+        x, padding = self._pad(x)
+        y = FAConv2dFunction.apply(x, weight, bias, feedback, counter, self.stride, padding, self.dilation,
+                                   self.groups, self.activation, self.negative_slope, self.rule)
+        return y.squeeze(0) if unbatched else y
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, activation: str = "identity", *, negative_slope: float = 0.01,
+                  method: str = "fa", init: str = "kaiming", backend: str = "auto") -> "FAConv2d":
+        """An FAConv2d with a copy of ``conv``'s weight and bias (same device, dtype, geometry)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    conv.groups, conv.bias is not None, conv.padding_mode, activation, negative_slope=negative_slope,
+                    method=method, init=init, backend=backend, device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer
+
+    def extra_repr(self) -> str:
+        text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}")
+        if self.dilation != (1, 1):
+            text += f", dilation={self.dilation}"
+        if self.groups != 1:
+            text += f", groups={self.groups}"
+        if self.bias is None:
+            text += ", bias=False"
+        if self.padding_mode != "zeros":
+            text += f", padding_mode={self.padding_mode}"
+        if self.activation != "identity":
+            text += f", activation={self.activation}"
+        return text + f", method={self.method}" + (f", init={self.init}" if self.init != "kaiming" else "")
