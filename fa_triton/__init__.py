@@ -12,7 +12,7 @@ from .autograd import FALinearFunction, ReferenceFALinearFunction
 from .backend import BACKENDS
 from .conv import FAConv2d
 from .convert import ConversionSummary, convert, load_linear_state_dict
-from .dfa import DFANetwork
+from .dfa import DFAModel, DFANetwork
 from .functional import fa_linear, reference
 from .methods import INITS, METHODS
 from .modules import FALinear
@@ -23,6 +23,7 @@ __all__ = [
     "ACTIVATIONS",
     "BACKENDS",
     "ConversionSummary",
+    "DFAModel",
     "DFANetwork",
     "FAConv2d",
     "FALinear",

@@ -141,8 +141,9 @@ class FAConv2d(nn.Module):
         factory = {"device": device, "dtype": dtype}
         shape = (out_channels, in_channels // groups, *self.kernel_size)
         self.weight = nn.Parameter(torch.empty(shape, **factory))
-        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
-        if not bias:
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
+        else:
             self.register_parameter("bias", None)
         if method == "kp":
             self.feedback = nn.Parameter(torch.empty(shape, **factory))

@@ -339,8 +339,18 @@ def _convert_dfa(model, backend, init, inplace, include, exclude, verbose, retur
     if inplace or include is not None or exclude is not None:
         raise ValueError("method='dfa' converts the whole network into a new DFANetwork: inplace, include and "
                          "exclude do not apply")
-    if not isinstance(model, nn.Sequential):
-        raise ValueError(f"method='dfa' converts an nn.Sequential MLP, got {type(model).__name__}")
+    is_mlp = isinstance(model, nn.Sequential) and not any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if not is_mlp:
+        # Any other network (convolutional, residual): its layers in method "backprop" under DFAModel's taps.
+        from .dfa import DFAModel
+
+        converted, summary = convert(model, backend=backend, method="backprop", init=init, return_summary=True)
+        if not summary.converted:
+            raise ValueError(f"method='dfa' found no nn.Linear or nn.Conv2d in {type(model).__name__}")
+        network = DFAModel(converted, init=init)
+        if verbose:
+            print(summary)
+        return (network, summary) if return_summary else network
     target = copy.deepcopy(model)
     converter = _Converter(True, backend, _selector(None, "include"), _selector(None, "exclude"), "backprop", init)
     slots = list(target.named_children())

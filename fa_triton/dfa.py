@@ -155,3 +155,91 @@ class _DFAFunction(torch.autograd.Function):
             else:
                 grads += [None, None]
         return (error, None, None, None, None, *grads)
+
+
+class DFAModel(nn.Module):
+    """Direct feedback alignment for any network of FALinear and FAConv2d layers (convolutional
+    networks, residual ones included): the output error e is projected to the output of every
+    hidden FA layer l by a fixed random B_l [n_out, size of one sample's output], in one GEMM
+    (e [B_1 | B_2 | …], then each piece reshaped to the layer's output); each layer's own
+    backward applies its f' and forms its weight gradient. Every hidden layer's output is cut
+    from the graph for the layers above it (so no error flows down the network the backprop
+    way) and tapped for the projection; the output layer gets its exact gradient.
+
+    ``model``: the network (its FA layers in method "backprop", as ``convert(model,
+    method="dfa")`` builds them); ``hidden``: its hidden FA layers in forward order (default:
+    every FALinear and FAConv2d but the last). ``feedback`` [n_out, Σ sizes] is drawn at the
+    first training forward, when the sizes are known ("kaiming": U(±1/√size_l); "xavier":
+    U(±√(6/(n_out+size_l)))), and is in ``state_dict`` from then on.
+    """
+
+    def __init__(self, model: nn.Module, hidden=None, *, init: str = "kaiming"):
+        super().__init__()
+        from .conv import FAConv2d
+
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        layers = [m for m in model.modules() if isinstance(m, (FALinear, FAConv2d))]
+        hidden = list(hidden) if hidden is not None else layers[:-1]
+        if not hidden:
+            raise ValueError("DFA needs at least one hidden FALinear or FAConv2d layer below the output layer")
+        self.model = model
+        self.init = init
+        self._hidden = hidden  # not registered twice: they are modules of self.model
+        self.widths: list[int] = []
+        self.register_buffer("feedback", torch.empty(0))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        loaded = state_dict.get(prefix + "feedback")
+        if loaded is not None and loaded.shape != self.feedback.shape:
+            self.feedback = torch.empty_like(loaded, device=self.feedback.device)  # a drawn B from a checkpoint
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def _draw(self, n_out: int, widths: list[int], like: torch.Tensor) -> None:
+        self.widths = widths
+        if self.feedback.shape != (n_out, sum(widths)):
+            self.feedback = torch.empty(n_out, sum(widths), device=like.device, dtype=like.dtype)
+            start = 0
+            for width in widths:
+                bound = init_bound(self.init, width, n_out)
+                self.feedback[:, start:start + width].uniform_(-bound, bound)
+                start += width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters())
+        if not trains:
+            return self.model(x)
+        taps = []
+
+        def tap(module, inputs, output):
+            taps.append(output)
+            return output.detach()  # the layers above see no graph: the error reaches this one from e only
+
+        hooks = [layer.register_forward_hook(tap) for layer in self._hidden]
+        try:
+            out = self.model(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        self._draw(out.shape[-1], [t[0].numel() if t.dim() > 1 else t.numel() for t in taps], out)
+        return _DFATap.apply(out, self.feedback, len(taps), *taps)
+
+
+class _DFATap(torch.autograd.Function):
+    """Identity on the network's output; its backward sends e·B_l, reshaped, into each tapped output."""
+
+    @staticmethod
+    def forward(ctx, out, feedback, count, *taps):
+        ctx.feedback = feedback
+        ctx.shapes = [t.shape for t in taps]
+        return out.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, error):
+        error2d = error.reshape(-1, error.shape[-1])
+        projected = error2d @ ctx.feedback.to(error2d.dtype)  # one GEMM for every hidden layer
+        widths = [int(torch.Size(shape[1:]).numel()) if len(shape) > 1 else int(shape[0]) for shape in ctx.shapes]
+        pieces = torch.split(projected, widths, dim=1)
+        return (error, None, None, *(p.reshape(shape) for p, shape in zip(pieces, ctx.shapes)))

@@ -1,0 +1,245 @@
+"""FAConv2d (fa_triton/conv.py) against a float64 oracle written with unfold/fold, for every
+method; backprop against nn.Conv2d; geometry, dtypes, checkpoints, autocast, compile, errors;
+conv DFA (DFAModel); the benchmark networks (fa_triton/models.py); BioTorch's defects."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fa_triton
+import fa_triton.metrics
+from fa_triton import METHODS, FAConv2d, FALinear, models
+from tests.oracle import activation_and_derivative
+
+GEOMETRIES = [  # (in, out, kernel, stride, padding, dilation, groups, bias, image H, W, batch)
+    (3, 4, 3, 1, 1, 1, 1, True, 7, 5, 2),
+    (4, 6, (3, 2), 2, 0, 1, 2, False, 9, 8, 1),
+    (2, 3, 3, 1, 2, 2, 1, True, 6, 7, 3),
+    (4, 4, 1, 1, 0, 1, 4, True, 5, 5, 2),
+]
+
+
+def _oracle(x, weight, bias, B, grad_y, stride, padding, dilation, groups, activation):
+    """y, grad_x, grad_W, grad_b of the FA conv in float64, from unfold/fold (im2col) matmuls."""
+    x, weight, B, grad_y = x.double(), weight.double(), B.double(), grad_y.double()
+    n, c_in, h, w = x.shape
+    c_out, c_group, kh, kw = weight.shape
+    geometry = dict(kernel_size=(kh, kw), dilation=dilation, padding=padding, stride=stride)
+    cols = F.unfold(x, **geometry)  # [N, C_in·kh·kw, L]
+    h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out_g, rows = c_out // groups, c_group * kh * kw
+    z = torch.cat([weight[g * out_g:(g + 1) * out_g].reshape(out_g, rows) @ cols[:, g * rows:(g + 1) * rows]
+                   for g in range(groups)], dim=1)
+    if bias is not None:
+        z = z + bias.double()[None, :, None]
+    y, fprime = activation_and_derivative(z, activation, 0.01)
+    delta = grad_y.reshape(n, c_out, -1) * fprime
+    grad_cols = torch.cat([B[g * out_g:(g + 1) * out_g].reshape(out_g, rows).t() @ delta[:, g * out_g:(g + 1) * out_g]
+                           for g in range(groups)], dim=1)
+    grad_x = F.fold(grad_cols, (h, w), **geometry)
+    grad_w = torch.cat([(delta[:, g * out_g:(g + 1) * out_g] @ cols[:, g * rows:(g + 1) * rows].transpose(1, 2))
+                        .sum(0).reshape(out_g, c_group, kh, kw) for g in range(groups)])
+    grad_b = delta.sum((0, 2)) if bias is not None else None
+    return y.reshape(n, c_out, h_out, w_out), grad_x, grad_w, grad_b
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "x".join(map(str, g[:7])))
+def test_every_method_against_the_oracle(method, geometry):
+    c_in, c_out, k, stride, padding, dilation, groups, bias, h, w, n = geometry
+    torch.manual_seed(0)
+    layer = FAConv2d(c_in, c_out, k, stride, padding, dilation, groups, bias, activation="tanh", method=method,
+                     dtype=torch.float64)
+    x = torch.randn(n, c_in, h, w, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    expected = _oracle(x.detach(), layer.weight.detach(), layer.bias.detach() if bias else None,
+                       layer.feedback_matrix(), grad_y, layer.stride, layer.padding, layer.dilation, groups, "tanh")
+    for name, got, want in zip(("y", "grad_x", "grad_weight", "grad_bias"),
+                               (y, x.grad, layer.weight.grad, layer.bias.grad if bias else None), expected):
+        if want is None:
+            assert got is None
+            continue
+        assert (got.detach() - want).abs().max().item() <= 1e-10 * max(1, want.abs().max().item()), name
+    if method == "kp":
+        assert torch.equal(layer.feedback.grad, layer.weight.grad)
+
+
+@pytest.mark.parametrize("padding, padding_mode", [(1, "zeros"), ("same", "zeros"), ("same", "reflect"),
+                                                   ("valid", "zeros"), (2, "circular"), (1, "replicate")])
+def test_backprop_equals_nn_conv2d_in_float64(padding, padding_mode):
+    torch.manual_seed(0)
+    layer = FAConv2d(3, 4, (3, 2), padding=padding, padding_mode=padding_mode, dilation=(1, 2), method="backprop",
+                     dtype=torch.float64)
+    conv = nn.Conv2d(3, 4, (3, 2), padding=padding, padding_mode=padding_mode, dilation=(1, 2), dtype=torch.float64)
+    conv.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 3, 8, 9, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y, y2 = layer(x), conv(x2)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y2.backward(grad)
+    for got, want in ((y, y2), (x.grad, x2.grad), (layer.weight.grad, conv.weight.grad), (layer.bias.grad,
+                                                                                          conv.bias.grad)):
+        assert ((got - want).norm() / want.norm()).item() <= 1e-12
+
+
+def test_defaults_init_and_repr_match_nn_conv2d():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 5)
+    torch.manual_seed(0)
+    layer = FAConv2d(3, 8, 5)
+    assert torch.equal(layer.weight, conv.weight) and torch.equal(layer.bias, conv.bias)  # same init, same draws
+    assert layer.activation == "identity" and layer.stride == (1, 1) and layer.padding == (0, 0)
+    assert repr(layer) == "FAConv2d(3, 8, kernel_size=(5, 5), stride=(1, 1), padding=(0, 0), method=fa)"
+    xavier = FAConv2d(3, 8, 5, method="usf", init="xavier", bias=True)
+    assert torch.equal(xavier.bias, torch.zeros(8)) and "init=xavier" in repr(xavier)
+    fan_in, fan_out = 3 * 25, 8 * 25
+    assert xavier.rule.scale == pytest.approx((2 / (fan_in + fan_out)) ** 0.5)
+
+
+def test_unbatched_input_dtypes_and_device_moves():
+    layer = FAConv2d(2, 3, 3, padding=1, activation="relu")
+    x = torch.randn(2, 6, 6)
+    assert layer(x).shape == (3, 6, 6)  # [C, H, W] as nn.Conv2d takes it
+    double = layer.to(torch.float64)
+    assert double.feedback.dtype == torch.float64 and double(x.double()).dtype == torch.float64
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer32 = FAConv2d(2, 3, 3)
+        xb = torch.randn(1, 2, 5, 5, requires_grad=True)
+        y = layer32(xb)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer32.weight.grad.dtype == torch.float32 and xb.grad is not None
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_state_dict_round_trip(method):
+    layer = FAConv2d(3, 4, 3, method=method)
+    layer(torch.randn(1, 3, 5, 5)).sum().backward()
+    copy = FAConv2d(3, 4, 3, method=method)
+    copy.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(copy.feedback_matrix(), layer.feedback_matrix(), rtol=0, atol=0)
+
+
+def test_bad_arguments_and_inputs():
+    with pytest.raises(ValueError, match="divisible by groups"):
+        FAConv2d(3, 4, 3, groups=2)
+    with pytest.raises(ValueError, match="padding_mode must be one of"):
+        FAConv2d(3, 4, 3, padding_mode="mirror")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        FAConv2d(3, 4, 3, backend="triton")
+    with pytest.raises(ValueError, match="'same' is not supported for strided"):
+        FAConv2d(3, 4, 3, stride=2, padding="same")
+    with pytest.raises(ValueError, match="method must be one of"):
+        FAConv2d(3, 4, 3, method="dfa")
+    layer = FAConv2d(3, 4, 3)
+    with pytest.raises(ValueError, match="3 channels"):
+        layer(torch.randn(1, 2, 5, 5))
+    with pytest.raises(ValueError, match=r"input \[N, C, H, W\] or \[C, H, W\]"):
+        layer(torch.randn(5, 5))
+    with pytest.raises(TypeError, match="float64 on cpu but the weight is torch.float32"):
+        layer(torch.randn(1, 3, 5, 5, dtype=torch.float64))
+
+
+def test_compile_fullgraph_conv():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(FAConv2d(1, 3, 3, activation="relu", method="usf"), nn.Flatten(),
+                          FALinear(3 * 4 * 4, 2, activation="identity", method="kp"))
+    x = torch.randn(2, 1, 6, 6)
+    model(x).sum().backward()
+    eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch.compile(model, fullgraph=True)(x).sum().backward()
+    for a, b in zip(eager, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_conv_dfa_projects_the_output_error_to_each_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 3))
+    net = fa_triton.convert(model, method="dfa")
+    assert isinstance(net, fa_triton.DFAModel)
+    x = torch.randn(4, 1, 6, 6, dtype=torch.float32)
+    out = net(x)
+    error = torch.randn_like(out)
+    out.backward(error)
+    conv, linear = net.model[0], net.model[4]
+    assert net.feedback.shape == (3, 2 * 4 * 4)
+    # The conv's output gets e·B, reshaped; its own backward applies tanh' and forms grad_W.
+    z = F.conv2d(x, conv.weight, conv.bias)
+    injected = (error @ net.feedback).view(4, 2, 4, 4) * (1 - torch.tanh(z) ** 2)
+    torch.testing.assert_close(conv.weight.grad, torch.nn.grad.conv2d_weight(x, conv.weight.shape, injected))
+    torch.testing.assert_close(conv.bias.grad, injected.sum((0, 2, 3)))
+    # The output layer's gradient is exact.
+    h = F.max_pool2d(torch.tanh(z), 2).flatten(1)
+    torch.testing.assert_close(linear.weight.grad, error.t() @ h)
+
+
+@pytest.mark.parametrize("method", list(METHODS) + ["dfa"])
+@pytest.mark.parametrize("network", ["lenet", "resnet20"])
+def test_benchmark_networks_train_a_few_steps(network, method):
+    # Every layer of every network moves under every rule; the sign-symmetric rules, whose B
+    # starts aligned with W, already lower the loss in ten steps (random feedback needs more).
+    torch.manual_seed(0)
+    model = models.lenet(method, init="xavier") if network == "lenet" else models.resnet20(method)
+    shape = (16, 1, 32, 32) if network == "lenet" else (8, 3, 32, 32)
+    x, target = torch.randn(shape), torch.randint(0, 10, (shape[0],))
+    layers = fa_triton.metrics.fa_layers(model)
+    before = [layer.weight.detach().clone() for layer in layers]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01 if network == "lenet" else 0.05, momentum=0.9)
+    losses = []
+    for _ in range(10):
+        loss = F.cross_entropy(model(x), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(not torch.equal(layer.weight, w) for layer, w in zip(layers, before))
+    if method in ("backprop", "usf", "frsf", "brsf"):
+        assert losses[-1] < 0.95 * losses[0]
+
+
+def test_resnet56_builds():
+    model = models.resnet56("usf")
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(853_018, rel=0.01)
+    assert sum(isinstance(m, FAConv2d) for m in model.modules()) == 55
+
+
+# ------------------------------------------------------------------ BioTorch's defects, absent here
+
+def test_linear_takes_inputs_of_any_rank():
+    layer = FALinear(5, 3, method="usf")
+    assert layer(torch.randn(2, 4, 5)).shape == (2, 4, 3) and layer(torch.randn(5)).shape == (3,)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_out_features_1_with_bias_backward(method):
+    layer = FALinear(4, 1, method=method)
+    x = torch.randn(3, 4, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.bias.grad.shape == (1,) and x.grad.shape == (3, 4)
+
+
+@pytest.mark.parametrize("method", list(METHODS) + ["dfa"])
+def test_float64_model_converts_and_trains(method):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double()
+    converted = fa_triton.convert(model, method=method)
+    x = torch.randn(2, 1, 6, 6, dtype=torch.float64)
+    converted(x).sum().backward()
+    layers = fa_triton.metrics.fa_layers(converted)
+    assert all(layer.weight.dtype == torch.float64 for layer in layers)
+    assert all(layer.feedback is None or layer.feedback.dtype == torch.float64 for layer in layers)
+    assert all(layer.weight.grad is not None for layer in layers)
+
+
+def test_brsf_with_kaiming_init():  # BioTorch raises a NameError here
+    for layer in (FALinear(4, 3, method="brsf", init="kaiming"), FAConv2d(2, 3, 3, method="brsf", init="kaiming")):
+        x = torch.randn(2, 4) if isinstance(layer, FALinear) else torch.randn(1, 2, 5, 5)
+        layer(x).sum().backward()
+        assert layer.weight.grad is not None
