@@ -1,4 +1,4 @@
-"""bench/launch_overhead.py, eager_overhead.py, memory.py and methods.py on the CPU: what they measure, not how fast."""
+"""The host-cost, memory, methods and conv benchmarks on the CPU: what they measure, not how fast."""
 
 from bench import launch_overhead, memory
 from fa_triton.kernels import fa_linear_kernels
@@ -43,3 +43,11 @@ def test_methods_bench_dry_run(capsys):
     for method in METHODS:
         assert f"\n{method:9s}" in out
     assert "backprop (nn.Linear)" in out and "dfa (fa_triton)" in out and "DFA speedup over backprop" in out
+
+
+def test_conv_bench_measures_every_provider():
+    from bench import conv
+
+    results = conv.measure(2, 3, 4, 3, 1, 1, 8, "cpu", rep_ms=5)
+    assert set(results) == {"nn.Conv2d (backprop)", "plain FA conv", "FAConv2d (fa)", "FAConv2d (usf)"}
+    assert all(ms > 0 and saved > 0 and peak is None for ms, saved, peak in results.values())
