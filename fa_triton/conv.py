@@ -9,8 +9,6 @@ a GPU), grad_weight and grad_bias are nn.Conv2d's. B is formed by the layer's ``
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,7 +16,8 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
 from .activations import activation_backward, apply_activation, check_activation, extra_for_backward, saves_extra
-from .methods import FEEDBACK_METHODS, FeedbackRule, check_method, feedback_matrix, init_bound, init_std, rule_for
+from .feedback_state import FeedbackState
+from .methods import FeedbackRule, check_method, feedback_matrix
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 CONV_BACKENDS = ("auto", "torch")
@@ -80,7 +79,7 @@ def _conv_feedback(rule: FeedbackRule, weight, feedback, counter) -> torch.Tenso
     return feedback_matrix(rule, flat_weight, flat_feedback, counter).view(weight.shape)
 
 
-class FAConv2d(nn.Module):
+class FAConv2d(FeedbackState, nn.Module):
     """``y = f(conv2d(x, W) + b)`` whose backward sends the error through B instead of W.
 
     nn.Conv2d's signature, defaults and init (``in_channels, out_channels, kernel_size,
@@ -137,7 +136,7 @@ class FAConv2d(nn.Module):
             padding = _pair(padding)
         self.padding, self.padding_mode = padding, padding_mode
         self.activation, self.negative_slope = activation, float(negative_slope)
-        self._method, self.init, self.backend = method, init, backend
+        self.backend = backend
         factory = {"device": device, "dtype": dtype}
         shape = (out_channels, in_channels // groups, *self.kernel_size)
         self.weight = nn.Parameter(torch.empty(shape, **factory))
@@ -145,76 +144,14 @@ class FAConv2d(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_channels, **factory))
         else:
             self.register_parameter("bias", None)
-        if method == "kp":
-            self.feedback = nn.Parameter(torch.empty(shape, **factory))
-        elif method in FEEDBACK_METHODS:
-            self.register_buffer("feedback", torch.empty(shape, **factory))
-        else:
-            self.feedback = None
-        self._seed = 0
-        if method == "brsf":
-            self.register_buffer("feedback_seed", torch.zeros(1, dtype=torch.int64, device=device))
-            self.register_buffer("counter", torch.zeros(1, dtype=torch.int64, device=device))
+        self._register_feedback(method, init, shape, factory)
         self.reset_parameters()
-
-    @property
-    def method(self) -> str:
-        return self._method
 
     @property
     def fans(self) -> tuple[int, int]:
         """(fan_in, fan_out) of the weight, as ``nn.init`` computes them."""
         receptive = self.kernel_size[0] * self.kernel_size[1]
         return self.in_channels // self.groups * receptive, self.out_channels * receptive
-
-    @property
-    def rule(self) -> FeedbackRule:
-        fan_in, fan_out = self.fans
-        scale = (init_std if self.method == "usf" else init_bound)(self.init, fan_in, fan_out)
-        return rule_for(self.method, scale if self.method in ("usf", "brsf") else None,
-                        self._seed if self.method == "brsf" else None)
-
-    def reset_parameters(self) -> None:
-        """The init's weight and bias (kaiming: nn.Conv2d's, same RNG draws and order), then B."""
-        fan_in, _ = self.fans
-        if self.init == "xavier":
-            nn.init.xavier_uniform_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
-        else:
-            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-            if self.bias is not None:
-                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-                nn.init.uniform_(self.bias, -bound, bound)
-        self.reset_feedback()
-
-    @torch.no_grad()
-    def reset_feedback(self, generator: torch.Generator | None = None) -> None:
-        """Draw a new B (or R) from the init's distribution; brsf draws a new seed."""
-        fan_in, fan_out = self.fans
-        if self.feedback is not None:
-            bound = init_bound(self.init, fan_in, fan_out)
-            self.feedback.uniform_(-bound, bound, generator=generator)
-        if self.method == "brsf":
-            self._seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-            self.feedback_seed.fill_(self._seed)
-            self.counter.zero_()
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.method == "brsf":
-            self.sync_seed()
-
-    def sync_seed(self) -> None:
-        """brsf: read the seed back from the ``feedback_seed`` buffer (after loading or a broadcast)."""
-        self._seed = int(self.feedback_seed.item())
-
-    @torch.no_grad()
-    def feedback_matrix(self) -> torch.Tensor:
-        """B as the backward uses it now, of the weight's shape."""
-        if self.method == "backprop":
-            return self.weight.detach()
-        return _conv_feedback(self.rule, self.weight.detach(), self.feedback, getattr(self, "counter", None))
 
     @torch.no_grad()
     def mirror(self, batch_size: int = 128, eta: float = 0.01, noise_amplitude: float = 0.1, size: int = 8,
@@ -269,11 +206,7 @@ class FAConv2d(nn.Module):
         feedback = self.feedback if self.method != "backprop" else None
         if feedback is not None and feedback.dtype != weight.dtype:
             feedback = feedback.to(weight.dtype)
-        counter = None
-        if self.method == "brsf":
-            if self.training and torch.is_grad_enabled():
-                self.counter.add_(1)
-            counter = self.counter.clone()
+        counter = self._draw()  # brsf: a new R for each training step
         x, padding = self._pad(x)
         y = FAConv2dFunction.apply(x, weight, bias, feedback, counter, self.stride, padding, self.dilation,
                                    self.groups, self.activation, self.negative_slope, self.rule)

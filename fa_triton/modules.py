@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from .activations import apply_activation, check_activation
 from .backend import check_backend
+from .feedback_state import FeedbackState
 from .functional import apply_checked, autocast_inputs
-from .methods import FEEDBACK_METHODS, FeedbackRule, check_method, feedback_matrix, init_bound, init_std, rule_for
+from .methods import check_method
 from .validation import check_inputs, inputs_fit
 
 
@@ -21,7 +20,7 @@ def _check_features(name: str, value: int) -> None:
         raise ValueError(f"{name} must be positive, got {value}")
 
 
-class FALinear(nn.Module):
+class FALinear(FeedbackState, nn.Module):
     """``y = f(x Wᵀ + b)`` whose backward pass sends the error through B instead of Wᵀ.
 
     Shapes: input [..., in_features] -> output [..., out_features]. ``weight`` [out, in] and
@@ -36,7 +35,7 @@ class FALinear(nn.Module):
       forms B from W).
     - ``"frsf"``: B = |R|·sign(W); ``feedback`` holds R (a fixed buffer).
     - ``"brsf"``: B = |R|·sign(W) with R ~ the init's U(-b, b) redrawn at every training forward
-      (``self.training`` and grad enabled) from a seed (``seed``, in ``state_dict``) and a draw
+      (``self.training`` and grad enabled) from a seed (buffer ``feedback_seed``) and a draw
       counter (buffer ``counter``, advanced on the device, so CUDA-graph replays redraw).
     - ``"kp"``: ``feedback`` is a **Parameter** (for this method only) whose gradient is W's:
       in W's parameter group it gets W's updates and weight decay (Kolen–Pollack).
@@ -73,94 +72,19 @@ class FALinear(nn.Module):
         self._activation = activation
         self._negative_slope = float(negative_slope)
         self._backend = backend
-        self._method = method
-        self._init = init
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, **factory))
         else:
             self.register_parameter("bias", None)
-        feedback = torch.empty((out_features, in_features), **factory)
-        if method == "kp":
-            self.feedback = nn.Parameter(feedback)
-        elif method in FEEDBACK_METHODS:
-            self.register_buffer("feedback", feedback)
-        else:
-            self.feedback = None
-        self._seed = 0  # brsf: R's Philox seed, a kernel argument (mirrors the feedback_seed buffer)
-        if method == "brsf":
-            self.register_buffer("feedback_seed", torch.zeros(1, dtype=torch.int64, device=device))
-            self.register_buffer("counter", torch.zeros(1, dtype=torch.int64, device=device))
-        self._rule = None
+        self._register_feedback(method, init, (out_features, in_features), factory)
         self.reset_parameters()
 
     @property
-    def method(self) -> str:
-        return self._method
-
-    @property
-    def init(self) -> str:
-        return self._init
-
-    @property
-    def feedback_scale(self) -> float | None:
-        """usf: s, the init's standard deviation; brsf: the init's bound b (|R| ~ U(0, b)); else None."""
-        if self.method == "usf":
-            return init_std(self.init, self.in_features, self.out_features)
-        if self.method == "brsf":
-            return init_bound(self.init, self.in_features, self.out_features)
-        return None
-
-    @property
-    def rule(self) -> FeedbackRule:
-        """How the backward forms B (``fa_triton.methods.FeedbackRule``)."""
-        if self._rule is None or self._rule.seed != self._seed:
-            self._rule = rule_for(self._method, self.feedback_scale, self._seed if self._method == "brsf" else None)
-        return self._rule
-
-    def reset_parameters(self) -> None:
-        """The init's weight and bias (kaiming: nn.Linear's, same RNG draws and order), then B."""
-        if self.init == "xavier":
-            nn.init.xavier_uniform_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
-        else:
-            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-            if self.bias is not None:
-                bound = 1 / math.sqrt(self.in_features)
-                nn.init.uniform_(self.bias, -bound, bound)
-        self.reset_feedback()
-
-    @torch.no_grad()
-    def reset_feedback(self, generator: torch.Generator | None = None) -> None:
-        """Draw a new B (or R) from the init's distribution: U(±1/√in_features) for kaiming,
-        xavier-uniform for xavier. brsf draws a new seed (and restarts its counter)."""
-        if self.feedback is not None:
-            bound = init_bound(self.init, self.in_features, self.out_features)
-            self.feedback.uniform_(-bound, bound, generator=generator)
-        if self.method == "brsf":
-            self._seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-            self.feedback_seed.fill_(self._seed)
-            self.counter.zero_()
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self._method == "brsf":
-            self.sync_seed()
-
-    def sync_seed(self) -> None:
-        """brsf: read the seed back from the ``feedback_seed`` buffer (after it was loaded or
-        broadcast): the kernels take it as a number, not from the device."""
-        self._seed = int(self.feedback_seed.item())
-
-    @torch.no_grad()
-    def feedback_matrix(self) -> torch.Tensor:
-        """B as the backward uses it now, materialized [out, in] (metrics, tests): W for
-        backprop, s·sign(W), |R|·sign(W), or brsf's last draw."""
-        if self.method == "backprop":
-            return self.weight.detach()
-        return feedback_matrix(self.rule, self.weight.detach(), self.feedback, getattr(self, "counter", None))
+    def fans(self) -> tuple[int, int]:
+        """(fan_in, fan_out) of the weight: (in_features, out_features)."""
+        return self.in_features, self.out_features
 
     @torch.no_grad()
     def mirror(self, batch_size: int = 128, eta: float = 0.01, noise_amplitude: float = 0.1,
@@ -209,11 +133,7 @@ class FALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         method = self.method
         feedback = self.feedback if method != "backprop" else self.weight  # backprop: B = W
-        counter = None
-        if method == "brsf":
-            if self.training and torch.is_grad_enabled():
-                self.counter.add_(1)  # a new R for this step: on the device, so graph replays redraw too
-            counter = self.counter.clone()  # this forward's draw, kept for its backward
+        counter = self._draw()  # brsf: a new R for each training step
         x, weight, bias, feedback = autocast_inputs(x, self.weight, self.bias, feedback)
         if feedback is None:  # usf, brsf: B is formed from W
             fits = inputs_fit(x, weight, bias, weight)

@@ -1,0 +1,115 @@
+"""The feedback state a layer of the FA family holds, shared by ``FALinear`` and ``FAConv2d``:
+its B (or R), brsf's seed and draw counter, the initialisation, and the rule its backward uses.
+
+A layer class mixes :class:`FeedbackState` in, provides ``weight``, ``bias`` and ``fans``
+((fan_in, fan_out) of its weight), and calls :meth:`_register_feedback` in its ``__init__``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .methods import FEEDBACK_METHODS, FeedbackRule, feedback_matrix, init_bound, init_std, rule_for
+
+
+class FeedbackState:
+    """Mixin for ``nn.Module`` layers of the FA family (see ``fa_triton.methods``)."""
+
+    def _register_feedback(self, method: str, init: str, shape: tuple, factory: dict) -> None:
+        """``feedback`` as the method keeps it (a Parameter for kp, a buffer for fa, frsf and wm,
+        None otherwise) and brsf's ``feedback_seed`` and ``counter`` buffers."""
+        self._method, self._init, self._rule, self._seed = method, init, None, 0
+        if method == "kp":
+            self.feedback = nn.Parameter(torch.empty(shape, **factory))
+        elif method in FEEDBACK_METHODS:
+            self.register_buffer("feedback", torch.empty(shape, **factory))
+        else:
+            self.feedback = None
+        if method == "brsf":
+            self.register_buffer("feedback_seed", torch.zeros(1, dtype=torch.int64, device=factory.get("device")))
+            self.register_buffer("counter", torch.zeros(1, dtype=torch.int64, device=factory.get("device")))
+
+    @property
+    def method(self) -> str:
+        return self._method
+
+    @property
+    def init(self) -> str:
+        return self._init
+
+    @property
+    def feedback_scale(self) -> float | None:
+        """usf: s, the init's standard deviation; brsf: the init's bound b (|R| ~ U(0, b)); else None."""
+        if self._method == "usf":
+            return init_std(self._init, *self.fans)
+        if self._method == "brsf":
+            return init_bound(self._init, *self.fans)
+        return None
+
+    @property
+    def rule(self) -> FeedbackRule:
+        """How the backward forms B (``fa_triton.methods.FeedbackRule``)."""
+        if self._rule is None or self._rule.seed != self._seed:
+            self._rule = rule_for(self._method, self.feedback_scale, self._seed if self._method == "brsf" else None)
+        return self._rule
+
+    def reset_parameters(self) -> None:
+        """The init's weight and bias, then B. kaiming: nn.Linear's and nn.Conv2d's own (the same
+        RNG draws, in the same order); xavier: xavier-uniform weight, zero bias (BioTorch's)."""
+        fan_in, _ = self.fans
+        if self._init == "xavier":
+            nn.init.xavier_uniform_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+        else:
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            if self.bias is not None:
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+                nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_feedback()
+
+    @torch.no_grad()
+    def reset_feedback(self, generator: torch.Generator | None = None) -> None:
+        """Draw a new B (or R) from the init's distribution: U(±1/√fan_in) for kaiming,
+        xavier-uniform for xavier. brsf draws a new seed (and restarts its counter)."""
+        if self.feedback is not None:
+            bound = init_bound(self._init, *self.fans)
+            self.feedback.uniform_(-bound, bound, generator=generator)
+        if self._method == "brsf":
+            self._seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            self.feedback_seed.fill_(self._seed)
+            self.counter.zero_()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self._method == "brsf":
+            self.sync_seed()
+
+    def sync_seed(self) -> None:
+        """brsf: read the seed back from the ``feedback_seed`` buffer (after it was loaded or
+        broadcast): the kernels take it as a number, not from the device."""
+        self._seed = int(self.feedback_seed.item())
+
+    def _draw(self) -> torch.Tensor | None:
+        """brsf: this forward's draw number (advanced on the device by a training forward, so
+        CUDA-graph replays redraw too), kept apart for its backward; None for other methods."""
+        if self._method != "brsf":
+            return None
+        if self.training and torch.is_grad_enabled():
+            self.counter.add_(1)
+        return self.counter.clone()
+
+    @torch.no_grad()
+    def feedback_matrix(self) -> torch.Tensor:
+        """B as the backward uses it now, materialized in the weight's shape (metrics, tests): W
+        for backprop, s·sign(W), |R|·sign(W), or brsf's latest draw."""
+        weight = self.weight.detach()
+        if self._method == "backprop":
+            return weight
+        flat_feedback = None if self.feedback is None else self.feedback.detach().reshape(weight.shape[0], -1)
+        flat = feedback_matrix(self.rule, weight.reshape(weight.shape[0], -1), flat_feedback,
+                               getattr(self, "counter", None))
+        return flat.view(weight.shape)
