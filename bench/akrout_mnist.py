@@ -48,6 +48,8 @@ from fa_triton import FALinear
 from fa_triton.metrics import angle_between
 from fa_triton.mnist import load_mnist
 
+from .results import replace_rows
+
 LEARNING_RATES = {"backprop": 0.2, "fa": 0.2, "wm": 0.05, "kp": 0.3}
 THEIRS = {"backprop": (98.50, None), "fa": (97.80, 40.0), "wm": (98.49, 3.8), "kp": (98.45, 3.6)}
 BATCH = 128
@@ -79,7 +81,7 @@ def angles(model: nn.Sequential) -> list[float]:
 
 
 @torch.no_grad()
-def test_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return (model(x).argmax(1) == y).float().mean().item() * 100
 
 
@@ -122,32 +124,18 @@ def run_method(method: str, data, epochs: int, state_dir: Path, csv_path: Path, 
         seconds = time.perf_counter() - began
         layer_angles = angles(model)
         row = {"method": method, "epoch": epoch, "loss_train": losses.mean().item(),
-               "acc_test": test_accuracy(model, data.x_test, data.y_test), "angle_0": layer_angles[0],
+               "acc_test": accuracy(model, data.x_test, data.y_test), "angle_0": layer_angles[0],
                "angle_1": layer_angles[1], "seconds": seconds, "lr": lr, "seed": seed}
         rows.append(row)
         print(f"{method} epoch {epoch}: loss {row['loss_train']:.4f} acc_test {row['acc_test']:.2f} "
               f"angles {row['angle_0']:.1f} {row['angle_1']:.1f} ({seconds:.1f} s)", flush=True)
         if epoch % checkpoint_every == 0 or epoch == epochs:
-            _write_rows(csv_path, method, seed, rows)
+            replace_rows(csv_path, COLUMNS, rows, key=("method", "seed"))
             tmp = state_path.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "rng": torch.get_rng_state(), "rows": rows, "epoch": epoch}, tmp)
             os.replace(tmp, state_path)
     return rows
-
-
-def _write_rows(csv_path: Path, method: str, seed: int, rows: list[dict]) -> None:
-    """Replace this (method, seed)'s rows in the CSV (other methods' rows are kept)."""
-    kept = []
-    if csv_path.exists():
-        with csv_path.open(newline="") as f:
-            kept = [r for r in csv.DictReader(f) if not (r["method"] == method and r["seed"] == str(seed))]
-    tmp = csv_path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(kept + rows)
-    os.replace(tmp, csv_path)
 
 
 def summary(csv_path: Path) -> list[str]:

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from fa_triton import models
 from fa_triton.mnist import load_mnist
 
+from .results import replace_rows
+
 METHODS = ("backprop", "fa", "dfa", "usf", "brsf", "frsf")
 THEIRS = {"backprop": 0.91, "fa": 1.70, "dfa": 1.61, "usf": 0.94, "brsf": 0.91, "frsf": 0.97}
 COLUMNS = ("method", "epoch", "lr", "loss_train", "error_test", "seconds", "epochs_planned", "seed")
@@ -119,21 +121,6 @@ def select_lr(method, candidates, x_train, y_train, epochs, seed) -> tuple[float
     return min(errors, key=errors.get), errors
 
 
-def _write_rows(path: Path, rows: list[dict]) -> None:
-    kept = []
-    if path.exists():
-        with path.open(newline="") as f:
-            fields = ("method", "epoch", "epochs_planned", "seed")
-            keys = {tuple(str(r[k]) for k in fields) for r in rows}
-            kept = [r for r in csv.DictReader(f) if tuple(r[k] for k in fields) not in keys]
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(kept + rows)
-    os.replace(tmp, path)
-
-
 def summary(path: Path, epochs: int) -> list[str]:
     """Ours beside theirs: the test error of the best-validation epoch (theirs) and of the last."""
     with path.open(newline="") as f:
@@ -202,7 +189,7 @@ def main(argv=None) -> int:
 
         rows = train_method(method, lr, x_train, y_train, x_test, y_test, args.epochs, milestones, args.seed,
                             state, progress=not args.no_progress, on_epoch=report)
-        _write_rows(csv_path, rows)
+        replace_rows(csv_path, COLUMNS, rows, key=("method", "epoch", "epochs_planned", "seed"))
     print("\n".join(summary(csv_path, args.epochs)))
     return 0
 

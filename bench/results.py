@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import math
+import os
 import platform
 import re
 import subprocess
@@ -123,6 +124,22 @@ def append_rows(path: Path | str, rows: list[dict]) -> Path:
         for row in rows:
             writer.writerow({key: row[key] for key in COLUMNS})
     return path
+
+
+def replace_rows(path: Path, columns: tuple[str, ...], rows: list[dict], key: tuple[str, ...]) -> None:
+    """Rewrite a results CSV with ``rows`` in place of the old rows that share their ``key``
+    columns (the others are kept); atomic, so an interrupted run leaves the old file whole."""
+    new_keys = {tuple(str(row[k]) for k in key) for row in rows}
+    kept = []
+    if path.exists():
+        with path.open(newline="") as f:
+            kept = [r for r in csv.DictReader(f) if tuple(r[k] for k in key) not in new_keys]
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(kept + rows)
+    os.replace(tmp, path)
 
 
 def read_rows(path: Path | str) -> list[dict]:

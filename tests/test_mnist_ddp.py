@@ -56,11 +56,11 @@ def _worker(rank: int, world_size: int, store: str, out_dir: str, data_dir: str,
         dist.destroy_process_group()
 
 
-def test_two_processes_end_with_identical_weights(tmp_path):
-    data_dir = require_mnist()
+def _train_two_processes(tmp_path: Path, data_dir: Path, family: bool = False) -> list[dict]:
+    """Run ``_worker`` on ranks 0 and 1 (spawned, bounded by TIMEOUT_S); return what each saved."""
     import torch.multiprocessing as mp
 
-    context = mp.start_processes(_worker, args=(2, str(tmp_path / "store"), str(tmp_path), str(data_dir)),
+    context = mp.start_processes(_worker, args=(2, str(tmp_path / "store"), str(tmp_path), str(data_dir), family),
                                  nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     try:
@@ -71,8 +71,12 @@ def test_two_processes_end_with_identical_weights(tmp_path):
         for process in context.processes:
             if process.is_alive():
                 process.kill()
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+def test_two_processes_end_with_identical_weights(tmp_path):
+    data_dir = require_mnist()
+    ranks = _train_two_processes(tmp_path, data_dir)
     state0, state1 = ranks[0]["state"], ranks[1]["state"]
     for key in state0:
         assert torch.equal(state0[key], state1[key]), key
@@ -103,20 +107,7 @@ def test_two_processes_with_the_fa_family(tmp_path):
     # brsf's seed and draw counter, kp's trainable B and usf's sign feedback: rank 0's everywhere,
     # identical after training (train() itself checks every parameter and buffer across ranks).
     data_dir = require_mnist()
-    import torch.multiprocessing as mp
-
-    context = mp.start_processes(_worker, args=(2, str(tmp_path / "store"), str(tmp_path), str(data_dir), True),
-                                 nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"2-process training did not finish in {TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = _train_two_processes(tmp_path, data_dir, family=True)
     state0, state1 = ranks[0]["state"], ranks[1]["state"]
     assert set(state0) >= {"0.feedback_seed", "0.counter", "1.feedback"}
     for key in state0:
