@@ -107,19 +107,14 @@ def init_bound(init: str, fan_in: int, fan_out: int) -> float:
 _MASK32 = 0xFFFFFFFF
 
 
-def _umulhi32(a: torch.Tensor, b: int) -> torch.Tensor:
-    # High 32 bits of a·b for a, b < 2³², in int64 without overflow (16-bit limbs).
-    a_lo, a_hi = a & 0xFFFF, a >> 16
-    b_lo, b_hi = b & 0xFFFF, b >> 16
-    lo_lo, hi_lo, lo_hi = a_lo * b_lo, a_hi * b_lo, a_lo * b_hi
-    cross = (lo_lo >> 16) + (hi_lo & 0xFFFF) + (lo_hi & 0xFFFF)
-    return a_hi * b_hi + (hi_lo >> 16) + (lo_hi >> 16) + (cross >> 16)
-
-
-def _mullo32(a: torch.Tensor, b: int) -> torch.Tensor:
-    a_lo, a_hi = a & 0xFFFF, a >> 16
-    b_lo, b_hi = b & 0xFFFF, b >> 16
-    return (a_lo * b_lo + ((a_hi * b_lo + a_lo * b_hi) << 16)) & _MASK32
+def _mul32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32 bits of a·b for a, b < 2³², in int64 without overflow: b is split in
+    16-bit halves, so each partial product stays below 2⁴⁸."""
+    low_part = a * (b & 0xFFFF)
+    high_part = a * (b >> 16)
+    high = ((low_part >> 16) + high_part) >> 16
+    low = (low_part + ((high_part & 0xFFFF) << 16)) & _MASK32
+    return high, low
 
 
 def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
@@ -135,11 +130,11 @@ def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     c3 = torch.zeros_like(c0)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     for _ in range(10):
-        old_c0, old_c2 = c0, c2
-        c0 = _umulhi32(old_c2, 0xCD9E8D57) ^ c1 ^ k0
-        c2 = _umulhi32(old_c0, 0xD2511F53) ^ c3 ^ k1
-        c1 = _mullo32(old_c2, 0xCD9E8D57)
-        c3 = _mullo32(old_c0, 0xD2511F53)
+        high_2, low_2 = _mul32(c2, 0xCD9E8D57)
+        high_0, low_0 = _mul32(c0, 0xD2511F53)
+        c0 = high_2 ^ c1 ^ k0
+        c2 = high_0 ^ c3 ^ k1
+        c1, c3 = low_2, low_0
         k0 = (k0 + 0x9E3779B9) & _MASK32
         k1 = (k1 + 0xBB67AE85) & _MASK32
     x = torch.where(c0 >= 2**31, c0 - 2**32, c0)  # the bits as int32

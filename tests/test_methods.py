@@ -129,7 +129,8 @@ def test_philox_matches_tritons_generator(kernel_device):
         u = tl.rand(seed, tl.load(counter_ptr) * numel + offs.to(tl.int64))
         tl.store(out_ptr + offs, u, mask=offs < numel)
 
-    for seed, counter in ((0, 0), (12345, 7), (2**40 + 17, 3_000_000), (2**62 + 3, 1)):
+    # The last pair puts offsets above 2³² (a non-zero high counter word).
+    for seed, counter in ((0, 0), (12345, 7), (2**40 + 17, 3_000_000), (2**62 + 3, 1), (99, 2**25 + 5)):
         out = torch.empty(300, device=kernel_device)
         counter_t = torch.tensor([counter], dtype=torch.int64, device=kernel_device)
         draw[(triton.cdiv(300, 128),)](out, seed, counter_t, 300, BLOCK=128)
