@@ -331,7 +331,8 @@ def convert(
 
 
 def _convert_dfa(model, backend, init, inplace, include, exclude, verbose, return_summary):
-    """convert(model, method="dfa"): an nn.Sequential MLP rebuilt as a DFANetwork."""
+    """convert(model, method="dfa"): an nn.Sequential MLP rebuilt as a DFANetwork (one fused
+    projection kernel); any other network, its layers converted, wrapped in a DFAModel."""
     from .dfa import DFANetwork
 
     if init not in INITS:

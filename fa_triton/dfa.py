@@ -182,7 +182,8 @@ class DFAModel(nn.Module):
         layers = [m for m in model.modules() if isinstance(m, (FALinear, FAConv2d))]
         hidden = list(hidden) if hidden is not None else layers[:-1]
         if not hidden:
-            raise ValueError("DFA needs at least one hidden FALinear or FAConv2d layer below the output layer")
+            raise ValueError("DFA needs at least one hidden FALinear or FAConv2d layer below the output layer; "
+                             f"{type(model).__name__} has {len(layers)} such layer(s) and hidden={hidden}")
         self.model = model
         self.init = init
         self._hidden = hidden  # not registered twice: they are modules of self.model
