@@ -31,7 +31,7 @@ def test_replace_rows_keeps_other_keys(tmp_path):
     replace_rows(path, columns, [{"method": "fa", "epoch": 2, "value": 3.0}], key=("method",))
     rows = _rows(path)
     assert [(r["method"], r["epoch"], r["value"]) for r in rows] == [("kp", "1", "2.0"), ("fa", "2", "3.0")]
-    assert not path.with_suffix(".tmp").exists()
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_akrout_runs_and_resumes(monkeypatch, tmp_path, capsys):
