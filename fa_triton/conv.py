@@ -15,9 +15,17 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
-from .activations import activation_backward, apply_activation, check_activation, extra_for_backward, saves_extra
+from .activations import (
+    FusedActivation,
+    activation_backward,
+    apply_activation,
+    check_activation,
+    extra_for_backward,
+    saves_extra,
+)
 from .feedback_state import FeedbackState
-from .methods import FeedbackRule, check_method, feedback_matrix
+from .functional import autocast_inputs
+from .methods import check_method, feedback_matrix
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 CONV_BACKENDS = ("auto", "torch")
@@ -61,8 +69,8 @@ class FAConv2dFunction(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if need_x:
             # B in place of W: the only change from backprop (formed from W's sign for usf, frsf, brsf).
-            matrix = weight if rule.kind == "matrix" and feedback is None else _conv_feedback(rule, weight, feedback,
-                                                                                               counter)
+            matrix = weight if rule.kind == "matrix" and feedback is None else feedback_matrix(rule, weight, feedback,
+                                                                                                counter)
             grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, matrix, delta, stride, padding, dilation, groups)
         if need_w or need_feedback:
             grad_w = torch.nn.grad.conv2d_weight(x, ctx.weight_shape, delta, stride, padding, dilation, groups)
@@ -72,14 +80,13 @@ class FAConv2dFunction(torch.autograd.Function):
                 *([None] * 8))
 
 
-def _conv_feedback(rule: FeedbackRule, weight, feedback, counter) -> torch.Tensor:
-    """B of the conv's shape, from the rule (the linear rule on the flattened [C_out, rest] matrix)."""
-    flat_weight = weight.reshape(weight.shape[0], -1)
-    flat_feedback = None if feedback is None else feedback.reshape(weight.shape[0], -1)
-    return feedback_matrix(rule, flat_weight, flat_feedback, counter).view(weight.shape)
+def _check_conv_backend(backend: str) -> None:
+    if backend not in CONV_BACKENDS:
+        raise ValueError(f"FAConv2d's backend must be one of {CONV_BACKENDS} (the PyTorch ops, cuDNN on a GPU), "
+                         f"got {backend!r}")
 
 
-class FAConv2d(FeedbackState, nn.Module):
+class FAConv2d(FeedbackState, FusedActivation, nn.Module):
     """``y = f(conv2d(x, W) + b)`` whose backward sends the error through B instead of W.
 
     nn.Conv2d's signature, defaults and init (``in_channels, out_channels, kernel_size,
@@ -120,10 +127,7 @@ class FAConv2d(FeedbackState, nn.Module):
                              f"groups ({groups})")
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-        if backend not in CONV_BACKENDS:
-            raise ValueError(f"FAConv2d's backend must be one of {CONV_BACKENDS} (the PyTorch ops, cuDNN on a GPU), "
-                             f"got {backend!r}")
-        check_activation(activation, negative_slope)
+        _check_conv_backend(backend)
         check_method(method, init)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
@@ -135,8 +139,8 @@ class FAConv2d(FeedbackState, nn.Module):
         else:
             padding = _pair(padding)
         self.padding, self.padding_mode = padding, padding_mode
-        self.activation, self.negative_slope = activation, float(negative_slope)
-        self.backend = backend
+        self._set_activation(activation, negative_slope)
+        self._backend = backend
         factory = {"device": device, "dtype": dtype}
         shape = (out_channels, in_channels // groups, *self.kernel_size)
         self.weight = nn.Parameter(torch.empty(shape, **factory))
@@ -152,6 +156,15 @@ class FAConv2d(FeedbackState, nn.Module):
         """(fan_in, fan_out) of the weight, as ``nn.init`` computes them."""
         receptive = self.kernel_size[0] * self.kernel_size[1]
         return self.in_channels // self.groups * receptive, self.out_channels * receptive
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        _check_conv_backend(value)
+        self._backend = value
 
     @torch.no_grad()
     def mirror(self, batch_size: int = 128, eta: float = 0.01, noise_amplitude: float = 0.1, size: int = 8,
@@ -195,15 +208,11 @@ class FAConv2d(FeedbackState, nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"x must have {self.in_channels} channels (dim 1) to match the weight "
                              f"{tuple(self.weight.shape)}, got x of shape {tuple(x.shape)}")
-        weight, bias = self.weight, self.bias
-        if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
+        feedback = self.feedback if self.method != "backprop" else None
+        x, weight, bias, feedback = autocast_inputs(x, self.weight, self.bias, feedback)  # as nn.Conv2d's casts
         if x.dtype != weight.dtype or x.device != weight.device:
             raise TypeError(f"x is {x.dtype} on {x.device} but the weight is {weight.dtype} on {weight.device}: "
                             "cast the module with .to(), or the input")
-        feedback = self.feedback if self.method != "backprop" else None
         if feedback is not None and feedback.dtype != weight.dtype:
             feedback = feedback.to(weight.dtype)
         counter = self._draw()  # brsf: a new R for each training step

@@ -109,7 +109,5 @@ class FeedbackState:
         weight = self.weight.detach()
         if self._method == "backprop":
             return weight
-        flat_feedback = None if self.feedback is None else self.feedback.detach().reshape(weight.shape[0], -1)
-        flat = feedback_matrix(self.rule, weight.reshape(weight.shape[0], -1), flat_feedback,
-                               getattr(self, "counter", None))
-        return flat.view(weight.shape)
+        feedback = None if self.feedback is None else self.feedback.detach()
+        return feedback_matrix(self.rule, weight, feedback, getattr(self, "counter", None))

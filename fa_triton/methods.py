@@ -157,10 +157,14 @@ def feedback_matrix(rule: FeedbackRule, weight: torch.Tensor | None, feedback: t
     """The B [N, K] that ``rule`` gives, materialized (the reference backend; metrics).
 
     Each value is what the kernels form in their tiles: the magnitude in fp32, multiplied by W's
-    sign (exact), rounded once to W's dtype.
+    sign (exact), rounded once to W's dtype. A conv weight [C_out, C_in, kh, kw] is taken as the
+    matrix [C_out, C_in·kh·kw] (brsf's draw offsets follow that order) and B is returned in its shape.
     """
     if rule.kind == "matrix":
         return feedback
+    if weight.dim() != 2:
+        flat_feedback = None if feedback is None else feedback.reshape(weight.shape[0], -1)
+        return feedback_matrix(rule, weight.reshape(weight.shape[0], -1), flat_feedback, counter).view(weight.shape)
     sign = torch.sign(weight)
     if rule.kind == "sign":
         return (sign * rule.scale).to(weight.dtype)

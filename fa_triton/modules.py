@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .activations import apply_activation, check_activation
+from .activations import FusedActivation, apply_activation, check_activation
 from .backend import check_backend
 from .feedback_state import FeedbackState
 from .functional import apply_checked, autocast_inputs
@@ -20,7 +20,7 @@ def _check_features(name: str, value: int) -> None:
         raise ValueError(f"{name} must be positive, got {value}")
 
 
-class FALinear(FeedbackState, nn.Module):
+class FALinear(FeedbackState, FusedActivation, nn.Module):
     """``y = f(x Wᵀ + b)`` whose backward pass sends the error through B instead of Wᵀ.
 
     Shapes: input [..., in_features] -> output [..., out_features]. ``weight`` [out, in] and
@@ -64,13 +64,11 @@ class FALinear(FeedbackState, nn.Module):
         super().__init__()
         _check_features("in_features", in_features)
         _check_features("out_features", out_features)
-        check_activation(activation, negative_slope)
         check_backend(backend)
         check_method(method, init)
         self.in_features = in_features
         self.out_features = out_features
-        self._activation = activation
-        self._negative_slope = float(negative_slope)
+        self._set_activation(activation, negative_slope)
         self._backend = backend
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
@@ -103,24 +101,6 @@ class FALinear(FeedbackState, nn.Module):
         self.feedback.add_(y.t() @ x, alpha=eta)
 
     # activation, negative_slope and backend are checked when set, so forward need not.
-    @property
-    def activation(self) -> str:
-        return self._activation
-
-    @activation.setter
-    def activation(self, value: str) -> None:
-        check_activation(value, self._negative_slope)
-        self._activation = value
-
-    @property
-    def negative_slope(self) -> float:
-        return self._negative_slope
-
-    @negative_slope.setter
-    def negative_slope(self, value: float) -> None:
-        check_activation(self._activation, value)
-        self._negative_slope = float(value)
-
     @property
     def backend(self) -> str:
         return self._backend
