@@ -14,6 +14,9 @@ ordinary loop: ``loss = loss_fn(net(x), y); loss.backward()``. Build it with
 
 from __future__ import annotations
 
+import collections
+import functools
+
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -72,14 +75,20 @@ class DFANetwork(nn.Module):
         """B_l [n_out, n_l] of each hidden layer (views of ``feedback``)."""
         return list(torch.split(self.feedback, self.widths, dim=1))
 
+    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same network without DFA: ordinary autograd through every layer (each by its
+        own method; ``fa_triton.metrics.gradient_alignment`` sets them to backprop)."""
+        h = self.prefix(x)
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.prefix(x)
         hidden, output = self.layers[:-1], self.layers[-1]
         trains = torch.is_grad_enabled() and any(p.requires_grad for layer in hidden for p in layer.parameters())
         if not trains:  # inference: the plain forward
-            for layer in self.layers:
-                h = layer(h)
-            return h
+            return self.plain_forward(x)
         lead = h.shape[:-1]
         h = h.reshape(-1, h.shape[-1])
         backend = BY_NAME[resolve_backend(self.backend, h)]
@@ -167,10 +176,19 @@ class DFAModel(nn.Module):
     way) and tapped for the projection; the output layer gets its exact gradient.
 
     ``model``: the network (its FA layers in method "backprop", as ``convert(model,
-    method="dfa")`` builds them); ``hidden``: its hidden FA layers in forward order (default:
-    every FALinear and FAConv2d but the last). ``feedback`` [n_out, Σ sizes] is drawn at the
-    first training forward, when the sizes are known ("kaiming": U(±1/√size_l); "xavier":
-    U(±√(6/(n_out+size_l)))), and is in ``state_dict`` from then on.
+    method="dfa")`` builds them); ``hidden``: its hidden FA layers (default: every FALinear and
+    FAConv2d but the last registered). Each training forward checks that the output layer — the
+    last FA layer called — is not among them and that each hidden layer ran exactly once.
+    ``feedback`` [n_out, Σ sizes], its columns in the order the hidden layers run, is drawn at the
+    first training forward, when the sizes are known, in the hidden layers' weight dtype
+    ("kaiming": U(±1/√size_l); "xavier": U(±√(6/(n_out+size_l)))), and is in ``state_dict``
+    from then on; an input that gives other sizes is an error, not a new B.
+    With a normalization between a layer and its activation (conv → BatchNorm → ReLU) the layer's
+    activation is "identity", so its δ is e·B_l with no f'; the normalization's parameters get
+    the gradient that the layer above sends down through its W.
+    The taps are forward hooks on the FA layers, active only inside this module's training
+    forward (calling ``model`` itself is plain autograd); ``torch.compile(fullgraph=True)``
+    traces them once B is drawn (one eager training forward).
     """
 
     def __init__(self, model: nn.Module, hidden=None, *, init: str = "kaiming"):
@@ -184,47 +202,90 @@ class DFAModel(nn.Module):
         if not hidden:
             raise ValueError("DFA needs at least one hidden FALinear or FAConv2d layer below the output layer; "
                              f"{type(model).__name__} has {len(layers)} such layer(s) and hidden={hidden}")
+        strangers = [layer for layer in hidden if not any(layer is m for m in layers)]
+        if strangers:
+            raise ValueError(f"hidden must be FALinear or FAConv2d layers of the model; not in it: {strangers}")
+        if len(hidden) == len(layers):
+            raise ValueError("hidden names every FA layer of the model: the output layer must be left out")
         self.model = model
         self.init = init
         self._hidden = hidden  # not registered twice: they are modules of self.model
+        self._layers = layers
         self.widths: list[int] = []
-        self.register_buffer("feedback", torch.empty(0))
+        # The taps: one forward hook per FA layer, installed once (Dynamo traces hooks that exist
+        # before compilation, not ones added inside forward), active only during a training forward.
+        self._tapping = [False]
+        self._calls: list[nn.Module] = []
+        self._taps: list[torch.Tensor] = []
+        # (A flag per hook, not a set of ids: a deep copy or a pickle of this module keeps it.)
+        hidden_ids = {id(layer) for layer in hidden}
+        for layer in layers:
+            layer.register_forward_hook(functools.partial(self._tap, id(layer) in hidden_ids))
+        self.register_buffer("feedback", torch.empty(0, dtype=hidden[0].weight.dtype, device=hidden[0].weight.device))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         loaded = state_dict.get(prefix + "feedback")
         if loaded is not None and loaded.shape != self.feedback.shape:
             self.feedback = torch.empty_like(loaded, device=self.feedback.device)  # a drawn B from a checkpoint
+            self.widths = []
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
-    def _draw(self, n_out: int, widths: list[int], like: torch.Tensor) -> None:
-        self.widths = widths
-        if self.feedback.shape != (n_out, sum(widths)):
-            self.feedback = torch.empty(n_out, sum(widths), device=like.device, dtype=like.dtype)
+    def _draw(self, n_out: int, widths: list[int]) -> None:
+        if self.feedback.numel() == 0:  # the first training forward: draw B
+            dtype, device = self._hidden[0].weight.dtype, self._hidden[0].weight.device
+            self.feedback = torch.empty(n_out, sum(widths), device=device, dtype=dtype)
             start = 0
             for width in widths:
                 bound = init_bound(self.init, width, n_out)
                 self.feedback[:, start:start + width].uniform_(-bound, bound)
                 start += width
+        elif self.feedback.shape != (n_out, sum(widths)) or (self.widths and self.widths != widths):
+            raise ValueError(f"DFAModel's feedback {tuple(self.feedback.shape)} was drawn for outputs of sizes "
+                             f"{self.widths or '?'} and {self.feedback.shape[0]} classes; this input gives sizes "
+                             f"{widths} and {n_out} classes. DFA's B is fixed: feed inputs of the size it was drawn "
+                             "for, or build a new DFAModel")
+        if self.widths != widths:
+            self.widths = widths
+
+    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same network without DFA's taps: ordinary autograd through every layer."""
+        return self.model(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters())
         if not trains:
             return self.model(x)
-        taps = []
-
-        def tap(module, inputs, output):
-            taps.append(output)
-            return output.detach()  # the layers above see no graph: the error reaches this one from e only
-
-        hooks = [layer.register_forward_hook(tap) for layer in self._hidden]
+        self._tapping[0] = True
         try:
             out = self.model(x)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        self._draw(out.shape[-1], [t[0].numel() if t.dim() > 1 else t.numel() for t in taps], out)
+            taps, calls = list(self._taps), list(self._calls)
+        finally:  # held no longer than the call (the tapped outputs are the graph's to keep), even on an error
+            self._tapping[0] = False
+            self._taps.clear()
+            self._calls.clear()
+        self._check_calls(calls)
+        self._draw(out.shape[-1], [t[0].numel() if t.dim() > 1 else t.numel() for t in taps])
         return _DFATap.apply(out, self.feedback, len(taps), *taps)
+
+    def _tap(self, is_hidden: bool, module, inputs, output):
+        if not self._tapping[0]:
+            return None
+        self._calls.append(module)
+        if is_hidden:
+            self._taps.append(output)
+            return output.detach()  # the layers above see no graph: the error reaches this one from e only
+        return None
+
+    def _check_calls(self, calls: list) -> None:
+        # Registration order is not call order: a model may register its head before its body.
+        if calls and any(calls[-1] is layer for layer in self._hidden):
+            raise ValueError(f"the last FA layer this model ran, {calls[-1]!r}, is in hidden: DFA's output layer "
+                             "must not be; pass hidden= (the hidden layers) to DFAModel")
+        runs = collections.Counter(id(call) for call in calls)
+        odd = [(layer, runs[id(layer)]) for layer in self._hidden if runs[id(layer)] != 1]
+        if odd:
+            raise ValueError(f"each hidden layer must run exactly once per forward for DFA; (layer, runs): {odd}")
 
 
 class _DFATap(torch.autograd.Function):

@@ -73,7 +73,8 @@ def gradient_alignment(
     computed with every layer temporarily in method "backprop" (B = W: exactly backprop). The
     model's ``.grad`` fields, feedback matrices and brsf draw counters are left as they were.
     The last layer's angle is 0 up to rounding: its weight gradient does not pass through any
-    feedback matrix. Pass a plain module, not a
+    feedback matrix. DFA models (``DFAModel``, ``DFANetwork``) are compared with backprop through
+    the same network (its ``plain_forward``). Pass a plain module, not a
     ``DistributedDataParallel`` wrapper (its reducer expects ``backward()``): ``ddp.module``.
     """
     layers = fa_layers(model)
@@ -81,18 +82,19 @@ def gradient_alignment(
         raise ValueError(f"model has no FALinear or FAConv2d layer: {type(model).__name__}")
     weights = [layer.weight for layer in layers]
 
-    def weight_grads() -> tuple[torch.Tensor, ...]:
+    def weight_grads(forward) -> tuple[torch.Tensor, ...]:
         # autograd.grad, not backward(): the model's accumulated .grad stay untouched.
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(forward(x), y)
         return torch.autograd.grad(loss, weights, allow_unused=True)
 
     counters = [layer.counter.clone() for layer in layers if layer.method == "brsf"]
-    fa_grads = weight_grads()
+    fa_grads = weight_grads(model)
     methods = [layer._method for layer in layers]
     try:
         for layer in layers:
             layer._method, layer._rule = "backprop", None  # B = W: exactly backprop
-        bp_grads = weight_grads()
+        # A DFA model's backprop is its network without the DFA taps (DFAModel, DFANetwork).
+        bp_grads = weight_grads(getattr(model, "plain_forward", model))
     finally:
         for layer, method in zip(layers, methods):
             layer._method, layer._rule = method, None

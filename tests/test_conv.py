@@ -2,6 +2,8 @@
 method; backprop against nn.Conv2d; geometry, dtypes, checkpoints, autocast, compile, errors;
 conv DFA (DFAModel); the benchmark networks (fa_triton/models.py); BioTorch's defects."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -114,6 +116,8 @@ def test_unbatched_input_dtypes_and_device_moves():
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert layer32.weight.grad.dtype == torch.float32 and xb.grad is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 stays float64 under autocast, as nn.Conv2d's
+        assert double(x.double()).dtype == nn.Conv2d(2, 3, 3).double()(x.double()).dtype == torch.float64
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -143,6 +147,13 @@ def test_bad_arguments_and_inputs():
         layer(torch.randn(5, 5))
     with pytest.raises(TypeError, match="float64 on cpu but the weight is torch.float32"):
         layer(torch.randn(1, 3, 5, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="activation must be one of"):  # checked when set later too
+        layer.activation = "rleu"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        layer.backend = "triton"
+    with pytest.raises(ValueError, match="negative_slope must be finite"):
+        layer.negative_slope = float("inf")
+    assert (layer.activation, layer.backend) == ("identity", "auto")
 
 
 def test_compile_fullgraph_conv():
@@ -178,6 +189,83 @@ def test_conv_dfa_projects_the_output_error_to_each_layer():
     # The output layer's gradient is exact.
     h = F.max_pool2d(torch.tanh(z), 2).flatten(1)
     torch.testing.assert_close(linear.weight.grad, error.t() @ h)
+
+
+class _HeadFirst(nn.Module):
+    """A model that registers its output layer before the layers that run first."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4, 3)
+        self.body = nn.Sequential(nn.Conv2d(1, 1, 3), nn.ReLU(), nn.Flatten())
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_conv_dfa_checks_which_layer_is_the_output():
+    x = torch.randn(2, 1, 4, 4)
+    net = fa_triton.convert(_HeadFirst(), method="dfa")  # default hidden: all but the last registered (body.0)
+    with pytest.raises(ValueError, match="the last FA layer this model ran.*is in hidden"):
+        net(x)
+    net = fa_triton.DFAModel(net.model, hidden=[net.model.body[0]])
+    out = net(x)
+    error = torch.randn_like(out)
+    out.backward(error)
+    h = torch.relu(net.model.body[0](x)).flatten(1)
+    torch.testing.assert_close(net.model.head.weight.grad, error.t() @ h)  # the output layer: exact
+    with pytest.raises(ValueError, match="not in it"):
+        fa_triton.DFAModel(net.model, hidden=[FAConv2d(1, 1, 3)])
+    with pytest.raises(ValueError, match="output layer must be left out"):
+        fa_triton.DFAModel(net.model, hidden=[net.model.body[0], net.model.head])
+
+
+def test_conv_dfa_feedback_is_fixed_in_the_weights_dtype():
+    torch.manual_seed(0)
+    def network():  # pooled to 2×2 whatever the image size: only the conv's output size changes with it
+        return nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(8, 3))
+
+    net = fa_triton.convert(network(), method="dfa")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(torch.randn(2, 1, 6, 6)).float().sum().backward()
+    assert net.feedback.dtype == torch.float32 and net.feedback.shape == (3, 2 * 4 * 4)
+    drawn = net.feedback.clone()
+    with pytest.raises(ValueError, match="DFA's B is fixed"):  # a larger image: other sizes, no new B
+        net(torch.randn(2, 1, 8, 8))
+    assert torch.equal(net.feedback, drawn)
+    copy = fa_triton.convert(network(), method="dfa")
+    copy.load_state_dict(net.state_dict())  # a drawn B from a checkpoint, then the same sizes train
+    assert torch.equal(copy.feedback, drawn)
+    copy(torch.randn(2, 1, 6, 6)).sum().backward()
+
+
+def test_conv_dfa_compiles_fullgraph_once_drawn():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = fa_triton.convert(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(32, 3)),
+                            method="dfa")
+    x = torch.randn(2, 1, 6, 6)
+    net(x).sum().backward()  # draws B
+    eager = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    torch.compile(net, fullgraph=True)(x).sum().backward()
+    for a, b in zip(eager, [p.grad for p in net.parameters()]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    twin = copy.deepcopy(net)  # its taps are its own layers' (the hooks follow the copy)
+    twin.zero_grad()
+    twin(x).sum().backward()
+    for a, b in zip(eager, [p.grad for p in twin.parameters()]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_alignment_of_a_dfa_model_is_measured_against_backprop():
+    torch.manual_seed(0)
+    net = fa_triton.convert(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(32, 3)),
+                            method="dfa")
+    x, y = torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))
+    angles = fa_triton.metrics.gradient_alignment(net, x, y, F.cross_entropy)
+    assert angles[0] > 1.0  # e·B is not backprop's error: the hidden layer's gradient differs
+    assert angles[1] == pytest.approx(0.0, abs=1e-3)  # the output layer's gradient is exact
 
 
 @pytest.mark.parametrize("method", list(METHODS) + ["dfa"])
