@@ -383,9 +383,10 @@ def load_linear_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     """Load a checkpoint of the ``nn.Linear`` model into its converted (FA) model.
 
     ``state_dict`` is the original model's (or a converted model's) ``state_dict()``; the keys
-    are the same, since :func:`convert` keeps them. Feedback matrices that ``state_dict`` lacks
-    keep the model's own, drawn fresh at conversion (a warning lists them); any that it has
-    are loaded, so a converted model's checkpoint round-trips bitwise.
+    are the same, since :func:`convert` keeps them (not for ``method="dfa"``, which rebuilds
+    the network). Feedback state that ``state_dict`` lacks (B, brsf's seed and counter) keeps
+    the model's own, drawn fresh at conversion (a warning lists it); any that it has is
+    loaded, so a converted model's checkpoint round-trips bitwise.
 
     Raises ``ValueError`` naming the key if a tensor's shape differs from the model's;
     otherwise behaves as ``model.load_state_dict(state_dict, strict)``, whose result it returns.
@@ -401,12 +402,7 @@ def load_linear_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
                 f"state_dict[{key!r}] has shape {tuple(value.shape)} but the model's {key!r} has shape "
                 f"{tuple(own[key].shape)}: the checkpoint is of a different architecture"
             )
-    feedback_keys = [
-        f"{name}.feedback" if name else "feedback"
-        for name, module in model.named_modules(remove_duplicate=False)
-        if isinstance(module, (FALinear, FAConv2d)) and module.feedback is not None
-    ]
-    missing = sorted({key for key in feedback_keys if key not in state_dict})
+    missing = sorted({key for key in _feedback_keys(model) if key not in state_dict})
     full = dict(state_dict)
     for key in missing:
         full[key] = own[key]  # loads the model's own feedback back: it stays as it is
@@ -417,3 +413,17 @@ def load_linear_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
             "feedback drawn when they were created", UserWarning, stacklevel=2,
         )
     return result
+
+
+def _feedback_keys(model: nn.Module) -> list[str]:
+    """The state_dict keys of what an FA layer adds to its nn.Linear or nn.Conv2d: its
+    ``feedback`` (B, R or kp's Parameter) and brsf's ``feedback_seed`` and ``counter``."""
+    keys = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, (FALinear, FAConv2d)):
+            prefix = f"{name}." if name else ""
+            if module.feedback is not None:
+                keys.append(prefix + "feedback")
+            if module.method == "brsf":
+                keys += [prefix + "feedback_seed", prefix + "counter"]
+    return keys

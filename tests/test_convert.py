@@ -177,6 +177,23 @@ def test_load_linear_state_dict_into_converted_model():
     assert torch.equal(converted(x), reference(x))
 
 
+@pytest.mark.parametrize("method", ["brsf", "frsf"])
+def test_load_linear_state_dict_keeps_what_the_method_adds(method):
+    # brsf's seed and counter, frsf's R: like B, kept from the converted model when the
+    # nn.Linear checkpoint lacks them (a strict load, not a missing-key error).
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    checkpoint = {k: v + 1 for k, v in mlp.state_dict().items()}
+    converted = convert(mlp, method=method)
+    own = {k: v.clone() for k, v in converted.state_dict().items() if k not in checkpoint}
+    assert own and all(k.endswith(("feedback", "feedback_seed", "counter")) for k in own)
+    with pytest.warns(UserWarning, match="no feedback for"):
+        load_linear_state_dict(converted, checkpoint)
+    state = converted.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in own.items())
+    assert all(torch.equal(state[k], v) for k, v in checkpoint.items())
+
+
 def test_converted_checkpoint_round_trips_bitwise():
     model = convert(small_cnn())
     x, target = batch()
