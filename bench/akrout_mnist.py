@@ -87,8 +87,9 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def run_method(method: str, data, epochs: int, state_dir: Path, csv_path: Path, checkpoint_every: int,
                seed: int) -> list[dict]:
-    state_path = state_dir / f"akrout-{method}.pt"
+    state_path = state_dir / f"akrout-{method}-seed{seed}.pt"
     lr = LEARNING_RATES[method]
+    run = {"method": method, "seed": seed, "lr": lr, "train_samples": len(data.x_train)}  # what a resume must match
     torch.manual_seed(seed)
     model = build(method)
     weights = [p for name, p in model.named_parameters() if not name.endswith("bias")]  # W (and B for kp)
@@ -97,6 +98,9 @@ def run_method(method: str, data, epochs: int, state_dir: Path, csv_path: Path, 
     rows, start = [], 0
     if state_path.exists():
         state = torch.load(state_path, weights_only=False)
+        if state.get("run") != run:
+            raise SystemExit(f"error: {state_path} is a checkpoint of another run ({state.get('run')}, this one is "
+                             f"{run}): delete it or pass another --state-dir")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
@@ -133,7 +137,7 @@ def run_method(method: str, data, epochs: int, state_dir: Path, csv_path: Path, 
             replace_rows(csv_path, COLUMNS, rows, key=("method", "seed"))
             tmp = state_path.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "rng": torch.get_rng_state(), "rows": rows, "epoch": epoch}, tmp)
+                        "rng": torch.get_rng_state(), "rows": rows, "epoch": epoch, "run": run}, tmp)
             os.replace(tmp, state_path)
     return rows
 

@@ -74,8 +74,13 @@ def train_method(method, lr, x_train, y_train, x_val, y_val, epochs, milestones,
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     generator = torch.Generator().manual_seed(seed)
     rows, start = [], 0
+    run = {"method": method, "lr": lr, "epochs": epochs, "milestones": list(milestones), "seed": seed,
+           "train_samples": len(x_train)}  # what a resume must match
     if state_path is not None and state_path.exists():
         state = torch.load(state_path, weights_only=False)
+        if state.get("run") != run:
+            raise SystemExit(f"error: {state_path} is a checkpoint of another run ({state.get('run')}, this one is "
+                             f"{run}): delete it or pass another --state-dir")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -105,13 +110,16 @@ def train_method(method, lr, x_train, y_train, x_val, y_val, epochs, milestones,
             tmp = state_path.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                        "rng": torch.get_rng_state(), "rows": rows, "epoch": epoch}, tmp)
+                        "rng": torch.get_rng_state(), "rows": rows, "epoch": epoch, "run": run}, tmp)
             os.replace(tmp, state_path)
     return rows
 
 
 def select_lr(method, candidates, x_train, y_train, epochs, seed) -> tuple[float, dict]:
     """The candidate with the lowest error on the last 5,000 training images, trained on the rest."""
+    if len(x_train) <= 2 * 5000:
+        raise SystemExit(f"error: --select-lr holds out 5,000 training images and needs more than 10,000; "
+                         f"got {len(x_train)} (--train-samples)")
     fit_x, fit_y, val_x, val_y = x_train[:-5000], y_train[:-5000], x_train[-5000:], y_train[-5000:]
     errors = {}
     for lr in candidates:

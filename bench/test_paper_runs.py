@@ -5,6 +5,7 @@ bench.results.replace_rows keeps the rows it does not replace."""
 import csv
 import json
 
+import pytest
 import torch
 
 from bench import akrout_mnist, biotorch_mnist
@@ -64,3 +65,24 @@ def test_biotorch_runs_and_resumes(monkeypatch, tmp_path):
     assert sorted((r["method"], r["epoch"]) for r in rows) == [(m, e) for m in ("dfa", "fa") for e in "12"]
     lrs = {(r["method"], r["epoch"]): float(r["lr"]) for r in rows}
     assert lrs[("fa", "1")] == 0.01 and abs(lrs[("fa", "2")] - 0.001) < 1e-12  # divided by 10 after epoch 1
+
+
+def test_a_checkpoint_resumes_only_its_own_run(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(akrout_mnist, "load_mnist", _fake_mnist)
+    monkeypatch.setattr(biotorch_mnist, "load_mnist", _fake_mnist)
+    common = ["--methods", "fa", "--csv", str(tmp_path / "a.csv"), "--state-dir", str(tmp_path / "a")]
+    akrout_mnist.main([*common, "--epochs", "1", "--seed", "1"])
+    akrout_mnist.main([*common, "--epochs", "1", "--seed", "2"])  # another seed: its own checkpoint
+    assert "resuming" not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="checkpoint of another run"):  # fewer images than the checkpoint's
+        akrout_mnist.main([*common, "--epochs", "2", "--seed", "1", "--train-samples", "256"])
+    lr_file = tmp_path / "lr.json"
+    args = ["--methods", "fa", "--epochs", "1", "--lr-file", str(lr_file), "--csv", str(tmp_path / "b.csv"),
+            "--state-dir", str(tmp_path / "b"), "--no-progress"]
+    lr_file.write_text(json.dumps({"fa": {"lr": 0.01}}))
+    biotorch_mnist.main(args)
+    lr_file.write_text(json.dumps({"fa": {"lr": 0.1}}))  # a new learning rate is a new run, not a resume
+    with pytest.raises(SystemExit, match="checkpoint of another run"):
+        biotorch_mnist.main(args)
+    with pytest.raises(SystemExit, match="needs more than 10,000"):  # --select-lr holds out 5,000 images
+        biotorch_mnist.main([*args, "--select-lr", "--state-dir", str(tmp_path / "c")])
