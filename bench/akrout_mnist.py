@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -48,6 +47,7 @@ from fa_triton import FALinear
 from fa_triton.metrics import angle_between
 from fa_triton.mnist import load_mnist
 
+from .checkpoint import load_run, save_run
 from .results import replace_rows
 
 LEARNING_RATES = {"backprop": 0.2, "fa": 0.2, "wm": 0.05, "kp": 0.3}
@@ -96,11 +96,8 @@ def run_method(method: str, data, epochs: int, state_dir: Path, csv_path: Path, 
     biases = [p for name, p in model.named_parameters() if name.endswith("bias")]
     optimizer = torch.optim.SGD([{"params": weights, "lr": lr}, {"params": biases, "lr": lr / BATCH}], lr=lr)
     rows, start = [], 0
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        if state.get("run") != run:
-            raise SystemExit(f"error: {state_path} is a checkpoint of another run ({state.get('run')}, this one is "
-                             f"{run}): delete it or pass another --state-dir")
+    state = load_run(state_path, run)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
@@ -135,10 +132,8 @@ def run_method(method: str, data, epochs: int, state_dir: Path, csv_path: Path, 
               f"angles {row['angle_0']:.1f} {row['angle_1']:.1f} ({seconds:.1f} s)", flush=True)
         if epoch % checkpoint_every == 0 or epoch == epochs:
             replace_rows(csv_path, COLUMNS, rows, key=("method", "seed"))
-            tmp = state_path.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "rng": torch.get_rng_state(), "rows": rows, "epoch": epoch, "run": run}, tmp)
-            os.replace(tmp, state_path)
+            save_run(state_path, run, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                     rng=torch.get_rng_state(), rows=rows, epoch=epoch)
     return rows
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from fa_triton import models
 from fa_triton.mnist import load_mnist
 
+from .checkpoint import load_run, save_run
 from .results import replace_rows
 
 METHODS = ("backprop", "fa", "dfa", "usf", "brsf", "frsf")
@@ -76,11 +76,8 @@ def train_method(method, lr, x_train, y_train, x_val, y_val, epochs, milestones,
     rows, start = [], 0
     run = {"method": method, "lr": lr, "epochs": epochs, "milestones": list(milestones), "seed": seed,
            "train_samples": len(x_train)}  # what a resume must match
-    if state_path is not None and state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        if state.get("run") != run:
-            raise SystemExit(f"error: {state_path} is a checkpoint of another run ({state.get('run')}, this one is "
-                             f"{run}): delete it or pass another --state-dir")
+    state = load_run(state_path, run)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -107,11 +104,9 @@ def train_method(method, lr, x_train, y_train, x_val, y_val, epochs, milestones,
         if on_epoch is not None:
             on_epoch(row)
         if state_path is not None:
-            tmp = state_path.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                        "rng": torch.get_rng_state(), "rows": rows, "epoch": epoch, "run": run}, tmp)
-            os.replace(tmp, state_path)
+            save_run(state_path, run, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                     scheduler=scheduler.state_dict(), generator=generator.get_state(), rng=torch.get_rng_state(),
+                     rows=rows, epoch=epoch)
     return rows
 
 
