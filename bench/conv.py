@@ -73,12 +73,12 @@ def providers(c_in, c_out, k, stride, padding, device, dtype):
     }
 
 
-def measure(batch, c_in, c_out, k, stride, padding, h, device, dtype=torch.float32, rep_ms=50):
+def measure(batch, c_in, c_out, k, stride, padding, h, device, dtype=torch.float32, rep_ms=50, cpu_samples=25):
     """{provider: (ms, saved bytes, peak bytes or None)} for one layer shape."""
     from .memory import _saved_and_peak
     from .methods import _timer
 
-    timer = _timer(device, rep_ms)
+    timer = _timer(device, rep_ms, cpu_samples)
     x = torch.randn(batch, c_in, h, h, device=device, dtype=dtype, requires_grad=True)
     results = {}
     for name, (forward, owned) in providers(c_in, c_out, k, stride, padding, device, dtype).items():
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     for network, layer, batch, c_in, c_out, k, stride, padding, h in SHAPES:
         batch = 4 if args.quick else batch
         print(f"\n{network} {layer}: batch {batch}, {c_in}->{c_out}, {k}x{k}, stride {stride}, {h}x{h}")
-        results = measure(batch, c_in, c_out, k, stride, padding, h, device)
+        results = measure(batch, c_in, c_out, k, stride, padding, h, device, cpu_samples=5 if args.quick else 25)
         base = results["nn.Conv2d (backprop)"][0]
         for name, (ms, saved, peak) in results.items():
             peak_text = "" if peak is None else f"  peak {peak / 2**20:8.2f} MiB"

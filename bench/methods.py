@@ -25,7 +25,8 @@ import sys
 import time
 
 
-def _timer(device: str, rep_ms: int):
+def _timer(device: str, rep_ms: int, cpu_samples: int = 5):
+    """ms per call: do_bench's median on CUDA; on the CPU the median of ``cpu_samples`` calls."""
     import torch
 
     if device == "cuda":
@@ -40,7 +41,7 @@ def _timer(device: str, rep_ms: int):
     def cpu(fn):
         fn()
         samples = []
-        for _ in range(5):
+        for _ in range(cpu_samples):
             start = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - start) * 1e3)

@@ -48,6 +48,6 @@ def test_methods_bench_dry_run(capsys):
 def test_conv_bench_measures_every_provider():
     from bench import conv
 
-    results = conv.measure(2, 3, 4, 3, 1, 1, 8, "cpu", rep_ms=5)
+    results = conv.measure(2, 3, 4, 3, 1, 1, 8, "cpu", rep_ms=5, cpu_samples=3)
     assert set(results) == {"nn.Conv2d (backprop)", "plain FA conv", "FAConv2d (fa)", "FAConv2d (usf)"}
     assert all(ms > 0 and saved > 0 and peak is None for ms, saved, peak in results.values())
