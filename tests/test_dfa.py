@@ -3,13 +3,12 @@ backends, one GEMM for every layer's projection, conversion, checkpoints, traini
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fa_triton
 from fa_triton import DFANetwork, FALinear
 from fa_triton.kernels import fa_linear_kernels
-from tests.helpers import KERNEL_DEVICE
+from tests.helpers import KERNEL_DEVICE, teacher_task, train_on
 from tests.oracle import FLOOR, activation_and_derivative
 
 
@@ -88,18 +87,8 @@ def test_convert_builds_a_dfa_network_that_learns():
     net, summary = fa_triton.convert(model, method="dfa", return_summary=True)
     assert isinstance(net, DFANetwork) and net.feedback.shape == (4, 128) and len(summary.converted) == 3
     assert net.layers[0].weight is not model[1].weight and torch.equal(net.layers[0].weight, model[1].weight)
-    teacher = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 4))
-    x = torch.randn(512, 20)
-    target = teacher(x).argmax(1).detach()
-    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
-    losses = []
-    for step in range(80):
-        idx = torch.arange(step * 64, (step + 1) * 64) % 512
-        loss = F.cross_entropy(net(x[idx]), target[idx])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    x, target = teacher_task()
+    losses = train_on(net, x, target, 80)
     assert sum(losses[-10:]) < 0.8 * sum(losses[:10])
     copy = fa_triton.convert(model, method="dfa")
     copy.load_state_dict(net.state_dict())

@@ -13,7 +13,7 @@ import fa_triton
 import fa_triton.metrics
 from fa_triton import METHODS, FALinear, fa_linear
 from fa_triton.methods import FeedbackRule, feedback_matrix, init_std, philox_uniform
-from tests.helpers import KERNEL_DEVICE
+from tests.helpers import KERNEL_DEVICE, teacher_task, train_on
 from tests.oracle import FLOOR, max_error, oracle
 
 ALL_METHODS = list(METHODS)
@@ -237,24 +237,16 @@ def test_method_and_option_mismatches_of_the_functional_form():
 def test_a_short_training_run_learns(method):
     # A teacher network's labels: every method's loss must fall within 60 Adam steps.
     torch.manual_seed(0)
-    teacher = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 4))
-    x = torch.randn(512, 20)
-    target = teacher(x).argmax(1).detach()
+    x, target = teacher_task()
     model = nn.Sequential(FALinear(20, 64, activation="relu", method=method),
                           FALinear(64, 64, activation="relu", method=method),
                           FALinear(64, 4, activation="identity", method=method))
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for step in range(60):
-        idx = torch.arange(step * 64, (step + 1) * 64) % 512
-        loss = F.cross_entropy(model(x[idx]), target[idx])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if method == "wm":
-            for layer in model:
-                layer.mirror()
-        losses.append(loss.item())
+
+    def mirror(model):
+        for layer in model:
+            layer.mirror()
+
+    losses = train_on(model, x, target, 60, after_step=mirror if method == "wm" else None)
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
 
 
