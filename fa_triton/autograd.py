@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .activations import activation_backward, saves_extra
-from .backend import REFERENCE, TRITON, Backend, kernels
+from .activations import saves_extra
+from .backend import AUTO, REFERENCE, TRITON, Backend, kernels
 from .methods import FeedbackRule
 from .reference import forward as reference_forward
 
@@ -46,35 +46,17 @@ def fa_backward(ctx, grad_y, x, weight, feedback, counter, saved, backend: Backe
     """(grad_x, grad_W, grad_b, grad_B) of the FA layer, each None unless ``ctx.needs_input_grad``
     asks for it; grad_B (Kolen–Pollack: B's gradient is W's) only when ``ctx.rule`` trains B.
 
-    2-D throughout: grad_y and saved [M, N], x [M, K], weight and feedback [N, K]. When both
-    grad_x and grad_W are wanted and the backend stores δ, the input step stores δ and the
-    weight step reads it (activation "identity"), so δ is formed once.
+    2-D throughout: grad_y and saved [M, N], x [M, K], weight and feedback [N, K]. δ = g ⊙ f'(z)
+    and grad_b are formed once, in one pass (``backend.local_error``); both GEMMs read that δ.
     """
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     rule = ctx.rule
     need_feedback = rule.trains_feedback and ctx.needs_input_grad[3]
     need_grad_w = need_w or need_feedback
-    activation, negative_slope = ctx.activation, ctx.negative_slope
-    store_delta = need_x and need_grad_w and activation != "identity" and backend.stores_delta()
-    grad_x = grad_w = grad_b = None
-    if need_x:
-        grad_x, delta = backend.backward_input(grad_y, saved, feedback, weight, counter, activation, negative_slope,
-                                               store_delta, rule)
-    if need_grad_w:
-        if store_delta:
-            grad_w, grad_b = backend.backward_weight(delta, None, x, "identity", negative_slope, need_b)
-        else:
-            grad_w, grad_b = backend.backward_weight(grad_y, saved, x, activation, negative_slope, need_b)
-        if not need_b:
-            grad_b = None  # the ops return an empty tensor for it
-    elif need_b:
-        # Frozen weight, trainable bias: only the row sum of δ, in plain (traceable) ops.
-        if backend.bias_grad_in_fp32:  # as the kernels, whose δ is fp32
-            delta = activation_backward(grad_y.float(), None if saved is None else saved.float(),
-                                        activation, negative_slope)
-            grad_b = delta.sum(0).to(grad_y.dtype)
-        else:
-            grad_b = activation_backward(grad_y, saved, activation, negative_slope).sum(0)
+    delta, grad_b = backend.local_error(grad_y, saved, ctx.activation, ctx.negative_slope, need_x or need_grad_w,
+                                        need_b)
+    grad_x = backend.backward_input(delta, feedback, weight, counter, rule) if need_x else None
+    grad_w = backend.backward_weight(delta, x) if need_grad_w else None
     # Autograd accumulates each returned tensor into its own .grad (copying a shared one).
     return grad_x, grad_w if need_w else None, grad_b, grad_w if need_feedback else None
 
@@ -94,6 +76,30 @@ def _backward_2d(ctx, grad_y, backend: Backend):
     return grad_x, grad_w, grad_b, grad_feedback, None, None, None, None
 
 
+def _triton_forward(ctx, x, weight, bias, feedback, counter, activation, negative_slope, rule):
+    out_features = weight.shape[0]
+    # reshape is a view whenever the strides allow it (transposed 2-D inputs included);
+    # the kernels take any strides, so only un-viewable layouts are copied.
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    store_extra = saves_extra(activation, negative_slope) and any(ctx.needs_input_grad[:4])
+    # y is allocated in its final shape so that the returned tensor is not a view (views made
+    # inside a Function cannot be modified in place).
+    y = torch.empty((*x.shape[:-1], out_features), device=x.device, dtype=x.dtype)
+    _, extra = kernels().fa_linear_forward(x2d, weight, bias, activation, negative_slope, store_extra,
+                                           y if y.dim() == 2 else y.view(-1, out_features))
+    save_for_fa_backward(ctx, x2d, weight, feedback, counter, y, extra, activation, negative_slope, rule)
+    ctx.x_shape = x.shape
+    return y
+
+
+def _reference_forward(ctx, x, weight, bias, feedback, counter, activation, negative_slope, rule):
+    store_extra = saves_extra(activation, negative_slope) and any(ctx.needs_input_grad[:4])
+    y, extra = reference_forward(x, weight, bias, activation, negative_slope, store_extra)
+    save_for_fa_backward(ctx, x, weight, feedback, counter, y, extra, activation, negative_slope, rule)
+    ctx.x_shape = x.shape
+    return y
+
+
 class FALinearFunction(torch.autograd.Function):
     """Feedback-alignment linear layer on the fused Triton kernels.
 
@@ -106,19 +112,7 @@ class FALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, feedback, counter, activation, negative_slope, rule):
-        out_features = weight.shape[0]
-        # reshape is a view whenever the strides allow it (transposed 2-D inputs included);
-        # the kernels take any strides, so only un-viewable layouts are copied.
-        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        store_extra = saves_extra(activation, negative_slope) and any(ctx.needs_input_grad[:4])
-        # y is allocated in its final shape so that the returned tensor is not a view (views made
-        # inside a Function cannot be modified in place).
-        y = torch.empty((*x.shape[:-1], out_features), device=x.device, dtype=x.dtype)
-        _, extra = kernels().fa_linear_forward(x2d, weight, bias, activation, negative_slope, store_extra,
-                                               y if y.dim() == 2 else y.view(-1, out_features))
-        save_for_fa_backward(ctx, x2d, weight, feedback, counter, y, extra, activation, negative_slope, rule)
-        ctx.x_shape = x.shape
-        return y
+        return _triton_forward(ctx, x, weight, bias, feedback, counter, activation, negative_slope, rule)
 
     @staticmethod
     @once_differentiable
@@ -132,11 +126,7 @@ class ReferenceFALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, feedback, counter, activation, negative_slope, rule):
-        store_extra = saves_extra(activation, negative_slope) and any(ctx.needs_input_grad[:4])
-        y, extra = reference_forward(x, weight, bias, activation, negative_slope, store_extra)
-        save_for_fa_backward(ctx, x, weight, feedback, counter, y, extra, activation, negative_slope, rule)
-        ctx.x_shape = x.shape
-        return y
+        return _reference_forward(ctx, x, weight, bias, feedback, counter, activation, negative_slope, rule)
 
     @staticmethod
     @once_differentiable
@@ -144,4 +134,22 @@ class ReferenceFALinearFunction(torch.autograd.Function):
         return _backward_2d(ctx, grad_y, REFERENCE)
 
 
-FUNCTIONS = {"triton": FALinearFunction, "reference": ReferenceFALinearFunction}
+class AutoFALinearFunction(torch.autograd.Function):
+    """The same layer with ``backend="auto"``: each step on whichever of the kernels and the
+    reference was faster for it on this GPU (``fa_triton.backend.AutoStep``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, feedback, counter, activation, negative_slope, rule):
+        x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        store_extra = saves_extra(activation, negative_slope) and any(ctx.needs_input_grad[:4])
+        chosen = AUTO.forward.backend_for(x2d, weight, bias, activation, negative_slope, store_extra)
+        forward = _triton_forward if chosen.name == "triton" else _reference_forward
+        return forward(ctx, x, weight, bias, feedback, counter, activation, negative_slope, rule)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        return _backward_2d(ctx, grad_y, AUTO)
+
+
+FUNCTIONS = {"triton": FALinearFunction, "reference": ReferenceFALinearFunction, "auto": AutoFALinearFunction}

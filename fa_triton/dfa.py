@@ -159,8 +159,8 @@ class _DFAFunction(torch.autograd.Function):
         for k, (x, delta) in enumerate(zip(ctx.inputs, torch.split(deltas, network.widths, dim=1))):
             need_w, need_b = ctx.param_needs[2 * k], ctx.param_needs[2 * k + 1]
             if need_w or need_b:
-                grad_w, grad_b = backend.backward_weight(delta, None, x, "identity", 0.0, need_b)
-                grads += [grad_w if need_w else None, grad_b if need_b else None]
+                _, grad_b = backend.local_error(delta, None, "identity", 0.0, False, need_b)
+                grads += [backend.backward_weight(delta, x) if need_w else None, grad_b]
             else:
                 grads += [None, None]
         return (error, None, None, None, None, *grads)

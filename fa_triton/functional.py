@@ -87,7 +87,8 @@ def fa_linear(
             "usf" and "brsf".
         activation: one of ``fa_triton.ACTIVATIONS``.
         negative_slope: slope of ``"leaky_relu"`` for z < 0.
-        backend: ``"triton"`` (fused kernels), ``"torch"`` (reference) or ``"auto"`` (Triton on CUDA).
+        backend: ``"triton"`` (fused kernels), ``"torch"`` (reference) or ``"auto"`` (on CUDA, per step
+            whichever of the two is faster there; else the reference).
         method: one of ``fa_triton.METHODS`` (``fa_triton.methods``).
         feedback_scale: "usf": s of B = s·sign(W); "brsf": the bound b of |R| ~ U(0, b).
         seed, counter: "brsf": R's Philox seed and draw number (an int64 tensor [1] on x's

@@ -7,18 +7,19 @@ K = in_features, N = out_features); :func:`fa_linear_op` flattens the batch dime
 
     fa_triton::triton_forward(x[M,K], weight[N,K], bias[N]?, feedback[N,K]?, counter[1]?, activation,
                               negative_slope, kind, scale, seed, trains_feedback) -> (y[M,N], extra)
-    fa_triton::triton_backward_input(grad_y[M,N], saved[M,N]?, feedback[N,K]?, weight[N,K]?, counter[1]?,
-                                     activation, negative_slope, store_delta, kind, scale, seed)
-        -> (grad_x[M,K], delta)
-    fa_triton::triton_backward_weight(grad_y[M,N], saved[M,N]?, x[M,K], activation, negative_slope, bias_grad)
-        -> (grad_W[N,K], grad_b)
-    fa_triton::reference_forward / reference_backward_input / reference_backward_weight: the same
-        signatures over the reference backend (plain PyTorch ops; any device, any floating dtype)
+    fa_triton::triton_local_error(grad_y[M,N], saved[M,N]?, activation, negative_slope, need_delta, bias_grad)
+        -> (delta[M,N], grad_b[N])
+    fa_triton::triton_backward_input(delta[M,N], feedback[N,K]?, weight[N,K]?, counter[1]?, kind, scale, seed)
+        -> grad_x[M,K]
+    fa_triton::triton_backward_weight(delta[M,N], x[M,K]) -> grad_W[N,K]
+    fa_triton::reference_forward / reference_local_error / reference_backward_input /
+        reference_backward_weight: the same signatures over the reference backend (plain PyTorch
+        ops; any device, any floating dtype)
 
 ``extra`` is what backward reads besides y (``saves_extra``: z = x Wᵀ + b, or f'(z) for gelu)
 [M, N] when it needs one, else an empty [0] tensor; ``delta`` is δ = g ⊙ f'(z) [M, N] when
-``store_delta`` (the weight op then takes δ with activation "identity"), else empty; and
-``grad_b`` is [N] when ``bias_grad``, else empty [0]: an op's outputs cannot be None.
+``need_delta``, else empty; and ``grad_b`` is [N] when ``bias_grad``, else empty [0]: an op's
+outputs cannot be None.
 ``kind, scale, seed, trains_feedback`` are the fields of a ``fa_triton.methods.FeedbackRule``
 (how B is formed; whether B trains, Kolen–Pollack); ``feedback``, ``weight`` and ``counter``
 are what the rule forms B from. ``feedback`` and ``counter`` are inputs of the forward ops so
@@ -39,7 +40,7 @@ from torch import Tensor
 
 from .activations import saves_extra
 from .autograd import fa_backward, save_for_fa_backward
-from .backend import REFERENCE, TRITON, Backend
+from .backend import AUTO, REFERENCE, TRITON, Backend
 from .methods import FeedbackRule
 
 __all__ = ["fa_linear_op", "OPS"]
@@ -55,7 +56,7 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
 
 
 def _define(backend: Backend):
-    """The three ops of one backend, over its launches."""
+    """The four ops of one backend, over its steps."""
     prefix = f"fa_triton::{backend.name}"
 
     @torch.library.custom_op(f"{prefix}_forward", mutates_args=())
@@ -65,34 +66,37 @@ def _define(backend: Backend):
         y, extra = backend.forward(x, weight, bias, activation, negative_slope, saves_extra(activation, negative_slope))
         return y, _or_empty(extra, x)
 
+    @torch.library.custom_op(f"{prefix}_local_error", mutates_args=())
+    def local_error(grad_y: Tensor, saved: Optional[Tensor], activation: str, negative_slope: float, need_delta: bool,
+                    bias_grad: bool) -> tuple[Tensor, Tensor]:
+        delta, grad_b = backend.local_error(grad_y, saved, activation, negative_slope, need_delta, bias_grad)
+        # An op's output must not alias its input (the identity's δ is grad_y itself).
+        return _or_empty(delta if delta is not grad_y else delta.clone(), grad_y), _or_empty(grad_b, grad_y)
+
     @torch.library.custom_op(f"{prefix}_backward_input", mutates_args=())
-    def backward_input(grad_y: Tensor, saved: Optional[Tensor], feedback: Optional[Tensor], weight: Optional[Tensor],
-                       counter: Optional[Tensor], activation: str, negative_slope: float, store_delta: bool,
-                       kind: str, scale: float, seed: int) -> tuple[Tensor, Tensor]:
-        rule = FeedbackRule(kind, scale, seed)
-        grad_x, delta = backend.backward_input(grad_y, saved, feedback, weight, counter, activation, negative_slope,
-                                               store_delta, rule)
-        # An op's output must not alias its input (the reference's identity δ is grad_y itself).
-        return grad_x, _or_empty(delta if delta is not grad_y else delta.clone(), grad_x)
+    def backward_input(delta: Tensor, feedback: Optional[Tensor], weight: Optional[Tensor], counter: Optional[Tensor],
+                       kind: str, scale: float, seed: int) -> Tensor:
+        return backend.backward_input(delta, feedback, weight, counter, FeedbackRule(kind, scale, seed))
 
     @torch.library.custom_op(f"{prefix}_backward_weight", mutates_args=())
-    def backward_weight(grad_y: Tensor, saved: Optional[Tensor], x: Tensor, activation: str, negative_slope: float,
-                        bias_grad: bool) -> tuple[Tensor, Tensor]:
-        grad_w, grad_b = backend.backward_weight(grad_y, saved, x, activation, negative_slope, bias_grad)
-        return grad_w, _or_empty(grad_b, x)
+    def backward_weight(delta: Tensor, x: Tensor) -> Tensor:
+        return backend.backward_weight(delta, x)
 
     forward.register_fake(_forward_fake)
+    local_error.register_fake(_local_error_fake)
     backward_input.register_fake(_backward_input_fake)
     backward_weight.register_fake(_backward_weight_fake)
 
-    def backward_input_from_rule(grad_y, saved, feedback, weight, counter, activation, negative_slope, store_delta,
-                                 rule):
-        return backward_input(grad_y, saved, feedback, weight, counter, activation, negative_slope, store_delta,
-                              rule.kind, rule.scale, rule.seed)
+    def local_error_or_none(grad_y, saved, activation, negative_slope, need_delta, bias_grad):
+        delta, grad_b = local_error(grad_y, saved, activation, negative_slope, need_delta, bias_grad)
+        return (delta if need_delta else None), (grad_b if bias_grad else None)
 
-    # The backward graph calls this family's backward ops, with the backend's policies.
-    op_backend = backend._replace(forward=forward, backward_input=backward_input_from_rule,
-                                  backward_weight=backward_weight)
+    def backward_input_from_rule(delta, feedback, weight, counter, rule):
+        return backward_input(delta, feedback, weight, counter, rule.kind, rule.scale, rule.seed)
+
+    # The backward graph calls this family's backward ops.
+    op_backend = backend._replace(forward=forward, local_error=local_error_or_none,
+                                  backward_input=backward_input_from_rule, backward_weight=backward_weight)
 
     def backward(ctx, grad_y, grad_extra):
         # extra is an internal output: nothing downstream uses it, so grad_extra is ignored.
@@ -101,7 +105,7 @@ def _define(backend: Backend):
         return (*grads, None, None, None, None, None, None, None)
 
     forward.register_autograd(backward, setup_context=_setup_context)
-    return forward, backward_input, backward_weight
+    return forward, local_error, backward_input, backward_weight
 
 
 def _forward_fake(x, weight, bias, feedback, counter, activation, negative_slope, kind, scale, seed, trains_feedback):
@@ -109,16 +113,18 @@ def _forward_fake(x, weight, bias, feedback, counter, activation, negative_slope
     return y, x.new_empty(y.shape) if saves_extra(activation, negative_slope) else _empty(x)
 
 
-def _backward_input_fake(grad_y, saved, feedback, weight, counter, activation, negative_slope, store_delta, kind,
-                         scale, seed):
+def _local_error_fake(grad_y, saved, activation, negative_slope, need_delta, bias_grad):
+    delta = grad_y.new_empty(grad_y.shape) if need_delta else _empty(grad_y)
+    return delta, grad_y.new_empty((grad_y.shape[1],)) if bias_grad else _empty(grad_y)
+
+
+def _backward_input_fake(delta, feedback, weight, counter, kind, scale, seed):
     source = feedback if kind == "matrix" else weight
-    delta = source.new_empty(grad_y.shape) if store_delta else _empty(source)
-    return source.new_empty((grad_y.shape[0], source.shape[1])), delta
+    return source.new_empty((delta.shape[0], source.shape[1]))
 
 
-def _backward_weight_fake(grad_y, saved, x, activation, negative_slope, bias_grad):
-    grad_b = x.new_empty((grad_y.shape[1],)) if bias_grad else _empty(x)
-    return x.new_empty((grad_y.shape[1], x.shape[1])), grad_b
+def _backward_weight_fake(delta, x):
+    return x.new_empty((delta.shape[1], x.shape[1]))
 
 
 def _setup_context(ctx, inputs, output):
@@ -129,14 +135,14 @@ def _setup_context(ctx, inputs, output):
     save_for_fa_backward(ctx, x, weight, feedback, counter, y, extra, activation, negative_slope, rule)
 
 
-#: The ops of each backend (internal names): (forward, backward_input, backward_weight).
-OPS = {backend.name: _define(backend) for backend in (TRITON, REFERENCE)}
+#: The ops of each backend (internal names): (forward, local_error, backward_input, backward_weight).
+OPS = {backend.name: _define(backend) for backend in (TRITON, REFERENCE, AUTO)}
 
 
 def fa_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], feedback: Optional[Tensor],
                  counter: Optional[Tensor], activation: str, negative_slope: float, rule: FeedbackRule,
                  backend: str) -> Tensor:
-    """The FA layer through the custom ops of ``backend`` ("triton" or "reference", resolved).
+    """The FA layer through the custom ops of ``backend`` ("triton", "reference" or "auto", resolved).
 
     x [..., K], weight [N, K], bias [N] or None, feedback [N, K] or None and counter as ``rule``
     needs -> y [..., N]. Inputs are not checked here: :func:`fa_triton.fa_linear` checks them

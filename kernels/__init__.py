@@ -1,27 +1,35 @@
 """Triton kernels of fa_triton (installed as ``fa_triton.kernels``).
 
-- ``jit_helpers``: ``@triton.jit`` activation, derivative and tile-ordering helpers.
-- ``fa_linear_kernels``: the kernels of the FA linear layer (forward, backward input, backward weight).
+- ``jit_helpers``: ``@triton.jit`` activation, derivative, feedback-rule and tile-ordering helpers.
+- ``linear_kernels``: the GEMM kernels (forward, backward input, backward weight, DFA).
+- ``pass_kernels``: the memory passes (δ and grad_b, B of the sign rules, split sums).
 - ``tuning``: ``LaunchConfig``, tile tables, heuristic, autotuner; ``tuned_tables``: the sweep's table.
-- ``fa_linear``: the launchers below (one cached launch plan per call key).
+- ``plans``, ``linear_plans``: the cached launch plans; ``launchers``: the launchers below.
+- ``tutorial_gemm``: the Triton tutorial's GEMM, the yardstick of the loop guard and the benchmarks.
 
 Importing this package compiles nothing and touches no GPU; set ``TRITON_INTERPRET=1``
 before it is first imported to run the kernels on CPU tensors through Triton's interpreter.
 """
 
-from .fa_linear import (
+from .launchers import (
     INTERPRETED,
     LaunchConfig,
+    clear_plans,
     fa_linear_backward_input,
     fa_linear_backward_weight,
     fa_linear_dfa_delta,
+    fa_linear_feedback,
     fa_linear_forward,
+    fa_linear_local_error,
 )
 
 __all__ = [
     "INTERPRETED",
     "LaunchConfig",
+    "clear_plans",
     "fa_linear_forward",
+    "fa_linear_local_error",
+    "fa_linear_feedback",
     "fa_linear_backward_input",
     "fa_linear_backward_weight",
     "fa_linear_dfa_delta",

@@ -5,6 +5,8 @@
   read off y: z (leaky_relu with a negative slope) or f'(z) (gelu); ``fa_triton.activations.saves_extra``.
 - :func:`activation_backward` — δ = g ⊙ f'(z) from g and the saved tensor (y or that extra);
   :func:`local_error` applies it to tiles as loaded.
+- :func:`released` — an accumulator as new values for an epilogue (keeps ptxas from
+  serializing the main loop).
 - :func:`grouped_tile` — tutorial-03 grouped ordering of output tiles.
 
 Every formula here is the one of ``fa_triton/activations.py`` (the PyTorch reference), special
@@ -110,6 +112,14 @@ def feedback_tile(feedback_ptrs, weight_ptrs, mask, offs_element, draw_offset, s
             magnitude = scale * tl.rand(seed, draw_offset + offs_element)
         b = (magnitude * sign).to(w.dtype)
     return b
+
+
+@triton.jit
+def released(acc):
+    """``acc + 0``: the accumulator as new values for an epilogue. A select straight on a wgmma
+    accumulator (relu, leaky_relu) makes ptxas 12.8, Triton 3.6's, serialize the main loop's wgmma
+    chain (its warning C7515); an add is a new definition. (Only -0.0 changes, to +0.0.)"""
+    return acc + 0.0
 
 
 @triton.jit

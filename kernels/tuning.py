@@ -1,57 +1,35 @@
-"""Launch configurations of fa_triton's kernels: the typed config, the tile tables, the heuristic,
-the autotuner and its caches. Kept apart from the kernels (``fa_linear_kernels.py``) and the
-launchers (``fa_linear.py``).
+"""Launch configurations of fa_triton's kernels: the typed config, the tile tables, the
+heuristic and the autotuning candidates, and the device facts they depend on. Kept apart from
+the kernels (``linear_kernels.py``), the launchers (``launchers.py``) and the tuner that times
+candidates (``autotune.py``).
 
-The three GEMM kernels map onto one config: an output tile of ``block_rows`` × ``block_cols``
-and a reduction step of ``block_red``:
+The GEMM kernels map onto one config: an output tile of ``block_rows`` × ``block_cols`` and a
+reduction step of ``block_red``:
 
-============== ======================= ========================= ==================
-kernel         rows × cols (output)    reduction                 split reduces over
-============== ======================= ========================= ==================
-forward        M × N (y)               K (in_features)           K
-backward_input M × K (grad_x)          N (out_features)          —
-backward_weight N × K (grad_W)         M (batch)                 M
-============== ======================= ========================= ==================
+=============== ======================= ========================= ==================
+kernel          rows × cols (output)    reduction                 split reduces over
+=============== ======================= ========================= ==================
+forward         M × N (y)               K (in_features)           K
+backward_input  M × K (grad_x)          N (out_features)          —
+backward_weight N × K (grad_W)          M (batch)                 M
+dfa             M × N (δ)               n_out (the outputs)       —
+=============== ======================= ========================= ==================
 
-How a config is chosen for a call (:func:`select_config`): an explicit ``config`` argument;
-else the heuristic under the interpreter, off CUDA, for launch-bound sizes (< 2²⁰
-multiply-adds), with ``FA_TRITON_AUTOTUNE=0`` or while tracing; else the table measured by
-``bench/sweep.py`` for this GPU (``tuned_tables.py``); else the config tuned once per key in this
-process (timing each candidate with ``triton.testing.do_bench``). Tuning cannot run inside
-CUDA-graph capture: there the heuristic config is used and not remembered, so warm up (run one
-step) before capturing a graph.
+The δ pass (``pass_kernels.local_error_kernel``) takes block_rows × block_cols tiles and
+``split`` row slices (:func:`pass_config`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
-import math
-import os
+from typing import NamedTuple
 
 import torch
 import triton
 
-from . import tuned_tables
-
 KERNELS = ("forward", "backward_input", "backward_weight", "dfa")
 _INT32_MAX = 2**31 - 1
-
-
-def _env_flag(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    return value.strip().lower() not in ("0", "false", "no", "off", "")
-
-
-# FA_TRITON_AUTOTUNE=0 keeps the heuristic configs (no tuning runs, same choice in every process).
-AUTOTUNE = _env_flag("FA_TRITON_AUTOTUNE", True)
-# Below this many multiply-adds a call is launch-bound: tuning could not pay for itself.
-TUNE_MIN_MACS = 1 << 20
-TUNE_WARMUP_MS = 5
-TUNE_REP_MS = 20
 MAX_TILE_CANDIDATES = 6
 # Tensor-descriptor (TMA) variants are tried for this many of the largest candidate tiles.
 MAX_TMA_CANDIDATES = 3
@@ -181,14 +159,9 @@ def split_plan(red: int, split: int, block_red: int) -> tuple[int, int]:
     return max(1, triton.cdiv(red, per_split)), per_split
 
 
-def split_outputs(kernel: str, rows: int, cols: int, bias_grad: bool) -> int:
-    """Elements of one split partial: the output tile grid, plus grad_b for backward_weight."""
-    return rows * cols + (rows if kernel == "backward_weight" and bias_grad else 0)
-
-
 @functools.lru_cache(maxsize=4096)
 def heuristic_config(kernel: str, rows: int, cols: int, red: int, dtype: torch.dtype, sms: int,
-                     bias_grad: bool = False, interpreted: bool = False) -> LaunchConfig:
+                     interpreted: bool = False) -> LaunchConfig:
     """The config used without tuning (and the first autotuning candidate). Never TMA: a
     heuristic config must run wherever the pointer kernel runs."""
     if interpreted:
@@ -214,18 +187,17 @@ def heuristic_config(kernel: str, rows: int, cols: int, red: int, dtype: torch.d
     steps = triton.cdiv(red, block_red)
     long_forward = kernel == "forward" and steps >= FORWARD_SPLIT_MIN_TOTAL_STEPS
     if splittable and 2 * tiles <= sms and (long_red or long_forward):
-        outputs = split_outputs(kernel, rows, cols, bias_grad)
-        split = min(triton.cdiv(sms, tiles), max_split(red, outputs, block_red, SPLIT_MIN_STEPS))
+        split = min(triton.cdiv(sms, tiles), max_split(red, rows * cols, block_red, SPLIT_MIN_STEPS))
     return LaunchConfig(block_rows, block_cols, block_red, num_warps, 3, split=split)
 
 
 def candidate_configs(kernel: str, rows: int, cols: int, red: int, dtype: torch.dtype, sms: int,
-                      bias_grad: bool = False, tma: bool = False) -> list[LaunchConfig]:
+                      tma: bool = False) -> list[LaunchConfig]:
     """Autotuning candidates for one problem: the heuristic config, then the tile table clamped
     to the problem (duplicates dropped); split variants where the output has few tiles; and,
     when ``tma`` (the GPU and the operands' layout allow it), tensor-descriptor variants of the
     largest tiles."""
-    heuristic = heuristic_config(kernel, rows, cols, red, dtype, sms, bias_grad)
+    heuristic = heuristic_config(kernel, rows, cols, red, dtype, sms)
     table = TILES_FP32 if dtype == torch.float32 else TILES_HALF
     # When 128x128 tiles already give two waves, smaller tiles only lose operand reuse.
     many_tiles = triton.cdiv(rows, 128) * triton.cdiv(cols, 128) >= 2 * sms
@@ -241,7 +213,7 @@ def candidate_configs(kernel: str, rows: int, cols: int, red: int, dtype: torch.
 
     configs = [heuristic]
     splittable = kernel in ("forward", "backward_weight")
-    outputs = split_outputs(kernel, rows, cols, bias_grad)
+    outputs = rows * cols
     for tile in tiles:
         splits = {1}
         n_tiles = triton.cdiv(rows, tile[0]) * triton.cdiv(cols, tile[1])
@@ -259,42 +231,6 @@ def candidate_configs(kernel: str, rows: int, cols: int, red: int, dtype: torch.
             if config not in configs:
                 configs.append(config)
     return configs
-
-
-def benchmark_ms(fn) -> float:
-    """Median GPU milliseconds of ``fn()`` by ``triton.testing.do_bench``."""
-    from triton.testing import do_bench
-
-    ms = do_bench(fn, warmup=TUNE_WARMUP_MS, rep=TUNE_REP_MS, quantiles=[0.5])
-    # Some Triton versions return a bare float for a single quantile, others a list.
-    return float(ms[0] if isinstance(ms, (list, tuple)) else ms)
-
-
-_log = logging.getLogger("fa_triton.autotune")
-
-
-def autotune(configs: list[LaunchConfig], launch, timer=benchmark_ms) -> LaunchConfig:
-    """The config of ``configs`` whose ``launch(config)`` times fastest under ``timer``.
-
-    A config that fails to compile or launch (out of shared memory on a smaller GPU, a TMA
-    kernel this GPU or Triton cannot run) is skipped; if none runs, the first error is raised.
-    """
-    best, best_ms, first_error, timings = None, math.inf, None, []
-    for config in configs:
-        try:
-            ms = timer(lambda config=config: launch(config))
-        except Exception as err:  # noqa: BLE001 - any failure just disqualifies this config
-            first_error = first_error or err
-            timings.append((config, f"failed: {type(err).__name__}"))
-            continue
-        timings.append((config, ms))
-        if ms < best_ms:
-            best, best_ms = config, ms
-    if best is None:
-        raise RuntimeError(f"fa_triton autotuning: none of {len(configs)} configs ran; first error: {first_error}") \
-            from first_error
-    _log.debug("autotune: %d configs, best %s (%.4f ms); all: %s", len(configs), best, best_ms, timings)
-    return best
 
 
 def bucket(batch: int) -> int:
@@ -333,69 +269,53 @@ def tma_supported(device: torch.device) -> bool:
     return _device_facts(device.index if device.index is not None else torch.cuda.current_device())[1][0] >= 9
 
 
-def tma_allowed(device: torch.device, tma_layout: bool, precision: str) -> bool:
-    """Whether tuning may try the tensor-descriptor kernels: the GPU and the operands' layout
-    allow them, and the dots are not IEEE fp32 (whose TMA forward, compiled for sm_90, spills
-    about 21 KB per thread: its transposed operand goes through local memory)."""
-    return tma_layout and precision != "ieee" and tma_supported(device)
+def tma_allowed(device: torch.device, problem: "Problem") -> bool:
+    """Whether tuning may try the tensor-descriptor kernels for ``problem``: the GPU and the
+    operands' layout allow them, and for fp32 only the forward with tf32 dots. (IEEE fp32 dots
+    are not tensor-core MMAs: the TMA forward spills its transposed operand to local memory;
+    tf32 MMAs take only K-major operands, which the backward GEMMs' tiles are not, so their TMA
+    loops would transpose through shared memory at every step. The pointer kernels are clean.)"""
+    if not problem.tma_layout or not tma_supported(device):
+        return False
+    return problem.dtype != torch.float32 or (problem.precision == "tf32" and problem.kernel == "forward")
 
 
-def tracing() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+class Problem(NamedTuple):
+    """One tuning problem: what a config is chosen for. ``rows × cols`` output tiles reduce over
+    ``red`` (see the module docstring); ``batch_axis`` names which of them is the batch ("rows" or
+    "red"); ``tag``: what else changes the kernel's cost (the forward's and DFA's activation);
+    ``store``: the forward stores its extra tensor; ``tma_layout``: the operands allow the
+    tensor-descriptor kernels."""
+
+    kernel: str
+    rows: int
+    cols: int
+    red: int
+    batch_axis: str
+    dtype: torch.dtype
+    precision: str
+    tag: str
+    store: bool
+    tma_layout: bool
 
 
-# The sweep's table (tuned_tables.py holds plain dicts: it must not import this module).
-TABLE: dict[tuple, LaunchConfig] = {key: LaunchConfig(**fields) for key, fields in tuned_tables.TABLE.items()}
-
-# (device index,) + problem_key(...) -> the config tuned in this process.
-TUNED: dict[tuple, LaunchConfig] = {}
-
-
-def problem_key(kernel: str, rows: int, cols: int, red: int, batch_axis: str, *, dtype: torch.dtype, precision: str,
-                activation: str, bias_grad: bool, store: bool, tma: bool) -> tuple:
-    """What a tuned config is remembered by: the kernel, dtype name, dot precision, activation,
-    flags (``bias_grad``: grad_b too; ``store``: the forward's extra tensor or the backward-input's
-    δ), whether TMA kernels may run, and the sizes with the batch (``batch_axis``, "rows" or
-    "red") bucketed. The sweep's table uses the same key, after the GPU's name."""
-    dims = {"rows": rows, "cols": cols, "red": red}
-    dims[batch_axis] = bucket(dims[batch_axis])
-    return (kernel, str(dtype).removeprefix("torch."), precision, activation, bias_grad, store, tma,
-            dims["rows"], dims["cols"], dims["red"])
+def problem_key(problem: Problem, tma: bool) -> tuple:
+    """What a tuned config is remembered by: the kernel, dtype name, dot precision, tag, store
+    flag, whether TMA kernels may run, and the sizes with the batch bucketed. The sweep's table
+    uses the same key, after the GPU's name."""
+    dims = {"rows": problem.rows, "cols": problem.cols, "red": problem.red}
+    dims[problem.batch_axis] = bucket(dims[problem.batch_axis])
+    return (problem.kernel, str(problem.dtype).removeprefix("torch."), problem.precision, problem.tag, problem.store,
+            tma, dims["rows"], dims["cols"], dims["red"])
 
 
-def select_config(kernel: str, rows: int, cols: int, red: int, batch_axis: str, *, dtype: torch.dtype,
-                  device: torch.device, precision: str, activation: str, bias_grad: bool, store: bool,
-                  tma_layout: bool, interpreted: bool, launch) -> tuple[LaunchConfig, bool]:
-    """(config, final) for one problem; ``final`` is False when the config is a stand-in that
-    a later call should replace (chosen during CUDA-graph capture, before tuning could run).
-
-    ``batch_axis`` names the dimension that is the batch ("rows" or "red"); ``tma_layout``: the
-    operands allow the tensor-descriptor kernels; ``launch(config)`` runs the kernel (for
-    timing); the rest as in :func:`problem_key`.
-    """
-    sms = sm_count(device)
-    if (interpreted or not AUTOTUNE or device.type != "cuda" or rows * cols * red < TUNE_MIN_MACS or tracing()):
-        return heuristic_config(kernel, rows, cols, red, dtype, sms, bias_grad, interpreted), True
-    tma = tma_allowed(device, tma_layout, precision)
-    key = problem_key(kernel, rows, cols, red, batch_axis, dtype=dtype, precision=precision, activation=activation,
-                      bias_grad=bias_grad, store=store, tma=tma)
-    config = TABLE.get((device_name(device),) + key)
-    if config is not None:
-        return config, True
-    config = TUNED.get((device.index,) + key)
-    if config is None:
-        if torch.cuda.is_current_stream_capturing():
-            # Timing cannot run inside CUDA-graph capture; tune on a later, uncaptured call.
-            return heuristic_config(kernel, rows, cols, red, dtype, sms, bias_grad), False
-        candidates = candidate_configs(kernel, rows, cols, red, dtype, sms, bias_grad, tma)
-        config = TUNED[(device.index,) + key] = autotune(candidates, launch)
-    return config, True
-
-
-# Backward plan when both grad_x and grad_W are wanted and f is not the identity. True: the
-# backward-input kernel stores δ once (M × N, operand dtype) and the weight kernel is a plain
-# GEMM δᵀx; False: both kernels form δ from g and the saved tensor. Both read about the same
-# bytes (δ once instead of g and saved a second time); storing δ lets the weight kernel feed
-# its operands from memory straight into the dot. bench/sweep.py measures both plans.
-STORE_DELTA = _env_flag("FA_TRITON_STORE_DELTA", True)
+def pass_config(rows: int, cols: int, sms: int, interpreted: bool) -> LaunchConfig:
+    """The δ pass's tile (block_rows × block_cols) and row slices (``split``): column blocks
+    of up to 128 elements, slices enough for about four programs per SM (the grad_b partials
+    of several slices are then added in order). block_red is not used."""
+    if interpreted:
+        return LaunchConfig(64, block(cols, 64), 16, split=1)
+    block_cols = block(cols, 128)
+    column_blocks = triton.cdiv(cols, block_cols)
+    split = max(1, min(triton.cdiv(4 * sms, column_blocks), triton.cdiv(rows, 32)))
+    return LaunchConfig(32, block_cols, 16, split=split)

@@ -7,7 +7,7 @@ from torch import nn
 
 import fa_triton
 from fa_triton import DFANetwork, FALinear
-from fa_triton.kernels import fa_linear_kernels
+from fa_triton.kernels import linear_kernels
 from tests.helpers import KERNEL_DEVICE, teacher_task, train_on
 from tests.oracle import FLOOR, activation_and_derivative
 
@@ -61,8 +61,8 @@ def test_dfa_against_the_oracle(backend, dtype):
 def test_every_projection_is_one_gemm(kernel_device, monkeypatch):
     # All hidden layers share their activation: one launch of the DFA kernel projects e to all of them.
     launches = []
-    run = fa_linear_kernels.dfa_delta_kernel.run
-    monkeypatch.setattr(fa_linear_kernels.dfa_delta_kernel, "run",
+    run = linear_kernels.dfa_delta_kernel.run
+    monkeypatch.setattr(linear_kernels.dfa_delta_kernel, "run",
                         lambda *a, grid, **k: (launches.append(grid), run(*a, grid=grid, **k))[1])
     net = _network("triton", torch.float32, kernel_device, activations=("relu", "relu", "relu", "identity"))
     net(torch.randn(8, 19, device=kernel_device)).sum().backward()

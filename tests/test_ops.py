@@ -46,21 +46,21 @@ def forward_samples(device):
 
 
 def backward_samples(device):
+    """Arguments of the three backward ops: (local_error, backward_input, backward_weight)."""
     x, weight, bias, feedback, grad_y = make_inputs((6,), 9, 5, torch.float32, device, activation="tanh")
     saved = torch.tanh(x @ weight.t() + bias)
+    delta = grad_y * (1 - saved * saved)
     counter = torch.tensor([3], dtype=torch.int64, device=device)
     return [
-        ((grad_y, saved, feedback, None, None, "tanh", 0.01, True, *FA[:3]), (grad_y, saved, x, "tanh", 0.01, True)),
-        ((grad_y, None, feedback, None, None, "identity", 0.01, False, *FA[:3]),
-         (grad_y, None, x, "identity", 0.01, False)),
-        ((grad_y.t().contiguous().t(), saved, feedback, None, None, "relu", 0.01, False, *FA[:3]),
-         (grad_y[:1].expand(6, 5), saved, x.t().contiguous().t(), "relu", 0.01, True)),
-        ((grad_y, saved, None, weight, None, "tanh", 0.01, True, "sign", 0.3, 0),
-         (grad_y, saved, x, "tanh", 0.01, True)),
-        ((grad_y, saved, feedback, weight, None, "relu", 0.01, False, "magnitude_sign", 1.0, 0),
-         (grad_y, saved, x, "relu", 0.01, False)),
-        ((grad_y, saved, None, weight, counter, "relu", 0.01, True, "random_sign", 0.5, 7),
-         (grad_y, saved, x, "relu", 0.01, True)),
+        ((grad_y, saved, "tanh", 0.01, True, True), (delta, feedback, None, None, *FA[:3]), (delta, x)),
+        ((grad_y, None, "identity", 0.01, True, False), (grad_y, feedback, None, None, *FA[:3]), (grad_y, x)),
+        ((grad_y.t().contiguous().t(), saved, "relu", 0.01, False, True),
+         (delta.t().contiguous().t(), feedback, None, None, *FA[:3]), (delta[:1].expand(6, 5), x.t().contiguous().t())),
+        ((grad_y, None, "identity", 0.01, False, True), (delta, None, weight, None, "sign", 0.3, 0), (delta, x)),
+        ((grad_y[:1].expand(6, 5), saved, "gelu", 0.01, True, False),
+         (delta, feedback, weight, None, "magnitude_sign", 1.0, 0), (delta, x)),
+        ((grad_y, saved, "leaky_relu", -0.2, True, True), (delta, None, weight, counter, "random_sign", 0.5, 7),
+         (delta, x)),
     ]
 
 
@@ -73,15 +73,16 @@ def test_opcheck_forward(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_backward(backend):
-    _, backward_input, backward_weight = OPS[INTERNAL[backend]]
-    for input_args, weight_args in backward_samples(op_device(backend)):
+    _, local_error, backward_input, backward_weight = OPS[INTERNAL[backend]]
+    for error_args, input_args, weight_args in backward_samples(op_device(backend)):
+        torch.library.opcheck(local_error, error_args)
         torch.library.opcheck(backward_input, input_args)
         torch.library.opcheck(backward_weight, weight_args)
 
 
 def test_ops_are_registered():
-    for name in ("forward", "backward_input", "backward_weight"):
-        for family in ("triton", "reference"):
+    for name in ("forward", "local_error", "backward_input", "backward_weight"):
+        for family in ("triton", "reference", "auto"):
             assert hasattr(torch.ops.fa_triton, f"{family}_{name}")
 
 

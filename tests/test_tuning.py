@@ -1,5 +1,6 @@
 """Launch configs (kernels/tuning.py): the typed config, the heuristic, the candidates, the
-autotuner, the batch buckets, the sweep's table and the CUDA-graph stand-in."""
+split plans, the batch buckets and the δ pass's config. The tuner that times them is
+tests/test_autotune.py's."""
 
 import pytest
 import torch
@@ -16,9 +17,6 @@ def as_gpu(monkeypatch):
         monkeypatch.setattr(tuning, "sm_count", lambda device: sms)
         monkeypatch.setattr(tuning, "tma_supported", lambda device: tma)
         monkeypatch.setattr(tuning, "device_name", lambda device: name)
-        monkeypatch.setattr(tuning, "AUTOTUNE", True)
-        monkeypatch.setattr(tuning, "TUNED", {})
-        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
         tuning.heuristic_config.cache_clear()
 
     yield setup
@@ -73,8 +71,8 @@ def _pow2_at_least(n: int) -> int:
 )
 def test_candidate_configs(kernel, rows, cols, red, tma, dtype, sms, as_gpu):
     as_gpu(sms)
-    configs = tuning.candidate_configs(kernel, rows, cols, red, dtype, sms, bias_grad=True, tma=tma)
-    heuristic = tuning.heuristic_config(kernel, rows, cols, red, dtype, sms, True)
+    configs = tuning.candidate_configs(kernel, rows, cols, red, dtype, sms, tma=tma)
+    heuristic = tuning.heuristic_config(kernel, rows, cols, red, dtype, sms)
     assert configs[0] == heuristic and not heuristic.tma  # the untuned config never needs TMA
     assert len(configs) == len(set(configs)), "duplicate candidates"
     tiles = {(c.block_rows, c.block_cols, c.block_red, c.num_warps, c.num_stages) for c in configs}
@@ -89,7 +87,7 @@ def test_candidate_configs(kernel, rows, cols, red, tma, dtype, sms, as_gpu):
             assert c.split == 1
         splits, per_split = tuning.split_plan(red, c.split, c.block_red)
         if splits > 1:  # fp32 partials stay small and int32-addressable
-            assert splits * tuning.split_outputs(kernel, rows, cols, True) * 4 <= tuning.SPLIT_MAX_BYTES
+            assert splits * rows * cols * 4 <= tuning.SPLIT_MAX_BYTES
             assert per_split >= tuning.SPLIT_MIN_STEPS * c.block_red
     if (rows, cols, red) == (8192, 8192, 8192):  # two waves of 128x128 tiles: no small tiles
         assert all(c.block_rows * c.block_cols >= 128 * 128 for c in configs)
@@ -104,99 +102,9 @@ def test_candidate_configs(kernel, rows, cols, red, tma, dtype, sms, as_gpu):
         assert heuristic.split > 1 if dtype == torch.float32 else True
 
 
-def test_autotune_picks_the_fastest_and_skips_failures():
-    configs = [LaunchConfig(16 * 2**i, 16, 16) for i in range(4)]
-    launched = []
-
-    def launch(config):
-        launched.append(configs.index(config))
-        if launched[-1] == 3:
-            raise RuntimeError("out of shared memory")
-
-    def timer(fn):
-        fn()
-        return {0: 2.0, 1: 0.5, 2: 1.0}[launched[-1]]
-
-    assert tuning.autotune(configs, launch, timer=timer) == configs[1]
-    assert launched == [0, 1, 2, 3]
-    with pytest.raises(RuntimeError, match="none of 1 configs ran.*out of shared memory"):
-        tuning.autotune([configs[3]], launch, timer=timer)
-
-
-def _select(kernel, rows, cols, red, batch_axis, bias_grad=False, *, dtype=torch.float16, tma_layout=True,
-            interpreted=False, activation="relu"):
-    return tuning.select_config(kernel, rows, cols, red, batch_axis, dtype=dtype, device=torch.device("cuda", 0),
-                                precision="tf32", activation=activation, bias_grad=bias_grad, store=False,
-                                tma_layout=tma_layout, interpreted=interpreted, launch=None)
-
-
-def test_autotune_key_buckets_the_batch(as_gpu, monkeypatch):
-    # As on a GPU: the first call of a (shape, bucket) tunes, later calls in the bucket reuse it.
-    as_gpu(132)
-    tuned = []
-
-    def fake_autotune(configs, launch):
-        tuned.append(configs)
-        return configs[-1]
-
-    monkeypatch.setattr(tuning, "autotune", fake_autotune)
-    first, final = _select("forward", 1000, 512, 512, "rows")
-    assert final and first.tma  # the last candidate is a TMA one: the layout and the GPU allow it
-    assert _select("forward", 600, 512, 512, "rows") == (first, True)  # same bucket 1024
-    assert len(tuned) == 1
-    _select("forward", 1500, 512, 512, "rows")  # bucket 2048
-    _select("backward_weight", 512, 512, 700, "red", True)  # batch 700 -> 1024
-    _select("backward_weight", 512, 512, 1000, "red", True)
-    assert len(tuned) == 3
-    _select("backward_weight", 512, 512, 1000, "red", True, tma_layout=False)  # another layout class
-    assert len(tuned) == 4 and not any(c.tma for c in tuned[-1])
-    _select("backward_weight", 512, 512, 1000, "red", True, activation="identity")  # another prologue
-    assert len(tuned) == 5
-    # Launch-bound sizes, the interpreter and tuning switched off take the heuristic config, untuned.
-    small, _ = _select("forward", 8, 16, 16, "rows")
-    assert small == tuning.heuristic_config("forward", 8, 16, 16, torch.float16, 132, False)
-    _select("forward", 9000, 512, 512, "rows", interpreted=True)
-    monkeypatch.setattr(tuning, "AUTOTUNE", False)
-    _select("forward", 9000, 512, 512, "rows")
-    assert len(tuned) == 5
-    assert tuning.bucket(1) == 16 and tuning.bucket(64) == 64 and tuning.bucket(65) == 128
-
-
-def test_capture_gets_a_stand_in_that_is_not_remembered(as_gpu, monkeypatch):
-    # Tuning cannot run inside CUDA-graph capture: the heuristic stands in, marked not final.
-    as_gpu(132)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    monkeypatch.setattr(tuning, "autotune", lambda configs, launch: pytest.fail("tuned during capture"))
-    config, final = _select("forward", 4096, 4096, 4096, "rows")
-    assert not final and config == tuning.heuristic_config("forward", 4096, 4096, 4096, torch.float16, 132, False)
-    assert tuning.TUNED == {}
-
-
-def test_the_sweeps_table_is_used_without_tuning(as_gpu, monkeypatch):
-    as_gpu(132, name="Fake GPU")
-    measured = LaunchConfig(128, 256, 64, num_warps=8, tma=True)
-    key = ("Fake GPU",) + tuning.problem_key("forward", 3000, 4096, 4096, "rows", dtype=torch.float16, precision="tf32",
-                                             activation="relu", bias_grad=False, store=False, tma=True)
-    assert key[-3:] == (4096, 4096, 4096)
-    monkeypatch.setattr(tuning, "TABLE", {key: measured})
-    monkeypatch.setattr(tuning, "autotune", lambda configs, launch: pytest.fail("tuned a key the table has"))
-    assert _select("forward", 3000, 4096, 4096, "rows") == (measured, True)  # 3000 rows: bucket 4096
-
-
 def test_heuristic_under_the_interpreter_is_few_large_programs():
-    config = tuning.heuristic_config("forward", 300, 70, 45, torch.float32, 1, False, True)
+    config = tuning.heuristic_config("forward", 300, 70, 45, torch.float32, 1, True)
     assert (config.block_rows, config.block_cols, config.block_red, config.split) == (64, 64, 64, 1)
-
-
-def test_no_tma_candidates_for_ieee_fp32(as_gpu, monkeypatch):
-    as_gpu(132, tma=True)
-    tuned = []
-    monkeypatch.setattr(tuning, "autotune", lambda configs, launch: tuned.append(configs) or configs[0])
-    for precision in ("ieee", "tf32"):
-        tuning.select_config("forward", 4096, 4096, 4096, "rows", dtype=torch.float32, device=torch.device("cuda", 0),
-                             precision=precision, activation="relu", bias_grad=False, store=False, tma_layout=True,
-                             interpreted=False, launch=None)
-    assert [any(c.tma for c in configs) for configs in tuned] == [False, True]
 
 
 def test_cap_split_keeps_every_launch_possible():
@@ -204,3 +112,39 @@ def test_cap_split_keeps_every_launch_possible():
     assert tuning.cap_split(100, 1024, 100, 64) == 16  # slices of at least one block
     assert tuning.cap_split(10**6, 10**8, 10, 16) == 65535  # the grid's second dimension
     assert tuning.cap_split(4, 0, 10, 16) == 1
+
+
+def test_batch_buckets_and_problem_keys():
+    assert tuning.bucket(1) == 16 and tuning.bucket(64) == 64 and tuning.bucket(65) == 128
+    problem = tuning.Problem("backward_weight", 512, 784, 700, "red", torch.bfloat16, "tf32", "", False, True)
+    assert tuning.problem_key(problem, True) == ("backward_weight", "bfloat16", "tf32", "", False, True, 512, 784, 1024)
+    rows = problem._replace(kernel="forward", rows=700, red=512, batch_axis="rows")
+    assert tuning.problem_key(rows, False)[-3:] == (1024, 784, 512)
+
+
+def test_tma_only_where_its_loops_are_clean(as_gpu):
+    # IEEE fp32 has no tensor-core dots, and tf32 ones take only K-major operands: of fp32,
+    # only the tf32 forward gets TMA candidates; every 16-bit kernel gets them.
+    as_gpu(132, tma=True)
+    cuda = torch.device("cuda", 0)
+    for kernel in ("forward", "backward_input", "backward_weight"):
+        half = tuning.Problem(kernel, 4096, 4096, 4096, "rows", torch.bfloat16, "tf32", "", False, True)
+        assert tuning.tma_allowed(cuda, half) and not tuning.tma_allowed(cuda, half._replace(tma_layout=False))
+        fp32 = half._replace(dtype=torch.float32)
+        assert tuning.tma_allowed(cuda, fp32) == (kernel == "forward")
+        assert not tuning.tma_allowed(cuda, fp32._replace(precision="ieee"))
+    as_gpu(132, tma=False)  # a GPU before Hopper
+    assert not tuning.tma_allowed(cuda, tuning.Problem("forward", 64, 64, 64, "rows", torch.float16, "tf32", "",
+                                                       False, True))
+
+
+@pytest.mark.parametrize("rows, cols, sms", [(64, 128, 132), (8192, 8192, 132), (8192, 10, 132), (1, 1, 16),
+                                             (100000, 64, 108)])
+def test_pass_config_fills_the_gpu_with_whole_blocks(rows, cols, sms):
+    config = tuning.pass_config(rows, cols, sms, interpreted=False)
+    assert config.block_cols >= min(16, cols) and config.block_cols <= 128
+    column_blocks = -(-cols // config.block_cols)
+    assert 1 <= config.split <= max(1, -(-rows // config.block_rows))  # no empty row slice
+    if rows >= 32 * 4 * sms:
+        assert column_blocks * config.split >= 4 * sms or config.split == -(-rows // 32)
+    assert tuning.pass_config(rows, cols, sms, interpreted=True).split == 1

@@ -1,4 +1,4 @@
-"""Parity of the Triton kernels (kernels/fa_linear.py) with the float64 oracle.
+"""Parity of the Triton kernels, through their launchers (kernels/launchers.py), with the float64 oracle.
 
 Without a GPU these run on CPU tensors through Triton's interpreter (see conftest.py), so
 every kernel is exercised in CI; the `cuda`-marked tests need real hardware.
@@ -9,8 +9,7 @@ import torch
 
 import fa_triton
 from fa_triton import ACTIVATIONS, fa_linear, kernels
-from fa_triton.kernels import fa_linear as kernel_module
-from fa_triton.kernels import fa_linear_kernels, tuning
+from fa_triton.kernels import autotune, launchers, linear_plans, plans, tuning
 from fa_triton.kernels.tuning import LaunchConfig
 from tests.helpers import KERNEL_DEVICE
 from tests.oracle import FLOOR, assert_parity, assert_within_bounds, make_inputs, oracle, run_layer, tf32_bounds
@@ -25,18 +24,16 @@ SHAPES = [(1, 1, 1), (1, 7, 17), (7, 17, 113), (113, 7, 1), (17, 113, 7), (64, 7
 @pytest.fixture(autouse=True)
 def fresh_plans():
     """Each test builds its own launch plans (some patch what a plan is built from)."""
-    kernel_module.clear_plans()
+    plans.clear_plans()
     yield
-    kernel_module.clear_plans()
+    plans.clear_plans()
 
 
 @pytest.fixture
 def launches(monkeypatch):
     """(kernel name, grid) of every kernel launch in the test, in order."""
     seen = []
-    for name in fa_linear_kernels.KERNEL_NAMES:
-        kernel = getattr(fa_linear_kernels, name)
-
+    for name, kernel in launchers.JIT_KERNELS.items():
         def spy(*args, grid, _run=kernel.run, _name=name, **kwargs):
             seen.append((_name, tuple(grid)))
             return _run(*args, grid=grid, **kwargs)
@@ -134,16 +131,16 @@ def test_expanded_upstream_gradient(kernel_device):
 def test_int64_offsets_path(activation, kernel_device, monkeypatch):
     # Offsets past 2**31 need tensors of gigabytes; force the int64 indexing path on a small
     # problem instead so that its arithmetic is checked too.
-    monkeypatch.setattr(kernel_module, "_needs_int64", lambda *tensors: True)
+    monkeypatch.setattr(plans, "needs_int64", lambda *tensors: True)
     check_against_oracle((21,), 37, 19, torch.float32, True, activation, device=kernel_device)
 
 
 def test_needs_int64_reads_offsets_not_sizes():
     meta = dict(device="meta", dtype=torch.float16)
-    assert not kernel_module._needs_int64(torch.empty_strided((1024, 1024), (1024, 1), **meta))
-    assert kernel_module._needs_int64(torch.empty_strided((2**21 + 1, 1024), (1024, 1), **meta))
-    assert kernel_module._needs_int64(torch.empty_strided((2, 8), (2**31, 1), **meta))
-    assert not kernel_module._needs_int64(torch.empty_strided((2**32, 8), (0, 1), **meta))  # expanded
+    assert not plans.needs_int64(torch.empty_strided((1024, 1024), (1024, 1), **meta))
+    assert plans.needs_int64(torch.empty_strided((2**21 + 1, 1024), (1024, 1), **meta))
+    assert plans.needs_int64(torch.empty_strided((2, 8), (2**31, 1), **meta))
+    assert not plans.needs_int64(torch.empty_strided((2**32, 8), (0, 1), **meta))  # expanded
 
 
 def test_backward_is_deterministic(kernel_device):
@@ -175,16 +172,16 @@ def test_only_needed_gradients(kernel_device):
 
 def test_fp32_dot_follows_pytorchs_tf32_switches(fp32_matmul_precision):
     fp32_matmul_precision(False, switch="allow_tf32")
-    assert kernel_module._dot_precision(torch.float32) == "ieee"
+    assert plans.dot_precision(torch.float32) == "ieee"
     fp32_matmul_precision(True, switch="allow_tf32")
-    assert kernel_module._dot_precision(torch.float32) == "tf32"
-    assert kernel_module._dot_precision(torch.float16) == "tf32"  # no effect on half types
+    assert plans.dot_precision(torch.float32) == "tf32"
+    assert plans.dot_precision(torch.float16) == "tf32"  # no effect on half types
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         # The newer switch (torch >= 2.9); once it is set, reading allow_tf32 raises.
         fp32_matmul_precision(False, switch="fp32_precision")
-        assert kernel_module._dot_precision(torch.float32) == "ieee"
+        assert plans.dot_precision(torch.float32) == "ieee"
         fp32_matmul_precision(True, switch="fp32_precision")
-        assert kernel_module._dot_precision(torch.float32) == "tf32"
+        assert plans.dot_precision(torch.float32) == "tf32"
 
 
 # ----------------------------------------------------------------------------- CUDA only
@@ -265,7 +262,7 @@ def test_split_k_parity(split_k, activation, bias, dtype, kernel_device, launche
     _weight_grads_against_oracle(300, 20, 7, dtype, bias, activation, kernel_device, split_k=split_k)
     weight_grids = [grid for name, grid in launches if name == "backward_weight_kernel"]
     assert "split_sum_kernel" in [name for name, _ in launches], "the split-K path did not run"
-    if kernel_module.INTERPRETED:
+    if launchers.INTERPRETED:
         assert weight_grids[-1][1] == tuning.split_plan(300, split_k, 64)[0]
 
 
@@ -290,15 +287,15 @@ def test_split_k_short_batch_and_bad_values(kernel_device):
 
 
 def test_autotune_never_runs_under_the_interpreter(kernel_device, monkeypatch):
-    if not kernel_module.INTERPRETED:
+    if not launchers.INTERPRETED:
         pytest.skip("checks the interpreter path")
-    monkeypatch.setattr(tuning, "AUTOTUNE", True)
-    monkeypatch.setattr(tuning, "TUNE_MIN_MACS", 1)
+    monkeypatch.setattr(autotune, "AUTOTUNE", True)
+    monkeypatch.setattr(autotune, "TUNE_MIN_MACS", 1)
 
     def fail(*args, **kwargs):
         raise AssertionError("autotuning ran under the interpreter")
 
-    monkeypatch.setattr(tuning, "autotune", fail)
+    monkeypatch.setattr(autotune.TUNER, "choose", fail)
     check_against_oracle((40,), 24, 12, torch.float32, True, "relu")
 
 
@@ -408,19 +405,22 @@ def test_tma_config_on_a_layout_it_cannot_address(kernel_device):
         kernels.fa_linear_forward(x, weight, b, "relu", config=LaunchConfig(16, 16, 16, tma=True))
 
 
-@pytest.mark.parametrize("store_delta", [True, False])
-def test_backward_plans_agree(store_delta, kernel_device, monkeypatch, launches):
-    # The FA layer with δ stored once or formed by both kernels: both within the policy.
-    monkeypatch.setattr(tuning, "STORE_DELTA", store_delta)
-    check_against_oracle((33,), 45, 70, torch.float16, True, "tanh")
-    check_against_oracle((33,), 45, 70, torch.float32, True, "gelu")
-    assert len([name for name, _ in launches if name.startswith("backward_input")]) == 2
+@pytest.mark.parametrize("activation, bias", [("tanh", True), ("relu", False), ("identity", True),
+                                              ("identity", False)])
+def test_layer_backward_forms_delta_once(activation, bias, kernel_device, launches):
+    # One δ pass (none for the identity without grad_b), then one plain GEMM per gradient.
+    check_against_oracle((33,), 45, 70, torch.float32, bias, activation)
+    names = [name for name, _ in launches if name != "forward_kernel"]
+    passes = 1 if activation != "identity" or bias else 0
+    assert names.count("local_error_kernel") == passes
+    assert names.count("backward_input_kernel") == names.count("backward_weight_kernel") == 1
+    assert len(names) == passes + 2 + names.count("split_sum_kernel")
 
 
 def test_launch_plans_are_cached_per_layout(kernel_device, monkeypatch):
     built = []
-    plan = kernel_module._forward_plan
-    monkeypatch.setattr(kernel_module, "_forward_plan", lambda key, *a: built.append(key) or plan(key, *a))
+    build = linear_plans.ForwardPlan.build
+    monkeypatch.setattr(linear_plans.ForwardPlan, "build", lambda key, args: built.append(key) or build(key, args))
     x = torch.randn(9, 12, device=kernel_device)
     weight, bias = torch.randn(5, 12, device=kernel_device), torch.randn(5, device=kernel_device)
     first, _ = kernels.fa_linear_forward(x, weight, bias, "relu")
@@ -467,7 +467,7 @@ def test_cuda_every_autotune_candidate(dtype):
         "forward": tuning.candidate_configs("forward", M, out_features, in_features, dtype, sms, tma=tma),
         "backward_input": tuning.candidate_configs("backward_input", M, in_features, out_features, dtype, sms,
                                                    tma=tma),
-        "backward_weight": tuning.candidate_configs("backward_weight", out_features, in_features, M, dtype, sms, True,
+        "backward_weight": tuning.candidate_configs("backward_weight", out_features, in_features, M, dtype, sms,
                                                     tma=tma),
     }
     for i in range(max(len(c) for c in candidates.values())):
@@ -485,14 +485,15 @@ def test_cuda_every_autotune_candidate(dtype):
 
 
 @pytest.mark.cuda
-def test_cuda_autotuned_path(monkeypatch):
-    monkeypatch.setattr(tuning, "AUTOTUNE", True)
-    monkeypatch.setattr(tuning, "TUNED", {})
+def test_cuda_autotuned_path(monkeypatch, tmp_path):
+    monkeypatch.setattr(autotune, "AUTOTUNE", True)
+    monkeypatch.setattr(autotune, "TUNER", autotune.Tuner(directory=tmp_path))
     check_against_oracle((2000,), 784, 128, torch.bfloat16, True, "relu", device="cuda")
-    keys = set(tuning.TUNED)
-    assert {k[0] for k in keys} == {"forward", "backward_input", "backward_weight"}
+    keys = set(autotune.TUNER.entries)
+    assert {k[1][0] for k in keys} == {"forward", "backward_input", "backward_weight"}
     check_against_oracle((1500,), 784, 128, torch.bfloat16, True, "relu", device="cuda")  # same 2048 bucket
-    assert set(tuning.TUNED) == keys
+    assert set(autotune.TUNER.entries) == keys
+    assert list(tmp_path.glob("*.json")), "the choices were not written to the disk cache"
 
 
 @pytest.mark.cuda
@@ -535,3 +536,38 @@ def test_zero_in_features(kernel_device):
     assert grad_w.shape == (4, 0)
     torch.testing.assert_close(grad_b, (grad_y * (1 - y * y)).sum(0), rtol=1e-5, atol=1e-5)
     assert kernels.fa_linear_backward_input(grad_y, y, weight, "tanh").shape == (6, 0)
+
+
+@pytest.mark.parametrize("method", fa_triton.METHODS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("M, in_features, out_features", [(6, 0, 4), (0, 5, 4), (0, 0, 3)],
+                         ids=["empty-K", "empty-M", "empty-both"])
+def test_empty_input_or_batch(M, in_features, out_features, activation, method, kernel_device):
+    # in_features = 0 once gave garbage grad_b (0.78, 9.7e25) with relu: δ and grad_b must not
+    # depend on the GEMMs running. Checked against the equations in float64, every rule.
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(out_features, in_features, generator=gen).to(kernel_device).requires_grad_(True)
+    # |b| in [0.2, 1]: z = b stays away from relu's kink.
+    bias = ((torch.rand(out_features, generator=gen) * 0.8 + 0.2)
+            * (torch.randint(0, 2, (out_features,), generator=gen) * 2 - 1)).to(kernel_device).requires_grad_(True)
+    feedback = torch.randn(out_features, in_features, generator=gen).to(kernel_device)
+    rule_args = {"fa": dict(feedback=feedback), "wm": dict(feedback=feedback), "frsf": dict(feedback=feedback),
+                 "kp": dict(feedback=feedback.requires_grad_(True)), "backprop": dict(feedback=None),
+                 "usf": dict(feedback=None, feedback_scale=0.3),
+                 "brsf": dict(feedback=None, feedback_scale=0.5, seed=11,
+                              counter=torch.tensor([2], dtype=torch.int64, device=kernel_device))}[method]
+    x = torch.randn(M, in_features, generator=gen).to(kernel_device).requires_grad_(True)
+    grad_y = torch.randn(M, out_features, generator=gen).to(kernel_device)
+    feedback_arg = rule_args.pop("feedback")
+    y = fa_linear(x, weight, bias, feedback_arg, activation, method=method, backend="triton", **rule_args)
+    y.backward(grad_y)
+    from tests.oracle import activation_and_derivative
+
+    z = x.detach().double() @ weight.detach().double().t() + bias.detach().double()
+    y_true, fprime = activation_and_derivative(z, activation, 0.01)
+    delta = grad_y.double() * fprime
+    torch.testing.assert_close(y.double(), y_true, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bias.grad.double(), delta.sum(0), rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(bias.grad).all()
+    assert weight.grad.shape == (out_features, in_features) and not weight.grad.any()
+    assert x.grad.shape == (M, in_features)

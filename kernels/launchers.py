@@ -1,0 +1,385 @@
+"""Launchers of the feedback-alignment linear kernels (``linear_kernels.py``, ``pass_kernels.py``).
+
+Shapes (nn.Linear's layout)::
+
+    fa_linear_forward:          x [M, K], weight [N, K], bias [N]      -> y [M, N] (and the extra tensor)
+    fa_linear_local_error:      grad_y, saved [M, N]                   -> δ [M, N], grad_b [N]
+    fa_linear_feedback:         weight [N, K] (and R, or the draw)     -> B [N, K] of a sign rule
+    fa_linear_backward_input:   grad_y, saved [M, N], B [N, K]         -> grad_x [M, K] (and δ)
+    fa_linear_backward_weight:  grad_y, saved [M, N], x [M, K]         -> grad_W [N, K], grad_b [N]
+    fa_linear_dfa_delta:        e [M, n_out], B [n_out, N], saved      -> δ [M, N]
+
+The two backward launchers take g and form δ = g ⊙ f'(z) by the δ pass first (skipped when f
+is the identity and nothing else is asked of it); the layer's autograd runs the pass once and
+gives both GEMMs δ with ``activation="identity"``. A GEMM call is one dictionary lookup of a
+cached launch plan (``plans.py``) plus Triton's own launch. Any input strides work; Wᵀ and δᵀ
+are read through strides and nothing is transposed or copied.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import linear_kernels as gemm
+from . import pass_kernels as passes
+from . import plans, tuning
+from .linear_plans import BackwardInputPlan, BackwardWeightPlan, DFAPlan, ForwardPlan, GemmKey, split_sum
+from .plans import PLANS, Launch, check_out, clear_plans, on_device
+from .tuning import LaunchConfig, as_config
+
+__all__ = [
+    "ACTIVATIONS",
+    "FEEDBACK_MODES",
+    "INTERPRETED",
+    "JIT_KERNELS",
+    "LaunchConfig",
+    "fa_linear_forward",
+    "fa_linear_local_error",
+    "fa_linear_feedback",
+    "fa_linear_backward_input",
+    "fa_linear_backward_weight",
+    "fa_linear_dfa_delta",
+    "clear_plans",
+]
+
+#: The activations the kernels apply (``fa_triton.ACTIVATIONS``; a test checks they agree).
+ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu", "identity")
+#: How the backward forms B: given ("matrix"), s·sign(W), |R|·sign(W), or |R|·sign(W) with |R| drawn.
+FEEDBACK_MODES = ("matrix", "sign", "magnitude_sign", "random_sign")
+#: Every ``@triton.jit`` kernel the launchers run, by name (tests and benchmarks record or stub
+#: a launch by replacing the kernel's ``run``).
+JIT_KERNELS = {name: getattr(module, name) for module, names in (
+    (gemm, ("forward_kernel", "forward_tma_kernel", "forward_split_epilogue_kernel", "backward_input_kernel",
+            "backward_input_tma_kernel", "backward_weight_kernel", "backward_weight_tma_kernel", "dfa_delta_kernel")),
+    (passes, ("local_error_kernel", "feedback_kernel", "split_sum_kernel"))) for name in names}
+# @triton.jit picks the interpreter when the module is imported with TRITON_INTERPRET=1.
+INTERPRETED = type(gemm.forward_kernel).__name__ == "InterpretedFunction"
+
+
+def _check_activation(activation) -> None:
+    # A misspelt name must not run as the identity (the kernels' last branch).
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _config(config) -> LaunchConfig | None:
+    return None if config is None else as_config(config)
+
+
+# ----------------------------------------------------------------------------------- forward
+
+def fa_linear_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str,
+    negative_slope: float = 0.0,
+    store_extra: bool = False,
+    out: torch.Tensor | None = None,
+    *,
+    config: LaunchConfig | dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fused ``y = f(x Wᵀ + b)``.
+
+    Args: x [M, K] (any strides), weight [N, K], bias [N] or None; ``store_extra``: also
+    store the tensor backward reads besides y (``fa_triton.activations.saves_extra``: z, or
+    f'(z) for gelu); ``out``, an optional [M, N] tensor of x's dtype to write y into;
+    ``config``, a :class:`LaunchConfig` (or a dict of its fields) to use instead of the tuned
+    one (tests and experiments).
+    Returns: y [M, N], and the extra tensor [M, N] (y's strides) when ``store_extra`` (else None).
+    """
+    _check_activation(activation)
+    M, K = x.shape
+    N = weight.shape[0]
+    if out is None:
+        y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    else:
+        check_out(out, (M, N), x, "out")
+        y = out
+    extra = torch.empty_strided((M, N), y.stride(), device=x.device, dtype=x.dtype) if store_extra else None
+    if M == 0 or N == 0:
+        return y, extra
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()  # the kernels read bias with a unit stride (an expanded one included)
+    key = GemmKey("forward", x.device, x.dtype, weight.dtype, M, N, K, x.stride(), weight.stride(), y.stride(),
+                  (bias is None, activation, store_extra), plans.dot_precision(x.dtype), _config(config))
+    args = (x, weight, bias, y, extra, float(negative_slope))
+    plan = PLANS.get(key)
+    if plan is None:
+        plan = ForwardPlan.build(key, args)
+    plan(*args)
+    return y, extra
+
+
+# ------------------------------------------------------------------------------- local error
+
+def fa_linear_local_error(
+    grad_y: torch.Tensor,
+    saved: torch.Tensor | None,
+    activation: str,
+    negative_slope: float = 0.0,
+    *,
+    store_delta: bool = True,
+    bias_grad: bool = True,
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+    config: LaunchConfig | dict | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The δ pass: ``δ = g ⊙ f'(z)`` and ``grad_b = Σ_rows δ`` in one read of g and saved.
+
+    Args: grad_y [M, N] (any strides), saved [M, N] (y or the extra tensor; None for identity);
+    ``store_delta``: write δ (in ``dtype``, default grad_y's; into ``out`` if given, which must
+    have a unit column stride); ``bias_grad``: also grad_b [N] in that dtype, summed from δ in
+    fp32 before its rounding, in a fixed order; ``config``: block_rows × block_cols tiles and
+    ``split`` row slices (block_red is not used).
+    Returns (δ or None, grad_b or None).
+    """
+    _check_activation(activation)
+    M, N = grad_y.shape
+    dtype = grad_y.dtype if dtype is None else dtype
+    delta = None
+    if store_delta:
+        delta = torch.empty((M, N), device=grad_y.device, dtype=dtype) if out is None else out
+        if out is not None:
+            check_out(out, (M, N), delta, "out")
+            if out.stride(1) != 1 and N > 1:
+                raise ValueError(f"out must have a unit column stride, got strides {out.stride()}")
+    grad_b = torch.empty((N,), device=grad_y.device, dtype=dtype) if bias_grad else None
+    if M == 0 or N == 0 or not (store_delta or bias_grad):
+        if grad_b is not None:
+            grad_b.zero_()
+        return delta, grad_b
+    cfg = as_config(config) if config is not None else tuning.pass_config(
+        M, N, tuning.sm_count(grad_y.device), INTERPRETED)
+    split = min(cfg.split, triton.cdiv(M, cfg.block_rows)) if bias_grad else cfg.split
+    rows_per_split = triton.cdiv(triton.cdiv(M, split), cfg.block_rows) * cfg.block_rows
+    splits = triton.cdiv(M, rows_per_split)
+    partial = grad_b
+    if bias_grad and splits > 1:
+        partial = torch.empty((splits, N), device=grad_y.device, dtype=torch.float32)
+    saved_arg = grad_y if saved is None else saved
+    delta_arg = grad_y if delta is None else delta
+    launch = Launch(passes.local_error_kernel, (triton.cdiv(N, cfg.block_cols), splits), dict(
+        ACTIVATION=activation, STORE_DELTA=store_delta, BIAS_GRAD=bias_grad,
+        USE_INT64=plans.needs_int64(grad_y, saved, delta), BLOCK_M=cfg.block_rows, BLOCK_N=cfg.block_cols,
+        num_warps=cfg.num_warps))
+    on_device(grad_y, launch)(grad_y, saved_arg, delta_arg, grad_y if partial is None else partial, M, N,
+                              rows_per_split, *grad_y.stride(), *saved_arg.stride(), *delta_arg.stride(),
+                              float(negative_slope))
+    if bias_grad and splits > 1:
+        split_sum(partial, grad_b, splits)
+    return delta, grad_b
+
+
+# ---------------------------------------------------------------------------------- feedback
+
+def fa_linear_feedback(
+    weight: torch.Tensor,
+    feedback: torch.Tensor | None,
+    feedback_mode: str,
+    *,
+    feedback_scale: float = 1.0,
+    seed: int = 0,
+    counter: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """B [N, K] (contiguous, W's dtype) of a rule that forms it from W's sign
+    (``fa_triton.methods``): "sign": ``feedback_scale``·sign(W); "magnitude_sign":
+    |``feedback``|·sign(W); "random_sign": |R|·sign(W), |R| = ``feedback_scale``·U(0, 1) drawn by
+    Philox from ``seed`` and the draw number in ``counter`` (int64 [1], read on the device).
+    The magnitude is fp32 and the result rounded once to W's dtype, as ``feedback_matrix`` does.
+    """
+    if feedback_mode not in FEEDBACK_MODES[1:]:
+        raise ValueError(f"feedback_mode must be one of {FEEDBACK_MODES[1:]} to form B, got {feedback_mode!r}")
+    if feedback_mode == "magnitude_sign" and feedback is None:
+        raise ValueError("feedback_mode='magnitude_sign' needs feedback (the magnitudes R)")
+    if feedback_mode == "random_sign" and (counter is None or counter.numel() != 1 or counter.dtype != torch.int64):
+        raise ValueError("feedback_mode='random_sign' needs counter, an int64 tensor of one element")
+    N, K = weight.shape
+    if out is None:
+        out = torch.empty((N, K), device=weight.device, dtype=weight.dtype)
+    elif not out.is_contiguous():
+        raise ValueError(f"out must be contiguous, got strides {out.stride()}")
+    if N == 0 or K == 0:
+        return out
+    feedback_arg = weight if feedback is None else feedback
+    block_n, block_k = (64, 64) if INTERPRETED else (32, 128)
+    launch = Launch(passes.feedback_kernel, (triton.cdiv(N, block_n), triton.cdiv(K, block_k)), dict(
+        FEEDBACK=feedback_mode, USE_INT64=plans.needs_int64(weight, feedback, out), BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=4))
+    on_device(weight, launch)(weight, feedback_arg, out if counter is None else counter, out, N, K, *weight.stride(),
+                              *feedback_arg.stride(), float(feedback_scale), seed)
+    return out
+
+
+# ---------------------------------------------------------------------------- backward input
+
+def fa_linear_backward_input(
+    grad_y: torch.Tensor,
+    saved: torch.Tensor | None,
+    feedback: torch.Tensor | None,
+    activation: str,
+    negative_slope: float = 0.0,
+    *,
+    config: LaunchConfig | dict | None = None,
+    delta_out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    feedback_mode: str = "matrix",
+    weight: torch.Tensor | None = None,
+    feedback_scale: float = 1.0,
+    seed: int = 0,
+    counter: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``grad_x = (g ⊙ f'(z)) B``: the δ pass (unless f is the identity), then the GEMM δ B.
+
+    Args: grad_y [M, N], saved [M, N] (y or the extra tensor, see ``saves_extra``; None
+    for identity); B [N, K] as ``feedback_mode`` forms it: "matrix": ``feedback`` (any
+    strides); the sign rules: formed by :func:`fa_linear_feedback` from ``weight`` (and
+    ``feedback``, ``feedback_scale``, ``seed``, ``counter``) into a buffer for this call only.
+    ``delta_out``, an optional [M, N] tensor of B's dtype with unit column stride into which δ
+    is written; ``out``, an optional [M, K] tensor for grad_x; ``config`` as in
+    :func:`fa_linear_forward` (for the GEMM).
+    Returns grad_x [M, K] (contiguous unless ``out`` says otherwise), in B's dtype.
+    """
+    _check_activation(activation)
+    if feedback_mode not in FEEDBACK_MODES:
+        raise ValueError(f"feedback_mode must be one of {FEEDBACK_MODES}, got {feedback_mode!r}")
+    if feedback_mode == "matrix" and feedback is None:
+        raise ValueError("feedback_mode='matrix' needs feedback (B)")
+    if feedback_mode != "matrix" and weight is None:
+        raise ValueError(f"feedback_mode={feedback_mode!r} needs weight (B is formed from its sign)")
+    source = feedback if feedback_mode == "matrix" else weight
+    M, N = grad_y.shape
+    K = source.shape[1]
+    if out is None:
+        grad_x = torch.empty((M, K), device=grad_y.device, dtype=source.dtype)
+    else:
+        check_out(out, (M, K), source, "out")
+        grad_x = out
+    if delta_out is not None:
+        check_out(delta_out, (M, N), source, "delta_out")
+        if delta_out.stride(1) != 1 and N > 1:
+            raise ValueError(f"delta_out must have a unit column stride, got strides {delta_out.stride()}")
+    delta = grad_y
+    if activation != "identity" or delta_out is not None or grad_y.dtype != source.dtype:
+        delta, _ = fa_linear_local_error(grad_y, saved, activation, negative_slope, bias_grad=False,
+                                         dtype=source.dtype, out=delta_out)
+    if M == 0 or K == 0:
+        return grad_x
+    if feedback_mode != "matrix":
+        feedback = fa_linear_feedback(weight, feedback, feedback_mode, feedback_scale=feedback_scale, seed=seed,
+                                      counter=counter)
+    key = GemmKey("backward_input", grad_y.device, source.dtype, delta.dtype, M, N, K, delta.stride(),
+                  feedback.stride(), grad_x.stride(), (), plans.dot_precision(source.dtype), _config(config))
+    args = (delta, feedback, grad_x)
+    plan = PLANS.get(key)
+    if plan is None:
+        plan = BackwardInputPlan.build(key, args)
+    plan(*args)
+    return grad_x
+
+
+# --------------------------------------------------------------------------- backward weight
+
+def fa_linear_backward_weight(
+    grad_y: torch.Tensor,
+    saved: torch.Tensor | None,
+    x: torch.Tensor,
+    activation: str,
+    negative_slope: float = 0.0,
+    bias_grad: bool = True,
+    *,
+    split_k: int | None = None,
+    config: LaunchConfig | dict | None = None,
+    out: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``grad_W = δᵀ x`` and ``grad_b = Σ_rows δ`` with ``δ = g ⊙ f'(z)``.
+
+    The δ pass (also grad_b) runs first unless f is the identity and grad_b is not wanted.
+    Args: grad_y [M, N] (δ itself with ``activation="identity"``), saved [M, N] or None
+    (identity), x [M, K]; ``split_k``, at most this many batch slices reduced by separate
+    programs and then summed in a fixed order (None: the config's; 1: no split); ``config``
+    as in :func:`fa_linear_forward` (for the GEMM); ``out``, optional (grad_W [N, K]
+    contiguous, grad_b [N] or None) to write into.
+    Returns: grad_W [N, K] and grad_b [N] (None unless ``bias_grad``), in x's dtype.
+    """
+    _check_activation(activation)
+    if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1):
+        raise ValueError(f"split_k must be None or an int >= 1, got {split_k!r}")
+    M, N = grad_y.shape
+    K = x.shape[1]
+    if out is None:
+        grad_w = torch.empty((N, K), device=x.device, dtype=x.dtype)
+        grad_b_out = None
+    else:
+        grad_w, grad_b_out = out
+        check_out(grad_w, (N, K), x, "out[0]")
+        if not grad_w.is_contiguous():
+            raise ValueError(f"out[0] (grad_W) must be contiguous, got strides {grad_w.stride()}")
+        if bias_grad:
+            check_out(grad_b_out, (N,), x, "out[1]")
+            if grad_b_out.stride(0) != 1 and N > 1:
+                raise ValueError(f"out[1] (grad_b) must have a unit stride, got stride {grad_b_out.stride()}")
+    delta, grad_b = grad_y, None
+    if activation != "identity" or bias_grad or grad_y.dtype != x.dtype:
+        store = activation != "identity" or grad_y.dtype != x.dtype
+        delta, grad_b = fa_linear_local_error(grad_y, saved, activation, negative_slope, store_delta=store,
+                                              bias_grad=bias_grad, dtype=x.dtype)
+        delta = delta if store else grad_y
+    if grad_b_out is not None and grad_b is not None:
+        grad_b = grad_b_out.copy_(grad_b)
+    if M == 0 or K == 0 or N == 0:
+        return grad_w.zero_(), grad_b
+    key = GemmKey("backward_weight", x.device, x.dtype, delta.dtype, M, N, K, delta.stride(), x.stride(),
+                  grad_w.stride(), (split_k,), plans.dot_precision(x.dtype), _config(config))
+    args = (delta, x, grad_w)
+    plan = PLANS.get(key)
+    if plan is None:
+        plan = BackwardWeightPlan.build(key, args)
+    plan(*args)
+    return grad_w, grad_b
+
+
+# ------------------------------------------------------------------------------------- DFA
+
+def fa_linear_dfa_delta(
+    error: torch.Tensor,
+    feedback: torch.Tensor,
+    saved: torch.Tensor | None,
+    activation: str,
+    negative_slope: float = 0.0,
+    *,
+    out: torch.Tensor | None = None,
+    config: LaunchConfig | dict | None = None,
+) -> torch.Tensor:
+    """Direct feedback alignment's local errors in one GEMM: ``δ = (e B) ⊙ f'(saved)``.
+
+    Args: error e [M, n_out] (the loss's gradient at the network's output), feedback B
+    [n_out, N] (every hidden layer's matrix side by side), saved [M, N] (each layer's y, or f'(z)
+    for gelu; None for identity); ``out``, an optional [M, N] tensor of B's dtype.
+    Returns δ [M, N] in B's dtype.
+    """
+    _check_activation(activation)
+    M, K = error.shape
+    N = feedback.shape[1]
+    if out is None:
+        delta = torch.empty((M, N), device=error.device, dtype=feedback.dtype)
+    else:
+        check_out(out, (M, N), feedback, "out")
+        delta = out
+    if M == 0 or N == 0:
+        return delta
+    if error.dtype != feedback.dtype:
+        error = error.to(feedback.dtype)  # one operand dtype: the main loop converts nothing
+    saved_arg = saved if saved is not None else delta
+    key = GemmKey("dfa", error.device, feedback.dtype, saved_arg.dtype, M, N, K, error.stride(), feedback.stride(),
+                  (saved_arg.stride(), delta.stride()), (activation,), plans.dot_precision(feedback.dtype),
+                  _config(config))
+    args = (error, feedback, saved_arg, delta, float(negative_slope))
+    plan = PLANS.get(key)
+    if plan is None:
+        plan = DFAPlan.build(key, args)
+    plan(*args)
+    return delta
+

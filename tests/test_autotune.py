@@ -1,0 +1,242 @@
+"""The tuner (kernels/autotune.py) and ``backend="auto"`` (fa_triton/backend.py), driven without
+a GPU by a fake timer: the fastest candidate wins, failures are skipped, choices are cached on
+disk per GPU and versions and reused by a new process, a version change invalidates them, the
+cache can be moved or turned off, CUDA-graph capture gets a stand-in, and ``auto`` runs the
+reference or the kernels, whichever the timer says is faster."""
+
+import json
+
+import pytest
+import torch
+
+from fa_triton import backend
+from fa_triton.autograd import AutoFALinearFunction
+from fa_triton.kernels import autotune, tuning
+from fa_triton.kernels.tuning import LaunchConfig, Problem
+from fa_triton.methods import FA_RULE
+from tests.helpers import KERNEL_DEVICE
+from tests.oracle import make_inputs
+
+VERSIONS = {"torch": "2.99", "triton": "9.1", "fa_triton": "0.1.0"}
+
+
+def fake_timer(times: dict):
+    """A timer that runs the candidate once (as do_bench would) and returns its listed time."""
+    ran = []
+
+    def timer(fn):
+        fn()
+        ran.append(timer.last)
+        return times[timer.last]
+
+    timer.ran = ran
+    return timer
+
+
+def make_tuner(times, directory, versions=VERSIONS):
+    timer = fake_timer(times)
+    tuner = autotune.Tuner(timer=timer, directory=directory, versions_of=lambda: dict(versions))
+    return tuner, timer
+
+
+def run_recording(timer):
+    def run(candidate):
+        timer.last = candidate
+        if candidate == "broken":
+            raise RuntimeError("out of shared memory")
+    return run
+
+
+def test_the_fastest_candidate_wins_and_failures_are_skipped(tmp_path):
+    tuner, timer = make_tuner({"a": 2.0, "b": 0.5, "c": 1.0}, tmp_path)
+    assert tuner.choose("GPU", ("k",), ["a", "b", "broken", "c"], run_recording(timer)) == ("b", True)
+    assert timer.ran == ["a", "b", "c"]
+    entry = tuner.entries[("GPU", ("k",))]
+    assert entry.source == "measured" and dict(entry.timings)["broken"] == "failed: RuntimeError"
+    with pytest.raises(RuntimeError, match="none of 1 candidates ran.*out of shared memory"):
+        tuner.choose("GPU", ("other",), ["broken"], run_recording(timer))
+
+
+def test_choices_are_reused_from_disk_by_a_new_process(tmp_path):
+    first, timer = make_tuner({"triton": 1.0, "torch": 2.0}, tmp_path)
+    config = LaunchConfig(128, 256, 64, num_warps=8, tma=True)
+    first.choose("NVIDIA H200", ("auto", "forward", 64), ["triton", "torch"], run_recording(timer))
+    times = {config: 0.1, LaunchConfig(64, 64, 64): 0.2}
+    timer_b = fake_timer(times)
+    first.timer = timer_b
+    first.choose("NVIDIA H200", ("forward", "bfloat16", 8192), list(times), run_recording(timer_b))
+    files = list(tmp_path.glob("*.json"))
+    assert [f.name for f in files] == ["nvidia-h200_torch-2.99_triton-9.1_fa_triton-0.1.0.json"]
+    assert len(json.loads(files[0].read_text())["entries"]) == 2
+    # A new process (a new Tuner on the same folder) times nothing and gets the same choices.
+    second, timer2 = make_tuner({}, tmp_path)
+    run = run_recording(timer2)
+    assert second.choose("NVIDIA H200", ("auto", "forward", 64), ["triton", "torch"], run) == ("triton", True)
+    assert second.choose("NVIDIA H200", ("forward", "bfloat16", 8192), list(times), run) == (config, True)
+    assert timer2.ran == [] and second.entries[("NVIDIA H200", ("auto", "forward", 64))].source == "disk"
+    # Another GPU, or another fa_triton, torch or triton version: tuned again.
+    other_gpu, timer3 = make_tuner({"triton": 3.0, "torch": 2.0}, tmp_path)
+    assert other_gpu.choose("NVIDIA H100", ("auto", "forward", 64), ["triton", "torch"],
+                            run_recording(timer3)) == ("torch", True)
+    newer, timer4 = make_tuner({"triton": 3.0, "torch": 2.0}, tmp_path, dict(VERSIONS, fa_triton="0.2.0"))
+    assert newer.choose("NVIDIA H200", ("auto", "forward", 64), ["triton", "torch"],
+                        run_recording(timer4)) == ("torch", True)
+    assert timer3.ran == timer4.ran == ["triton", "torch"]
+
+
+def test_the_cache_folder_is_relocated_or_turned_off_by_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("FA_TRITON_CACHE_DIR", str(tmp_path / "here"))
+    assert autotune.cache_dir() == tmp_path / "here"
+    tuner = autotune.Tuner(timer=fake_timer({"a": 1.0}), versions_of=lambda: VERSIONS)
+    tuner.timer.last = "a"
+    tuner.choose("GPU", ("k",), ["a"], run_recording(tuner.timer))
+    assert len(list((tmp_path / "here").glob("*.json"))) == 1
+    for off in ("0", "off", ""):
+        monkeypatch.setenv("FA_TRITON_CACHE_DIR", off)
+        assert autotune.cache_dir() is None
+    tuner = autotune.Tuner(timer=fake_timer({"a": 1.0}), versions_of=lambda: VERSIONS)
+    tuner.choose("GPU", ("k2",), ["a"], run_recording(tuner.timer))  # memory only: no error, no file
+    assert tuner.entries[("GPU", ("k2",))].choice == "a"
+    monkeypatch.delenv("FA_TRITON_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert autotune.cache_dir() == tmp_path / "xdg" / "fa_triton"
+
+
+def test_an_unreadable_cache_is_ignored(tmp_path, caplog):
+    tuner, timer = make_tuner({"a": 1.0}, tmp_path)
+    path = tuner._path("GPU")
+    path.write_text("{not json")
+    assert tuner.choose("GPU", ("k",), ["a"], run_recording(timer)) == ("a", True)
+    assert "unreadable tuning cache" in caplog.text
+
+
+def test_capture_gets_a_stand_in_that_is_not_remembered(tmp_path, monkeypatch):
+    tuner, timer = make_tuner({"triton": 2.0, "torch": 1.0}, tmp_path)
+    monkeypatch.setattr(autotune, "capturing", lambda: True)
+    assert tuner.choose("GPU", ("k",), ["torch", "triton"], run_recording(timer), stand_in="triton") == (
+        "triton", False)
+    assert timer.ran == [] and tuner.entries == {}
+    monkeypatch.setattr(autotune, "capturing", lambda: False)
+    assert tuner.choose("GPU", ("k",), ["torch", "triton"], run_recording(timer)) == ("torch", True)
+    monkeypatch.setattr(autotune, "capturing", lambda: True)  # a cached choice is used during capture
+    assert tuner.choose("GPU", ("k",), ["torch", "triton"], run_recording(timer)) == ("torch", True)
+
+
+def test_the_report_lists_choices_and_timings(tmp_path):
+    tuner, timer = make_tuner({"triton": 0.25, "torch": 0.5}, tmp_path)
+    assert "no choice" in tuner.report()
+    tuner.choose("GPU", ("auto", "forward", 64), ["triton", "torch"], run_recording(timer))
+    report = tuner.report()
+    assert "GPU | auto forward 64 -> triton (measured)" in report
+    assert "0.2500 ms" in report and "0.5000 ms" in report
+
+
+# ------------------------------------------------------------------------- select_config
+
+@pytest.fixture
+def as_gpu(monkeypatch, tmp_path):
+    """select_config as on a GPU of 132 SMs with TMA (no GPU needed), a fresh tuner on tmp_path."""
+    monkeypatch.setattr(tuning, "sm_count", lambda device: 132)
+    monkeypatch.setattr(tuning, "tma_supported", lambda device: True)
+    monkeypatch.setattr(tuning, "device_name", lambda device: "Fake GPU")
+    monkeypatch.setattr(autotune, "AUTOTUNE", True)
+    monkeypatch.setattr(autotune, "capturing", lambda: False)
+    tuned = []
+
+    def choose(gpu, key, candidates, run, stand_in=None):
+        tuned.append((key, candidates))
+        return candidates[-1], True
+
+    tuner = autotune.Tuner(directory=tmp_path, versions_of=lambda: VERSIONS)
+    monkeypatch.setattr(tuner, "choose", choose)
+    monkeypatch.setattr(autotune, "TUNER", tuner)
+    return tuned
+
+
+def _select(kernel, rows, cols, red, batch_axis="rows", dtype=torch.float16, precision="tf32", tma_layout=True,
+            device=None):
+    device = torch.device("cuda", 0) if device is None else device
+    problem = Problem(kernel, rows, cols, red, batch_axis, dtype, precision, "", False, tma_layout)
+    return autotune.select_config(problem, device, launch=None)
+
+
+def test_select_config_tunes_with_the_candidates_and_buckets_the_batch(as_gpu, monkeypatch):
+    first, final = _select("forward", 1000, 512, 512)
+    key, candidates = as_gpu[0]
+    assert final and first == candidates[-1] and first.tma  # the layout and the GPU allow TMA
+    assert candidates == tuning.candidate_configs("forward", 1000, 512, 512, torch.float16, 132, True)
+    assert key == tuning.problem_key(Problem("forward", 1024, 512, 512, "rows", torch.float16, "tf32", "", False,
+                                             True), True)
+    _select("backward_weight", 512, 512, 700, "red", tma_layout=False)
+    assert not any(c.tma for c in as_gpu[-1][1]) and as_gpu[-1][0][-1] == 1024
+    # The heuristic, untimed: launch-bound sizes, off CUDA, tuning switched off.
+    heuristic = tuning.heuristic_config("forward", 8, 16, 16, torch.float16, 132)
+    assert _select("forward", 8, 16, 16) == (heuristic, True)
+    _select("forward", 9000, 512, 512, device=torch.device("cpu"))
+    monkeypatch.setattr(autotune, "AUTOTUNE", False)
+    _select("forward", 9000, 512, 512)
+    assert len(as_gpu) == 2
+
+
+def test_the_sweeps_table_is_used_without_tuning(as_gpu, monkeypatch):
+    measured = LaunchConfig(128, 256, 64, num_warps=8, tma=True)
+    problem = Problem("forward", 3000, 4096, 4096, "rows", torch.float16, "tf32", "", False, True)
+    key = ("Fake GPU",) + tuning.problem_key(problem, True)
+    assert key[-3:] == (4096, 4096, 4096)
+    monkeypatch.setattr(autotune, "TABLE", {key: measured})
+    assert _select("forward", 3000, 4096, 4096) == (measured, True)  # 3000 rows: bucket 4096
+    assert as_gpu == [] and autotune.TUNER.entries[("Fake GPU", key[1:])].source == "table"
+
+
+# ------------------------------------------------------------------------- backend="auto"
+
+@pytest.fixture
+def auto_with(monkeypatch, tmp_path):
+    """backend="auto" on CPU tensors (the kernels through the interpreter) with a fake timer
+    that makes ``winner`` the faster of "triton" and "torch"."""
+    def setup(winner):
+        times = {"triton": 1.0, "torch": 2.0} if winner == "triton" else {"triton": 2.0, "torch": 1.0}
+        timer = fake_timer(times)
+        tuner = autotune.Tuner(timer=timer, directory=tmp_path, versions_of=lambda: VERSIONS)
+        monkeypatch.setattr(autotune, "TUNER", tuner)
+        backend.clear_auto_choices()
+        calls = {"triton": 0, "torch": 0}
+        monkeypatch.setattr(backend, "_BY_PUBLIC", dict(backend._BY_PUBLIC))
+        for name in ("triton", "torch"):
+            spies = {}
+            for step in ("forward", "local_error", "backward_input", "backward_weight"):
+                original = getattr(backend._BY_PUBLIC[name], step)
+
+                def spy(*args, _name=name, _original=original):
+                    timer.last = _name
+                    calls[_name] += 1
+                    return _original(*args)
+                spies[step] = spy
+            backend._BY_PUBLIC[name] = backend._BY_PUBLIC[name]._replace(**spies)
+        return tuner, calls
+
+    yield setup
+    backend.clear_auto_choices()
+
+
+@pytest.mark.parametrize("winner", ["torch", "triton"])
+def test_auto_runs_the_faster_backend_of_each_step(winner, auto_with):
+    tuner, calls = auto_with(winner)
+    x, weight, bias, feedback, grad_y = make_inputs((9,), 12, 7, torch.float32, KERNEL_DEVICE, activation="tanh")
+    x, weight, bias = (t.clone().requires_grad_(True) for t in (x, weight, bias))
+    y = AutoFALinearFunction.apply(x, weight, bias, feedback, None, "tanh", 0.01, FA_RULE)
+    y.backward(grad_y)
+    steps = {key[1] for _, key in tuner.entries}
+    assert steps == {"forward", "local_error", "backward_input", "backward_weight"}
+    assert all(entry.choice == winner for entry in tuner.entries.values())
+    reference = torch.tanh(x.detach() @ weight.detach().t() + bias.detach())
+    torch.testing.assert_close(y.detach(), reference, rtol=1e-5, atol=1e-5)
+    assert set(backend.AUTO.forward.chosen.values()) == {backend._BY_PUBLIC[winner]}
+    # A second call times nothing: its three backward steps run on the winner only (the
+    # forward runs the chosen backend's Function body, not its step).
+    before = dict(calls)
+    y2 = AutoFALinearFunction.apply(x, weight, bias, feedback, None, "tanh", 0.01, FA_RULE)
+    y2.backward(grad_y)
+    loser = "triton" if winner == "torch" else "torch"
+    assert calls[loser] == before[loser] and calls[winner] == before[winner] + 3
+    assert len(tuner.entries) == 4
