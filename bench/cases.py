@@ -4,8 +4,12 @@ Shapes use nn.Linear's names: M rows of the batch, K = in_features, N = out_feat
 
 Providers (all timed on the same inputs, in one process):
 
-- ``fa_triton``: the Triton kernels (``backend="triton"``); ``fa_triton_interpreter`` when they
-  run through Triton's CPU interpreter (a correctness smoke run, not a speed).
+- ``fa_triton_auto``: ``backend="auto"``, the default: on CUDA each step of the layer (forward,
+  δ pass, backward input, backward weight) runs on whichever of Triton and the reference was
+  faster for its key on this GPU (timed at the key's first call, outside the timing; kept in
+  ``$FA_TRITON_CACHE_DIR``). Off CUDA "auto" is the reference, and this provider times that.
+- ``fa_triton``: the Triton kernels only (``backend="triton"``); ``fa_triton_interpreter`` when
+  they run through Triton's CPU interpreter (a correctness smoke run, not a speed).
 - ``reference``: the PyTorch FA implementation (``fa_triton.reference``), the baseline.
 - ``backprop``: ``nn.Linear`` + activation under ordinary autograd: the same FLOPs, the speed a
   user compares with.
@@ -29,7 +33,9 @@ from torch import nn
 import fa_triton
 from fa_triton.activations import apply_activation
 
-PROVIDERS = ("reference", "fa_triton", "backprop", "compiled")
+PROVIDERS = ("reference", "fa_triton_auto", "fa_triton", "backprop", "compiled")
+#: The providers that run fa_triton's layer (the backend= they pass).
+FA_BACKENDS = {"fa_triton_auto": "auto", "fa_triton": "triton"}
 LAYER_MODES = ("forward", "backward", "forward_backward")
 MLP_MODES = ("train_step",)
 MODES = LAYER_MODES + MLP_MODES
@@ -183,8 +189,9 @@ def _compile(fn):
 
 def layer_function(provider: str, activation: str) -> Callable:
     """(x, weight, bias, feedback) -> y for one provider."""
-    if provider == "fa_triton":
-        return lambda x, w, b, fb: fa_triton.fa_linear(x, w, b, fb, activation, backend="triton")
+    if provider in FA_BACKENDS:
+        backend = FA_BACKENDS[provider]
+        return lambda x, w, b, fb: fa_triton.fa_linear(x, w, b, fb, activation, backend=backend)
     if provider == "reference":
         return lambda x, w, b, fb: fa_triton.reference(x, w, b, fb, activation)
     if provider == "backprop":
@@ -258,7 +265,7 @@ def build_mlp(case: Case, provider: str, dtype: torch.dtype, device: torch.devic
             if activation != "identity":
                 layers.append(nn.ReLU())
         else:
-            backend = "triton" if provider == "fa_triton" else "torch"
+            backend = FA_BACKENDS.get(provider, "torch")
             layers.append(fa_triton.FALinear(in_features, out_features, activation=activation, backend=backend))
     model = nn.Sequential(*layers).to(device=device, dtype=dtype)
     optimizer = torch.optim.Adam(model.parameters(), lr=ADAM_LR)

@@ -29,19 +29,18 @@ def measure(batch: int = 4, features: int = 8, steps: int = 2000, repeats: int =
     import torch
 
     import fa_triton
-    from fa_triton.kernels import fa_linear_kernels
-    from fa_triton.kernels.fa_linear_kernels import KERNEL_NAMES
+    from fa_triton.kernels.launchers import JIT_KERNELS
 
     results = {}
-    saved = {name: getattr(fa_linear_kernels, name).run for name in KERNEL_NAMES}
+    saved = {name: kernel.run for name, kernel in JIT_KERNELS.items()}
     try:
         for provider, backend in (("triton (launches stubbed)", "triton"), ("torch", "torch")):
             if backend == "triton":
-                for name in KERNEL_NAMES:
-                    getattr(fa_linear_kernels, name).run = lambda *args, grid, warmup, **kwargs: None
+                for kernel in JIT_KERNELS.values():
+                    kernel.run = lambda *args, grid, warmup, **kwargs: None
             else:
                 for name, run in saved.items():
-                    getattr(fa_linear_kernels, name).run = run
+                    JIT_KERNELS[name].run = run
             layer = fa_triton.FALinear(features, features, activation=activation, backend=backend)
             x = torch.randn(batch, features, requires_grad=True)
             grad = torch.randn(batch, features)
@@ -60,7 +59,7 @@ def measure(batch: int = 4, features: int = 8, steps: int = 2000, repeats: int =
             results[provider] = statistics.median(samples)
     finally:
         for name, run in saved.items():
-            getattr(fa_linear_kernels, name).run = run
+            JIT_KERNELS[name].run = run
     return results
 
 

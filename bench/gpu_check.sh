@@ -1,50 +1,75 @@
 #!/usr/bin/env bash
-# One command for a machine with a CUDA GPU: print the GPU, run the CUDA-marked tests, time each
-# kernel beside cuBLAS at the target shapes (the configs fa_triton picks), measure the layer's
-# memory against the reference, run the benchmarks and end with the fa_triton-vs-reference table.
+# One command for a machine with a CUDA GPU (H100/H200: about 6 minutes), in this order:
+#   (a) the CUDA tests (python3 -m pytest -m cuda tests/ bench/), time-boxed;
+#   (b) each kernel at 8192^3 and 4096^3 in bf16 (then fp16, tf32 and the tutorial's layers in fp32,
+#       as time allows) beside the cuBLAS GEMM and the tutorial GEMM of the same shape and layout,
+#       in the same run (python -m bench.sweep --mode chosen --preset gpu-check);
+#   (c) the layer's forward + backward, backend="auto" and Triton-only, against the reference at
+#       8192^3 and 4096^3 in bf16, fp16 and tf32, and the tutorial's layers (784->128 relu,
+#       128->64 relu, 64->10 identity) at batch 8192 and 64, then more as time allows
+#       (python -m bench.run --preset gpu-check);
+#   (d) peak memory of forward + backward against the reference (python -m bench.memory, heuristic configs);
+# then every tuning choice made (fa_triton.kernels.autotune.tuning_report(), from the cache below)
+# and the report: the issue's targets (PASS / FAIL / unmeasured), each kernel, the layer table.
 #
 #   bash bench/gpu_check.sh            # from anywhere; PYTHON=... to pick the interpreter
 #
-# Stays under 6 minutes on an H100: the tests get at most GPU_CHECK_TEST_SECONDS (120), the
-# per-kernel times GPU_CHECK_KERNEL_SECONDS (150), the benchmarks what is left of the
-# GPU_CHECK_SECONDS (340) total; the table is then printed from the CSV rows written so far.
-# Results: bench/results/<gpu>.csv (appended), bench/results/<gpu>_<family>.png and
-# bench/results/sweep-<gpu>.csv (per kernel, beside cuBLAS); commit them.
-# Every candidate config (the tuner's table): python -m bench.sweep, a separate call of <= 8 minutes.
+# Outputs, all under GPU_CHECK_RESULTS (default bench/results), named by the GPU (<gpu> below,
+# e.g. nvidia-h200), for committing: <gpu>.csv (layer rows, appended) and its PNGs,
+# sweep-<gpu>.csv (per kernel, appended), memory-<gpu>.txt, tuning-<gpu>/ (FA_TRITON_CACHE_DIR:
+# the tuner's and "auto"'s choices with their timings, JSON), tuning-<gpu>.txt (their report),
+# gpu_check-<gpu>.log (everything printed). The step-(b) sweep tunes the configs the layer
+# benchmarks then find in that cache.
+#
+# Time boxes (seconds): the tests GPU_CHECK_TEST_SECONDS (100), the per-kernel sweep
+# GPU_CHECK_KERNEL_SECONDS (95, compiling included), memory GPU_CHECK_MEMORY_SECONDS (25), the
+# layer benchmarks what is left of GPU_CHECK_SECONDS (345) in all.
 # The tests run with FA_TRITON_AUTOTUNE=0 (heuristic configs, few compiles); the tuned path and
 # every autotune candidate are covered by their own cuda tests, and the benchmarks autotune.
+# Every candidate config (the tuner's table): python -m bench.sweep, a separate call of <= 8 minutes.
 # Dry run of this script without a GPU (bench/test_gpu_check.py does this in CI):
-#   GPU_CHECK_DEVICE=cpu GPU_CHECK_OUTPUT=/tmp/dry.csv GPU_CHECK_BENCH_ARGS="--preset smoke" bash bench/gpu_check.sh
+#   GPU_CHECK_DEVICE=cpu GPU_CHECK_RESULTS=/tmp/dry GPU_CHECK_BENCH_ARGS="--preset smoke" bash bench/gpu_check.sh
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
+RESULTS=${GPU_CHECK_RESULTS:-bench/results}
 read -r -a BENCH_ARGS <<< "${GPU_CHECK_BENCH_ARGS:-}"
-TOTAL=${GPU_CHECK_SECONDS:-340}
-TEST_SECONDS=${GPU_CHECK_TEST_SECONDS:-120}
-KERNEL_SECONDS=${GPU_CHECK_KERNEL_SECONDS:-150}
+read -r -a SWEEP_ARGS <<< "${GPU_CHECK_SWEEP_ARGS:-}"
+read -r -a TEST_PATHS <<< "${GPU_CHECK_TEST_PATHS:-tests/ bench/}"
+TOTAL=${GPU_CHECK_SECONDS:-345}
+TEST_SECONDS=${GPU_CHECK_TEST_SECONDS:-100}
+KERNEL_SECONDS=${GPU_CHECK_KERNEL_SECONDS:-95}
+MEMORY_SECONDS=${GPU_CHECK_MEMORY_SECONDS:-25}
 DRY=()
+SWEEP_MODE=(--preset gpu-check --same-tile bf16,fp16)
 if [ "$DEVICE" = "cpu" ]; then
     DRY=(--dry-run)
+    SWEEP_MODE=(--same-tile --workers 0)  # the interpreter compiles nothing ahead
 fi
 start=$SECONDS
+since=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 status=0
 section() { printf '\n=== %s (t=%ds)\n' "$1" $((SECONDS - start)); }
+timed_out() { [ "$1" -eq 124 ] && echo " (stopped at its time limit)"; }
 
-section "GPU"
-if command -v nvidia-smi >/dev/null 2>&1; then
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv,noheader || true
-fi
-if ! GPU_CHECK_DEVICE="$DEVICE" "$PYTHON" - <<'EOF'; then
+mkdir -p "$RESULTS" || exit 1
+# The GPU (or the dry run's CPU), and the name every output is given: the last line printed.
+info=$(GPU_CHECK_DEVICE="$DEVICE" "$PYTHON" - <<'EOF'
 import os
 import sys
 
-import torch
+from bench.results import cpu_name, device_name, slug
 
-if os.environ["GPU_CHECK_DEVICE"] == "cpu":
-    print(f"dry run on the CPU | python {sys.version.split()[0]} | torch {torch.__version__}")
+device = os.environ["GPU_CHECK_DEVICE"]
+if device == "cpu":  # (without importing torch: CI runs this dry run)
+    print(f"dry run on the CPU ({cpu_name()}) | python {sys.version.split()[0]}")
+    print(slug(f"CPU: {cpu_name()}"))
     sys.exit(0)
+
+import torch  # noqa: E402
+
 if not torch.cuda.is_available():
     print("torch sees no CUDA device: nothing to check here (the CPU suite is python3 -m pytest -rs)")
     sys.exit(1)
@@ -57,59 +82,67 @@ except ImportError:
 print(f"{props.name}: compute capability {props.major}.{props.minor}, {props.multi_processor_count} SMs, "
       f"{props.total_memory / 2**30:.0f} GiB | python {sys.version.split()[0]} | torch {torch.__version__} "
       f"(CUDA {torch.version.cuda}) | triton {triton_version}")
+print(slug(device_name("cuda")))
 EOF
+)
+info_status=$?
+gpu=$(printf '%s\n' "$info" | tail -n 1)
+log="$RESULTS/gpu_check-$gpu.log"
+if [ "$info_status" -eq 0 ]; then
+    exec > >(tee -a "$log") 2>&1
+fi
+section "GPU"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv,noheader || true
+fi
+printf '%s\n' "$info" | sed '$d'
+if [ "$info_status" -ne 0 ]; then
+    printf '%s\n' "$info" | tail -n 1
     exit 1
 fi
+csv=${GPU_CHECK_OUTPUT:-$RESULTS/$gpu.csv}
+sweep_csv=${GPU_CHECK_SWEEP_OUTPUT:-$RESULTS/sweep-$gpu.csv}
+memory_txt="$RESULTS/memory-$gpu.txt"
+choices_txt="$RESULTS/tuning-$gpu.txt"
+export FA_TRITON_CACHE_DIR=${GPU_CHECK_CACHE_DIR:-$RESULTS/tuning-$gpu}
+echo "outputs: $RESULTS (<name> = $gpu); tuning cache FA_TRITON_CACHE_DIR=$FA_TRITON_CACHE_DIR; log $log"
 
-if ! "$PYTHON" -c "import fa_triton.kernels" >/dev/null 2>&1; then
+if ! "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('fa_triton') is None)"; then
     section "install fa_triton (editable, no dependencies, no network)"
     "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 fi
 
-section "CUDA tests (python3 -m pytest -rs -m cuda tests/ bench/)"
+section "(a) CUDA tests (python3 -m pytest -rs -m cuda ${TEST_PATHS[*]}; at most ${TEST_SECONDS} s)"
 # SIGINT first: pytest then still prints its summary of what ran.
 # Compiling the kernels' specializations dominates a first run (1-2 s each, CPU-bound): with
 # pytest-xdist present, several workers compile in parallel on the machine's cores.
 XDIST=()
-if "$PYTHON" -c "import xdist" >/dev/null 2>&1; then
+if [ "$DEVICE" != "cpu" ] && "$PYTHON" -c "import xdist" >/dev/null 2>&1; then
     XDIST=(-n "${GPU_CHECK_TEST_WORKERS:-8}")
 fi
 FA_TRITON_AUTOTUNE=0 timeout -s INT -k 15 "$TEST_SECONDS" \
-    "$PYTHON" -m pytest -rs -q -m cuda -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} tests/ bench/
+    "$PYTHON" -m pytest -rs -q -m cuda -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} "${TEST_PATHS[@]}"
 test_status=$?
 if [ "$test_status" -ne 0 ]; then
     status=1
 fi
 
-section "per-kernel GPU time beside cuBLAS (python -m bench.sweep --mode chosen)"
-sweep_csv=${GPU_CHECK_SWEEP_OUTPUT:-$("$PYTHON" -c "
-import torch
-name = torch.cuda.get_device_name() if '$DEVICE' == 'cuda' else 'CPU (interpreter)'
-print('bench/results/sweep-' + name.lower().replace(' ', '-') + '.csv')")}
+section "(b) each kernel beside cuBLAS and the tutorial GEMM (python -m bench.sweep --mode chosen; at most ${KERNEL_SECONDS} s)"
 timeout -s INT -k 15 $((KERNEL_SECONDS + 30)) \
-    "$PYTHON" -m bench.sweep --mode chosen --time-budget "$KERNEL_SECONDS" ${DRY[@]+"${DRY[@]}"} \
-    --output "$sweep_csv"
+    "$PYTHON" -m bench.sweep --mode chosen "${SWEEP_MODE[@]}" --time-budget "$KERNEL_SECONDS" \
+    ${DRY[@]+"${DRY[@]}"} --output "$sweep_csv" ${SWEEP_ARGS[@]+"${SWEEP_ARGS[@]}"}
 kernel_status=$?
 if [ "$kernel_status" -ne 0 ]; then
     status=1
 fi
 
-section "memory of forward + backward (python -m bench.memory)"
-timeout -s INT -k 15 60 "$PYTHON" -m bench.memory ${DRY[@]+"${DRY[@]}"}
-memory_status=$?
-if [ "$memory_status" -ne 0 ]; then
-    status=1
-fi
-
-section "benchmarks (python -m bench.run --preset gpu-check)"
-csv=${GPU_CHECK_OUTPUT:-$("$PYTHON" -c "from bench.results import default_csv_path; print(default_csv_path('$DEVICE'))")}
-since=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 left=$((TOTAL - (SECONDS - start)))
-budget=$((left - 75))
+budget=$((left - MEMORY_SECONDS - 45))
 if [ "$budget" -lt 20 ]; then
     budget=20
 fi
-timeout -s INT -k 15 $((left - 20 > 30 ? left - 20 : 30)) \
+section "(c) the layer: auto and Triton-only vs the reference (python -m bench.run --preset gpu-check; ${budget} s)"
+timeout -s INT -k 15 $((budget + 25)) \
     "$PYTHON" -m bench.run --preset gpu-check --device "$DEVICE" --time-budget "$budget" --plot --no-summary \
     --output "$csv" ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"}
 bench_status=$?
@@ -117,9 +150,22 @@ if [ "$bench_status" -ne 0 ]; then
     status=1
 fi
 
+section "(d) memory of forward + backward (python -m bench.memory; at most ${MEMORY_SECONDS} s)"
+# Heuristic configs (compiled in (b)): tuning an untimed shape here (gelu's) could take a minute, and the
+# tile does not change memory (split partials, the one difference, are a few hundred KiB here).
+FA_TRITON_AUTOTUNE=0 timeout -s INT -k 10 $((MEMORY_SECONDS + 30)) \
+    "$PYTHON" -m bench.memory --time-budget "$MEMORY_SECONDS" ${DRY[@]+"${DRY[@]}"} | tee "$memory_txt"
+memory_status=$?
+if [ "$memory_status" -ne 0 ]; then
+    status=1
+fi
+
+section "tuning choices (fa_triton.kernels.autotune.tuning_report(); the whole report: $choices_txt)"
+"$PYTHON" -m bench.choices --cache-dir "$FA_TRITON_CACHE_DIR" --output "$choices_txt" --brief
+
 section "summary"
-echo "tests: exit ${test_status}$([ "$test_status" -eq 124 ] && echo ' (timed out)') | kernels: exit ${kernel_status} | memory: exit ${memory_status} | benchmarks: exit ${bench_status}$([ "$bench_status" -eq 124 ] && echo ' (stopped at the time limit)') | total $((SECONDS - start)) s"
-echo "results: ${csv} (+ PNGs next to it)"
+echo "tests: exit ${test_status}$(timed_out "$test_status") | kernels: exit ${kernel_status}$(timed_out "$kernel_status") | layer: exit ${bench_status}$(timed_out "$bench_status") | memory: exit ${memory_status} | total $((SECONDS - start)) s"
+echo "results: $csv (+ PNGs next to it), $sweep_csv, $memory_txt, $choices_txt, $FA_TRITON_CACHE_DIR/, $log"
 echo
 "$PYTHON" -m bench.report "$csv" --since "$since" --sweep "$sweep_csv"
 exit "$status"

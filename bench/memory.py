@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 SHAPES = ((8192, 8192, 8192, "relu", "bf16"), (4096, 4096, 4096, "relu", "bf16"),
           (8192, 784, 128, "relu", "fp32"), (8192, 128, 64, "relu", "fp32"), (8192, 64, 10, "identity", "fp32"),
@@ -71,6 +72,8 @@ def measure(M, K, N, activation, dtype_name, device, backend):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU (Triton's interpreter), small shapes")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds: measure no new shape after this (bench/gpu_check.sh's time box)")
     args = parser.parse_args(argv)
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -82,7 +85,13 @@ def main(argv=None) -> int:
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU (interpreter)"
     print(f"FA layer forward + backward memory | {where} | torch {torch.__version__}")
     print(f"{'layer':28s} {'dtype':5s} {'provider':9s} {'saved KiB':>10s} {'peak KiB':>10s} {'peak x ref':>10s}")
-    for M, K, N, activation, dtype in DRY_SHAPES if args.dry_run else SHAPES:
+    started = time.monotonic()
+    shapes = DRY_SHAPES if args.dry_run else SHAPES
+    for i, (M, K, N, activation, dtype) in enumerate(shapes):
+        if args.time_budget is not None and time.monotonic() - started > args.time_budget:
+            print(f"time budget of {args.time_budget:.0f} s reached: {len(shapes) - i} of {len(shapes)} shapes "
+                  "not measured")
+            break
         results = {backend: measure(M, K, N, activation, dtype, device, backend) for backend in ("torch", "triton")}
         for backend, provider in (("torch", "reference"), ("triton", "fa_triton")):
             r = results[backend]

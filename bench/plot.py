@@ -18,10 +18,10 @@ from .cases import family_of
 from .report import MODE_SHORT
 from .results import latest_run, read_rows, slug
 
-PROVIDER_ORDER = ("fa_triton", "fa_triton_interpreter", "reference", "backprop", "compiled")
+PROVIDER_ORDER = ("fa_triton_auto", "fa_triton", "fa_triton_interpreter", "reference", "backprop", "compiled")
 # One colour per provider in every panel and figure.
-PROVIDER_COLORS = {"fa_triton": "C0", "fa_triton_interpreter": "C0", "reference": "C1", "backprop": "C2",
-                   "compiled": "C3"}
+PROVIDER_COLORS = {"fa_triton_auto": "C4", "fa_triton": "C0", "fa_triton_interpreter": "C0", "reference": "C1",
+                   "backprop": "C2", "compiled": "C3"}
 DTYPE_ORDER = ("fp32", "tf32", "bf16", "fp16")
 MODE_ORDER = ("forward", "backward", "forward_backward", "train_step")
 FAMILY_TITLES = {"tutorial": "tutorial layers (784→128, 128→64, 64→10)", "square": "square layers M=N=K",

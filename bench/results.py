@@ -21,8 +21,10 @@ import platform
 import re
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 COLUMNS = (
     "kernel", "provider", "mode", "dtype", "M", "N", "K", "metric", "unit", "p50", "p20", "p80",
@@ -46,6 +48,8 @@ def cpu_name() -> str:
 def device_name(device: torch.device | str) -> str:
     """A human name for the device the numbers come from, e.g. "NVIDIA H100 80GB HBM3" or
     "CPU: AMD EPYC 7B13 (2 threads)"."""
+    import torch  # here, not at the top: bench.report reads CSVs without importing torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -81,6 +85,8 @@ def triton_version() -> str:
 
 def environment(device: torch.device | str) -> dict:
     """The per-run columns: device_name, torch, triton, commit, timestamp (UTC, ISO 8601)."""
+    import torch
+
     return {
         "device_name": device_name(device),
         "torch": torch.__version__,

@@ -1,8 +1,10 @@
-"""Time fa_triton against the reference, nn.Linear backprop and torch.compile, in one process.
+"""Time fa_triton (backend="auto" and Triton-only) against the reference, nn.Linear backprop and
+torch.compile, in one process.
 
     python -m bench.run                       # preset "full" on a GPU, "cpu" without one
     python -m bench.run --preset gpu-check --time-budget 200 --plot
-    python -m bench.run --providers fa_triton,reference --families square --square-sizes 4096 --dtypes bf16
+    python -m bench.run --providers fa_triton_auto,fa_triton,reference --families square --square-sizes 4096 \
+        --dtypes bf16
 
 Each measurement appends long-format rows to the CSV (default ``bench/results/<device>.csv``):
 time (ms), throughput (TFLOP/s), bandwidth (GB/s), the share of the ceilings measured at the
@@ -23,14 +25,19 @@ from pathlib import Path
 
 import torch
 
-from . import cases as C
-from .report import summary_lines, target_lines
-from .results import append_rows, default_csv_path, environment, make_row, slug
-from .timing import matmul_precision, peak_copy, peak_matmul, time_bench
+if not torch.cuda.is_available():
+    # Without a GPU fa_triton's kernels run through Triton's interpreter, which must be chosen
+    # before triton.language is first imported (importing fa_triton, in bench.cases, does that).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from . import cases as C  # noqa: E402
+from .report import summary_lines, target_lines  # noqa: E402
+from .results import append_rows, default_csv_path, environment, make_row, slug  # noqa: E402
+from .timing import matmul_precision, peak_copy, peak_matmul, time_bench  # noqa: E402
 
 # Failures of these providers are errors (exit status 1); torch.compile may fail "where it
 # does not work": that is recorded, not fatal.
-MUST_WORK = ("fa_triton", "reference", "backprop")
+MUST_WORK = ("fa_triton_auto", "fa_triton", "reference", "backprop")
 
 
 @dataclass(frozen=True)
@@ -46,21 +53,23 @@ class Item:
 PRESETS = {
     # CI: tiny shapes; every code path once (the interpreter runs fa_triton on CPU).
     "smoke": dict(families="tutorial,square,mlp", batches="8", square_sizes="32", mlp_batches="8",
-                  dtypes="fp32,bf16", modes=",".join(C.MODES), providers="reference,fa_triton,backprop",
+                  dtypes="fp32,bf16", modes=",".join(C.MODES), providers="reference,fa_triton_auto,fa_triton,backprop",
                   warmup_ms=0.0, rep_ms=1.0, mm_size=64, copy_mb=1),
     # A CPU: the tutorial's sizes and one square layer, fp32 (CPU bf16 matmuls can be very slow);
-    # fa_triton's interpreter runs only the small ones.
+    # fa_triton's interpreter runs only the small ones (and "auto" is the reference off CUDA: not timed twice).
     "cpu": dict(families="tutorial,square,mlp", batches="64,8192", square_sizes="1024", mlp_batches="64,8192",
-                dtypes="fp32", modes=",".join(C.MODES), providers=",".join(C.PROVIDERS),
+                dtypes="fp32", modes=",".join(C.MODES), providers="reference,fa_triton,backprop,compiled",
                 warmup_ms=50.0, rep_ms=300.0, mm_size=1024, copy_mb=256),
     # Everything the issue lists.
     "full": dict(families="tutorial,square,mlp", batches="64,8192", square_sizes="1024,2048,4096,8192",
                  mlp_batches="64,8192", dtypes="fp32,tf32,bf16,fp16", modes=",".join(C.MODES),
                  providers=",".join(C.PROVIDERS), warmup_ms=25.0, rep_ms=100.0, mm_size=8192, copy_mb=1024),
-    # bench/gpu_check.sh: the targets first, then more until --time-budget runs out.
+    # bench/gpu_check.sh: the targets first, then more until --time-budget runs out. No torch.compile
+    # (tens of seconds per graph): --providers ...,compiled adds it, after everything else.
     "gpu-check": dict(families="tutorial,square,mlp", batches="64,8192", square_sizes="1024,2048,4096,8192",
                       mlp_batches="64,8192", dtypes="fp32,tf32,bf16,fp16", modes=",".join(C.MODES),
-                      providers=",".join(C.PROVIDERS), warmup_ms=10.0, rep_ms=50.0, mm_size=8192, copy_mb=1024),
+                      providers="reference,fa_triton_auto,fa_triton,backprop", warmup_ms=10.0, rep_ms=50.0,
+                      mm_size=8192, copy_mb=1024),
 }
 
 
@@ -82,21 +91,20 @@ def _ordered(providers) -> tuple[str, ...]:
 
 
 def gpu_check_plan(args) -> list[Item]:
-    """The issue's layer targets first (fwd+bwd of the 8192^3 and 4096^3 squares in bf16, fp16,
-    fp32 with tf32 and IEEE fp32), then the tutorial's layers and MLP step, then the other sizes,
-    dtypes and modes in order of interest. torch.compile costs tens of seconds per graph, so the
-    compiled provider of each group comes after all the others (its ratio uses the reference
-    time measured earlier in the run)."""
+    """The issue's layer targets first — fwd+bwd of the 8192^3 and 4096^3 squares in bf16, fp16
+    and fp32 with tf32, then the tutorial's layers at batch 8192 and 64 in fp32 — then the MLP's
+    train step, IEEE fp32 squares, the tutorial's layers in bf16 and the other sizes, dtypes and
+    modes in order of interest. torch.compile costs tens of seconds per graph, so the compiled
+    provider of each group comes after all the others (its ratio uses the reference time
+    measured earlier in the run)."""
     eager = _ordered(p for p in args.providers if p != "compiled")
     tutorial = C.tutorial_cases
     square_8192 = C.Case("square", 8192, 8192, 8192)
-    targets = [(c, d, "forward_backward") for d in ("bf16", "fp16", "tf32", "fp32")
-               for c in C.square_cases([8192, 4096])]
-    targets += [(c, "fp32", "forward_backward") for c in tutorial([8192])]
-    targets += [(c, "fp32", "train_step") for c in C.mlp_cases([64])]
-    targets += [(c, "bf16", "forward_backward") for c in tutorial([8192])]
-    others = [(c, "fp32", "forward_backward") for c in tutorial([64])]
-    others += [(c, "fp32", "train_step") for c in C.mlp_cases([8192])]
+    targets = [(c, d, "forward_backward") for d in ("bf16", "fp16", "tf32") for c in C.square_cases([8192, 4096])]
+    targets += [(c, "fp32", "forward_backward") for c in tutorial([8192, 64])]
+    others = [(c, "fp32", "train_step") for c in C.mlp_cases([64, 8192])]
+    others += [(c, "fp32", "forward_backward") for c in C.square_cases([8192, 4096])]
+    others += [(c, "bf16", "forward_backward") for c in tutorial([8192, 64])]
     others += [(c, "bf16", "train_step") for c in C.mlp_cases([64, 8192])]
     others += [(square_8192, "bf16", m) for m in ("forward", "backward")]
     others += [(c, "bf16", "forward_backward") for c in C.square_cases([1024, 2048])]

@@ -1,17 +1,21 @@
 """The host-cost, memory, methods and conv benchmarks on the CPU: what they measure, not how fast."""
 
 from bench import launch_overhead, memory
-from fa_triton.kernels import fa_linear_kernels
+from fa_triton.kernels.launchers import JIT_KERNELS
+
+
+def _runs() -> dict:
+    return {name: kernel.run for name, kernel in JIT_KERNELS.items()}
 
 
 def test_launch_overhead_measures_each_launcher_and_restores_the_kernels():
-    runs = {name: getattr(fa_linear_kernels, name).run for name in fa_linear_kernels.KERNEL_NAMES}
+    runs = _runs()
     rows = launch_overhead.measure("cpu", calls=20, repeats=2)
-    assert {name for name, _, _ in rows} == {"fa_linear_forward", "fa_linear_backward_input",
-                                            "fa_linear_backward_weight"}
+    assert {name for name, _, _ in rows} == set(launch_overhead.LAUNCHERS) == {
+        "fa_linear_forward", "fa_linear_local_error", "fa_linear_backward_input", "fa_linear_backward_weight"}
     assert {shape for _, shape, _ in rows} == set(launch_overhead.SHAPES)
     assert all(us > 0 for _, _, us in rows)
-    assert {name: getattr(fa_linear_kernels, name).run for name in runs} == runs
+    assert _runs() == runs
 
 
 def test_memory_counts_what_the_layer_saves():
@@ -27,10 +31,10 @@ def test_memory_counts_what_the_layer_saves():
 def test_eager_overhead_times_both_providers_and_restores_the_kernels():
     from bench import eager_overhead
 
-    runs = {name: getattr(fa_linear_kernels, name).run for name in fa_linear_kernels.KERNEL_NAMES}
+    runs = _runs()
     results = eager_overhead.measure(steps=20, repeats=2)
     assert set(results) == {"triton (launches stubbed)", "torch"} and all(us > 0 for us in results.values())
-    assert {name: getattr(fa_linear_kernels, name).run for name in runs} == runs
+    assert _runs() == runs
 
 
 def test_methods_bench_dry_run(capsys):

@@ -47,11 +47,11 @@ def test_csv_has_the_issue_columns(smoke_csv):
 
 def test_every_provider_and_mode_is_timed(smoke_csv):
     timed = {(r["provider"], r["mode"], r["dtype"]) for r in _rows(smoke_csv, metric="time")}
-    for provider in ("reference", "backprop", "fa_triton_interpreter"):
+    for provider in ("reference", "fa_triton_auto", "backprop", "fa_triton_interpreter"):
         for mode in C.MODES:
             assert (provider, mode, "fp32") in timed, (provider, mode)
     # bf16: torch providers run, the interpreter is skipped with its reason.
-    assert ("reference", "forward", "bf16") in timed
+    assert ("reference", "forward", "bf16") in timed and ("fa_triton_auto", "forward", "bf16") in timed
     skipped = _rows(smoke_csv, metric="skipped", provider="fa_triton_interpreter", dtype="bf16")
     assert skipped and all("bf16" in r["unit"] for r in skipped)
 
@@ -81,8 +81,11 @@ def test_rows_are_consistent(smoke_csv):
 def test_report_and_plot(smoke_csv, tmp_path, capsys):
     assert report.main([str(smoke_csv)]) == 0
     out = capsys.readouterr().out
-    assert "fa_triton ms | reference ms | ratio | % of peak" in out
-    assert "[interpreter]" in out and "not measured" in out
+    assert "auto ms | triton ms | reference ms | auto x ref | triton x ref | % of peak" in out
+    assert "[interpreter]" in out
+    # The GPU targets are never claimed from CPU rows.
+    assert "no GPU rows: every target unmeasured" in out and "PASS" not in out and "FAIL" not in out
+    assert out.count("unmeasured") >= 4
     paths = plot.plot_csv(smoke_csv, tmp_path, prefix="smoke")
     assert sorted(p.name for p in paths) == ["smoke_mlp.png", "smoke_square.png"]
     for path in paths:
@@ -111,10 +114,11 @@ def test_tutorial_layers_with_plot(tmp_path):
                     reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_provider(tmp_path):
     out = tmp_path / "compiled.csv"
-    code = run.main([*TINY, "--families", "square,mlp", "--modes", "forward_backward,train_step", "--dtypes", "fp32",
+    # One layer case (the MLP's compiled train step is in test_benchmarks.py's smoke run).
+    code = run.main([*TINY, "--families", "square", "--modes", "forward_backward", "--dtypes", "fp32",
                      "--providers", "reference,compiled", "--no-peaks", "--output", str(out)])
     assert code == 0
-    assert {r["mode"] for r in _rows(out, provider="compiled", metric="time")} == {"forward_backward", "train_step"}
+    assert {r["mode"] for r in _rows(out, provider="compiled", metric="time")} == {"forward_backward"}
 
 
 def test_failures_are_recorded_not_raised(tmp_path, monkeypatch):
@@ -149,18 +153,24 @@ def test_time_budget_stops_new_measurements(tmp_path, capsys):
 def test_gpu_check_plan_puts_the_targets_first():
     args = run.parse_args(["--preset", "gpu-check", "--device", "cpu"])
     plan = run.gpu_check_plan(args)
-    squares = [(i.case.M, i.dtype, i.mode) for i in plan[:8]]
-    assert squares == [(n, d, "forward_backward") for d in ("bf16", "fp16", "tf32", "fp32") for n in (8192, 4096)]
-    assert all(i.case.family == "square" and i.providers == ("reference", "fa_triton", "backprop") for i in plan[:8])
-    assert [(i.case.family, i.case.M, i.dtype) for i in plan[8:11]] == [("tutorial", 8192, "fp32")] * 3
-    assert (plan[11].case.family, plan[11].case.M, plan[11].mode) == ("mlp", 64, "train_step")
-    # Then torch.compile of the same fifteen target groups, before anything else.
-    assert [i.providers for i in plan[15:30]] == [("compiled",)] * 15
-    assert [(i.case, i.dtype, i.mode) for i in plan[15:30]] == [(i.case, i.dtype, i.mode) for i in plan[:15]]
+    squares = [(i.case.M, i.dtype, i.mode) for i in plan[:6]]
+    assert squares == [(n, d, "forward_backward") for d in ("bf16", "fp16", "tf32") for n in (8192, 4096)]
+    providers = ("reference", "fa_triton_auto", "fa_triton", "backprop")
+    assert all(i.case.family == "square" and i.providers == providers for i in plan[:6])
+    assert [(i.case.family, i.case.M, i.dtype, i.mode) for i in plan[6:12]] == (
+        [("tutorial", 8192, "fp32", "forward_backward")] * 3 + [("tutorial", 64, "fp32", "forward_backward")] * 3)
+    assert [(i.case.family, i.case.M, i.mode) for i in plan[12:14]] == [("mlp", 64, "train_step"),
+                                                                      ("mlp", 8192, "train_step")]
+    assert not any("compiled" in i.providers for i in plan)  # not in the preset: too slow for 6 minutes
     assert len(plan) == len(set(plan))
     # Every provider of the full grid is timed somewhere in the plan.
     timed = {(i.case, i.dtype, i.mode, p) for i in plan for p in i.providers}
     assert {(i.case, i.dtype, i.mode, p) for i in run.grid_plan(args) for p in i.providers} <= timed
+    # torch.compile, when asked for, comes after every eager group.
+    compiled = run.gpu_check_plan(run.parse_args(["--preset", "gpu-check", "--device", "cpu", "--providers",
+                                                  "reference,fa_triton_auto,compiled"]))
+    first = next(n for n, i in enumerate(compiled) if i.providers == ("compiled",))
+    assert [i.providers for i in compiled[:first]] == [("reference", "fa_triton_auto")] * first
     narrowed = run.parse_args(["--preset", "gpu-check", "--device", "cpu", "--dtypes", "fp16", "--families", "square"])
     assert {(i.dtype, i.case.family) for i in run.gpu_check_plan(narrowed)} == {("fp16", "square")}
 
@@ -213,7 +223,7 @@ def test_providers_compute_the_same_layer():
     # The benchmark compares equal work: same forward everywhere; FA and backprop differ only in grad_x.
     case = C.Case("tutorial", 6, 5, 7, "relu")
     results = {}
-    for provider in ("reference", "backprop", "fa_triton"):
+    for provider in ("reference", "backprop", "fa_triton", "fa_triton_auto"):
         if C.unsupported_reason(case, provider, "fp32", torch.device("cpu")):
             continue
         bench = C.build(case, provider, "forward_backward", "fp32", "cpu", seed=3)
@@ -242,8 +252,44 @@ def test_cuda_run(tmp_path):
     # The GPU paths: do_bench timers, loop timer, ceilings, real fa_triton rows.
     out = tmp_path / "cuda.csv"
     assert run.main(["--preset", "smoke", "--quiet", "--device", "cuda", "--dtypes", "fp32,bf16",
-                     "--providers", "reference,fa_triton,backprop", "--output", str(out)]) == 0
+                     "--providers", "reference,fa_triton_auto,fa_triton,backprop", "--output", str(out)]) == 0
     timed = {(r["provider"], r["mode"], r["dtype"]) for r in _rows(out, metric="time")}
     assert ("fa_triton", "train_step", "bf16") in timed and ("fa_triton", "backward", "fp32") in timed
+    assert ("fa_triton_auto", "train_step", "bf16") in timed and ("fa_triton_auto", "forward_backward", "fp32") in timed
     peak = _rows(out, kernel="peak_mm", dtype="bf16")[0]
     assert float(peak["p50"]) > 0 and peak["device_name"] == torch.cuda.get_device_name()
+
+
+def test_report_targets_from_gpu_rows():
+    # Synthetic GPU rows: each target's verdict, and "unmeasured" for what is missing.
+    env = dict(device_name="NVIDIA H200", torch="t", triton="tr", commit="c", timestamp="2026-01-01T00:00:00Z")
+
+    def ratio(provider, kernel, dtype, M, N, K, value):
+        common = dict(kernel=kernel, provider=provider, mode="forward_backward", dtype=dtype, M=M, N=N, K=K)
+        return [make_row(env, **common, metric="time", unit="ms", p50=1.0 / value, p20=1.0 / value, p80=1.0 / value),
+                make_row(env, **common, metric="speedup_vs_reference", unit="x", p50=value)]
+
+    rows = []
+    kernel = "fa_linear_relu"
+    for dtype, M, N, K, auto, triton in (("bf16", 8192, 8192, 8192, 1.07, 0.9), ("fp16", 4096, 4096, 4096, 0.98, 0.8),
+                                         ("fp32", 8192, 128, 784, 1.4, 1.2), ("fp32", 8192, 64, 128, 1.25, 1.1)):
+        rows += ratio("fa_triton_auto", kernel, dtype, M, N, K, auto)
+        rows += ratio("fa_triton", kernel, dtype, M, N, K, triton)
+        rows += [make_row(env, kernel=kernel, provider="reference", mode="forward_backward", dtype=dtype, M=M, N=N,
+                          K=K, metric="time", unit="ms", p50=1.0, p20=1.0, p80=1.0)]
+    sweep_rows = [dict(gpu="NVIDIA H200", target="square", dtype="bf16", M="8192", K="8192", N="8192", job=job,
+                       chosen="True", status="ok", x_baseline=str(x), x_tutorial="1.1", config="128x256x64 w8 s3")
+                  for job, x in (("forward", 0.97), ("backward_input", 0.93), ("backward_weight", 1.0))]
+    text = "\n".join(report.target_lines(rows, sweep_rows))
+    assert "targets (NVIDIA H200):" in text
+    assert "each 16-bit kernel >= 0.95x cuBLAS of the same shape and layout (bench.sweep --mode chosen): FAIL" in text
+    assert "bf16 8192^3: FAIL: forward 0.97x, backward_input 0.93x, backward_weight 1.00x" in text
+    assert "bf16 4096^3: unmeasured" in text and "fp16 8192^3: unmeasured" in text
+    assert "auto fwd+bwd >= 1.0x reference at every benchmarked shape: FAIL (4 shapes; lowest 0.98x" in text
+    assert "auto fwd+bwd >= 1.05x reference at 8192^3 bf16: PASS: 1.07x" in text
+    assert ("tutorial layers at batch 8192, auto fwd+bwd >= 1.3x reference: FAIL (partly measured): "
+            "784->128 relu fp32 1.40x, 128->64 relu fp32 1.25x, 64->10 identity fp32 unmeasured") in text
+    assert "8192x8192 -> 8192 (relu): bf16 0.90x" in text  # Triton-only, reported without a target
+    table = report.summary_lines(rows)
+    assert table[0].split(" | ")[3:5] == ["auto ms", "triton ms"] and "1.07x" in table[-1] and "0.90x" in table[-1]
+    assert report.kernel_lines(sweep_rows)[0].startswith("per kernel (NVIDIA H200")

@@ -86,8 +86,8 @@ def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
         if not kernels().INTERPRETED:
             raise RuntimeError(
                 "backend='triton' got CPU tensors, which need Triton's interpreter: set the environment "
-                "variable TRITON_INTERPRET=1 before fa_triton's kernels are first used, move the tensors "
-                "to CUDA, or use backend='torch'"
+                "variable TRITON_INTERPRET=1 before Triton is first imported (before importing fa_triton), "
+                "move the tensors to CUDA, or use backend='torch'"
             )
         if dtype == torch.bfloat16:
             # The interpreter loads bf16 as garbage rather than failing: refuse instead.

@@ -1,12 +1,14 @@
 """``fa-triton`` command line (also ``python -m fa_triton``).
 
     fa-triton train --epochs 10 --data-dir DIR --device cpu --backend auto --seed 0 --out runs/mnist
+    fa-triton tuning-report
 
 trains the founding tutorial's MNIST MLP (:func:`fa_triton.mnist.train`), prints the final
 table rounded to 3 digits, and writes ``metrics.csv`` and ``training.png`` into ``--out``.
 Multi-process data-parallel: ``torchrun --nproc_per_node 2 -m fa_triton train ...`` or
 ``fa-triton train --nproc 2 ...`` (which starts that torchrun). Errors (bad arguments,
-missing data) are one line on stderr and a non-zero exit code.
+missing data) are one line on stderr and a non-zero exit code. ``tuning-report`` prints the
+tuner's cached choices (``fa_triton.kernels.tuning_report``).
 """
 
 from __future__ import annotations
@@ -52,6 +54,12 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Feedback-alignment layers on fused Triton kernels.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    commands.add_parser(
+        "tuning-report", help="list the kernel configs and backend choices the tuner cached on disk, and why",
+        description="Print every choice in the tuning cache for this torch, triton and fa_triton: the kernel "
+                    "configs, and which of the kernels and the PyTorch reference backend='auto' runs, with the "
+                    "timings behind each.",
+    )
     train = commands.add_parser(
         "train", help="train the founding tutorial's MLP on MNIST by feedback alignment",
         description="Train the 784-128-64-10 FA MLP on MNIST; print the per-epoch table and write "
@@ -124,6 +132,15 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tuning_report() -> int:
+    from .backend import kernels
+
+    autotune = kernels().autotune
+    print(f"tuning cache: {autotune.cache_dir() or 'off (FA_TRITON_CACHE_DIR)'}")
+    print(autotune.tuning_report(cached=True))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fa-triton`` console script; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -133,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
                 return _launch_torchrun(args, argv)
             return _train(args)
+        if args.command == "tuning-report":
+            return _tuning_report()
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

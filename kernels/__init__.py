@@ -11,6 +11,7 @@ Importing this package compiles nothing and touches no GPU; set ``TRITON_INTERPR
 before it is first imported to run the kernels on CPU tensors through Triton's interpreter.
 """
 
+from .autotune import tuning_report
 from .launchers import (
     INTERPRETED,
     LaunchConfig,
@@ -33,4 +34,5 @@ __all__ = [
     "fa_linear_backward_input",
     "fa_linear_backward_weight",
     "fa_linear_dfa_delta",
+    "tuning_report",
 ]

@@ -234,6 +234,23 @@ class Tuner:
         self.remember(gpu, key, best, timings)
         return best, True
 
+    def load_cached(self) -> int:
+        """Load every choice cached on disk for this process's versions (any GPU); the count."""
+        directory = cache_dir() if self._directory == "default" else self._directory
+        if directory is None or not Path(directory).is_dir():
+            return 0
+        v, loaded = self._versions(), 0
+        suffix = f"_torch-{v['torch']}_triton-{v['triton']}_fa_triton-{v['fa_triton']}.json"
+        for path in sorted(Path(directory).glob("*" + suffix)):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError) as err:
+                _log.warning("fa_triton: ignoring the unreadable tuning cache %s (%s)", path, err)
+                continue
+            for key_text in data.get("entries", {}):
+                loaded += self.lookup(data["gpu"], tuple(json.loads(key_text))) is not None
+        return loaded
+
     def report(self) -> str:
         """Every choice made or loaded in this process: key, choice, source, and the timings."""
         if not self.entries:
@@ -252,8 +269,11 @@ TUNER = Tuner()
 TABLE: dict[tuple, LaunchConfig] = {key: LaunchConfig(**fields) for key, fields in tuned_tables.TABLE.items()}
 
 
-def tuning_report() -> str:
-    """What was chosen in this process, and why: each key's choice and its candidates' times."""
+def tuning_report(cached: bool = False) -> str:
+    """What was chosen in this process, and why: each key's choice and its candidates' times;
+    with ``cached``, also every choice in the on-disk cache for these versions."""
+    if cached:
+        TUNER.load_cached()
     return TUNER.report()
 
 

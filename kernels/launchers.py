@@ -18,14 +18,15 @@ are read through strides and nothing is transposed or copied.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
-import triton
 
 from . import linear_kernels as gemm
 from . import pass_kernels as passes
 from . import plans, tuning
 from .linear_plans import BackwardInputPlan, BackwardWeightPlan, DFAPlan, ForwardPlan, GemmKey, split_sum
-from .plans import PLANS, Launch, check_out, clear_plans, on_device
+from .plans import PLANS, Launch, cdiv, check_out, clear_plans, on_device, remember
 from .tuning import LaunchConfig, as_config
 
 __all__ = [
@@ -63,8 +64,9 @@ def _check_activation(activation) -> None:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
-def _config(config) -> LaunchConfig | None:
-    return None if config is None else as_config(config)
+# A typed key built without the NamedTuple's Python-level __new__ (half the cost; the keys
+# are built at every call).
+_new = tuple.__new__
 
 
 # ----------------------------------------------------------------------------------- forward
@@ -102,13 +104,14 @@ def fa_linear_forward(
         return y, extra
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()  # the kernels read bias with a unit stride (an expanded one included)
-    key = GemmKey("forward", x.device, x.dtype, weight.dtype, M, N, K, x.stride(), weight.stride(), y.stride(),
-                  (bias is None, activation, store_extra), plans.dot_precision(x.dtype), _config(config))
+    key = _new(GemmKey, ("forward", x.device, x.dtype, weight.dtype, M, N, K, x.stride(), weight.stride(),
+                         y.stride(), (bias is None, activation, store_extra), plans.dot_precision(x.dtype),
+                         None if config is None else as_config(config)))
     args = (x, weight, bias, y, extra, float(negative_slope))
     plan = PLANS.get(key)
     if plan is None:
         plan = ForwardPlan.build(key, args)
-    plan(*args)
+    plan.run(*args)
     return y, extra
 
 
@@ -129,10 +132,10 @@ def fa_linear_local_error(
     """The δ pass: ``δ = g ⊙ f'(z)`` and ``grad_b = Σ_rows δ`` in one read of g and saved.
 
     Args: grad_y [M, N] (any strides), saved [M, N] (y or the extra tensor; None for identity);
-    ``store_delta``: write δ (in ``dtype``, default grad_y's; into ``out`` if given, which must
-    have a unit column stride); ``bias_grad``: also grad_b [N] in that dtype, summed from δ in
-    fp32 before its rounding, in a fixed order; ``config``: block_rows × block_cols tiles and
-    ``split`` row slices (block_red is not used).
+    ``store_delta``: write δ (in ``dtype``, default grad_y's; contiguous, or into ``out`` if
+    given, which must have a unit column stride); ``bias_grad``: also grad_b [N] in
+    that dtype, summed from δ in fp32 before its rounding, in a fixed order; ``config``:
+    block_rows × block_cols tiles and ``split`` row slices (block_red is not used).
     Returns (δ or None, grad_b or None).
     """
     _check_activation(activation)
@@ -150,26 +153,59 @@ def fa_linear_local_error(
         if grad_b is not None:
             grad_b.zero_()
         return delta, grad_b
-    cfg = as_config(config) if config is not None else tuning.pass_config(
-        M, N, tuning.sm_count(grad_y.device), INTERPRETED)
-    split = min(cfg.split, triton.cdiv(M, cfg.block_rows)) if bias_grad else cfg.split
-    rows_per_split = triton.cdiv(triton.cdiv(M, split), cfg.block_rows) * cfg.block_rows
-    splits = triton.cdiv(M, rows_per_split)
+    saved_arg = grad_y if saved is None else saved
+    delta_arg = grad_y if delta is None else delta
+    key = _new(PassKey, (grad_y.device, grad_y.dtype, saved_arg.dtype, dtype, M, N, grad_y.stride(),
+                         saved_arg.stride(), delta_arg.stride(), activation, store_delta, bias_grad,
+                         None if config is None else as_config(config)))
+    plan = PLANS.get(key)
+    if plan is None:
+        plan = _local_error_plan(key, grad_y, saved, delta)
+    launch, splits, rows_per_split = plan
     partial = grad_b
     if bias_grad and splits > 1:
         partial = torch.empty((splits, N), device=grad_y.device, dtype=torch.float32)
-    saved_arg = grad_y if saved is None else saved
-    delta_arg = grad_y if delta is None else delta
-    launch = Launch(passes.local_error_kernel, (triton.cdiv(N, cfg.block_cols), splits), dict(
-        ACTIVATION=activation, STORE_DELTA=store_delta, BIAS_GRAD=bias_grad,
-        USE_INT64=plans.needs_int64(grad_y, saved, delta), BLOCK_M=cfg.block_rows, BLOCK_N=cfg.block_cols,
-        num_warps=cfg.num_warps))
-    on_device(grad_y, launch)(grad_y, saved_arg, delta_arg, grad_y if partial is None else partial, M, N,
-                              rows_per_split, *grad_y.stride(), *saved_arg.stride(), *delta_arg.stride(),
-                              float(negative_slope))
+    launch(grad_y, saved_arg, delta_arg, grad_y if partial is None else partial, M, N, rows_per_split,
+           *key.g, *key.saved, *key.delta, float(negative_slope))
     if bias_grad and splits > 1:
         split_sum(partial, grad_b, splits)
     return delta, grad_b
+
+
+class PassKey(NamedTuple):
+    """What decides the δ pass's launch: device, dtypes (g, saved, δ), sizes, strides, flags, config."""
+
+    device: torch.device
+    dtype: torch.dtype
+    saved_dtype: torch.dtype
+    delta_dtype: torch.dtype
+    M: int
+    N: int
+    g: tuple
+    saved: tuple
+    delta: tuple
+    activation: str
+    store_delta: bool
+    bias_grad: bool
+    config: LaunchConfig | None
+
+
+def _local_error_plan(key: PassKey, grad_y, saved, delta) -> tuple:
+    """(launch, row slices, rows per slice) of the δ pass for ``key``, remembered."""
+    M, N = key.M, key.N
+    cfg = key.config or tuning.pass_config(M, N, tuning.sm_count(key.device), INTERPRETED)
+    # With grad_b, every slice holds rows (its partial sums are added); without, slices only
+    # spread the rows over more programs.
+    split = min(cfg.split, cdiv(M, cfg.block_rows))
+    rows_per_split = cdiv(cdiv(M, split), cfg.block_rows) * cfg.block_rows
+    splits = cdiv(M, rows_per_split)
+    launch = on_device(grad_y, Launch(passes.local_error_kernel, (cdiv(N, cfg.block_cols), splits), dict(
+        ACTIVATION=key.activation, STORE_DELTA=key.store_delta, BIAS_GRAD=key.bias_grad,
+        USE_INT64=plans.needs_int64(grad_y, saved, delta), BLOCK_M=cfg.block_rows, BLOCK_N=cfg.block_cols,
+        num_warps=cfg.num_warps)))
+    plan = (launch, splits, rows_per_split)
+    remember(key, plan)
+    return plan
 
 
 # ---------------------------------------------------------------------------------- feedback
@@ -205,7 +241,7 @@ def fa_linear_feedback(
         return out
     feedback_arg = weight if feedback is None else feedback
     block_n, block_k = (64, 64) if INTERPRETED else (32, 128)
-    launch = Launch(passes.feedback_kernel, (triton.cdiv(N, block_n), triton.cdiv(K, block_k)), dict(
+    launch = Launch(passes.feedback_kernel, (cdiv(N, block_n), cdiv(K, block_k)), dict(
         FEEDBACK=feedback_mode, USE_INT64=plans.needs_int64(weight, feedback, out), BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=4))
     on_device(weight, launch)(weight, feedback_arg, out if counter is None else counter, out, N, K, *weight.stride(),
@@ -270,13 +306,14 @@ def fa_linear_backward_input(
     if feedback_mode != "matrix":
         feedback = fa_linear_feedback(weight, feedback, feedback_mode, feedback_scale=feedback_scale, seed=seed,
                                       counter=counter)
-    key = GemmKey("backward_input", grad_y.device, source.dtype, delta.dtype, M, N, K, delta.stride(),
-                  feedback.stride(), grad_x.stride(), (), plans.dot_precision(source.dtype), _config(config))
+    key = _new(GemmKey, ("backward_input", grad_y.device, source.dtype, delta.dtype, M, N, K, delta.stride(),
+                         feedback.stride(), grad_x.stride(), (), plans.dot_precision(source.dtype),
+                         None if config is None else as_config(config)))
     args = (delta, feedback, grad_x)
     plan = PLANS.get(key)
     if plan is None:
         plan = BackwardInputPlan.build(key, args)
-    plan(*args)
+    plan.run(*args)
     return grad_x
 
 
@@ -331,13 +368,14 @@ def fa_linear_backward_weight(
         grad_b = grad_b_out.copy_(grad_b)
     if M == 0 or K == 0 or N == 0:
         return grad_w.zero_(), grad_b
-    key = GemmKey("backward_weight", x.device, x.dtype, delta.dtype, M, N, K, delta.stride(), x.stride(),
-                  grad_w.stride(), (split_k,), plans.dot_precision(x.dtype), _config(config))
+    key = _new(GemmKey, ("backward_weight", x.device, x.dtype, delta.dtype, M, N, K, delta.stride(), x.stride(),
+                         grad_w.stride(), (split_k,), plans.dot_precision(x.dtype),
+                         None if config is None else as_config(config)))
     args = (delta, x, grad_w)
     plan = PLANS.get(key)
     if plan is None:
         plan = BackwardWeightPlan.build(key, args)
-    plan(*args)
+    plan.run(*args)
     return grad_w, grad_b
 
 
@@ -373,13 +411,13 @@ def fa_linear_dfa_delta(
     if error.dtype != feedback.dtype:
         error = error.to(feedback.dtype)  # one operand dtype: the main loop converts nothing
     saved_arg = saved if saved is not None else delta
-    key = GemmKey("dfa", error.device, feedback.dtype, saved_arg.dtype, M, N, K, error.stride(), feedback.stride(),
-                  (saved_arg.stride(), delta.stride()), (activation,), plans.dot_precision(feedback.dtype),
-                  _config(config))
+    key = _new(GemmKey, ("dfa", error.device, feedback.dtype, saved_arg.dtype, M, N, K, error.stride(),
+                         feedback.stride(), (saved_arg.stride(), delta.stride()), (activation,),
+                         plans.dot_precision(feedback.dtype), None if config is None else as_config(config)))
     args = (error, feedback, saved_arg, delta, float(negative_slope))
     plan = PLANS.get(key)
     if plan is None:
         plan = DFAPlan.build(key, args)
-    plan(*args)
+    plan.run(*args)
     return delta
 

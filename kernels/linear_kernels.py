@@ -129,8 +129,8 @@ def forward_kernel(
     x_step = BLOCK_K * stride_xk
     wt_step = BLOCK_K * stride_wk
     if USE_INT64:
-        x_step = BLOCK_K * stride_xk.to(tl.int64)
-        wt_step = BLOCK_K * stride_wk.to(tl.int64)
+        x_step = BLOCK_K * tl.cast(stride_xk, tl.int64)
+        wt_step = BLOCK_K * tl.cast(stride_wk, tl.int64)
 
     # The first step is peeled off the loop (here and in every GEMM below): the accumulator is
     # then defined by a dot, not by zeros, and ptxas 12.8 (Triton 3.6's) keeps the wgmma chain
@@ -264,8 +264,8 @@ def backward_input_kernel(
     d_step = BLOCK_N * stride_dn
     b_step = BLOCK_N * stride_bn
     if USE_INT64:
-        d_step = BLOCK_N * stride_dn.to(tl.int64)
-        b_step = BLOCK_N * stride_bn.to(tl.int64)
+        d_step = BLOCK_N * tl.cast(stride_dn, tl.int64)
+        b_step = BLOCK_N * tl.cast(stride_bn, tl.int64)
 
     acc = tl.dot(tl.load(d_ptrs, mask=offs_n[None, :] < N, other=0.0),
                  tl.load(b_ptrs, mask=offs_n[:, None] < N, other=0.0), input_precision=INPUT_PRECISION)
@@ -348,8 +348,8 @@ def backward_weight_kernel(
     d_step = BLOCK_M * stride_dm
     x_step = BLOCK_M * stride_xm
     if USE_INT64:
-        d_step = BLOCK_M * stride_dm.to(tl.int64)
-        x_step = BLOCK_M * stride_xm.to(tl.int64)
+        d_step = BLOCK_M * tl.cast(stride_dm, tl.int64)
+        x_step = BLOCK_M * tl.cast(stride_xm, tl.int64)
 
     acc = tl.dot(tl.load(d_ptrs, mask=offs_m[None, :] < m_end - m_begin, other=0.0),
                  tl.load(x_ptrs, mask=offs_m[:, None] < m_end - m_begin, other=0.0), input_precision=INPUT_PRECISION)
@@ -438,8 +438,8 @@ def dfa_delta_kernel(
     e_step = BLOCK_K * stride_ek
     b_step = BLOCK_K * stride_bk
     if USE_INT64:
-        e_step = BLOCK_K * stride_ek.to(tl.int64)
-        b_step = BLOCK_K * stride_bk.to(tl.int64)
+        e_step = BLOCK_K * tl.cast(stride_ek, tl.int64)
+        b_step = BLOCK_K * tl.cast(stride_bk, tl.int64)
     acc = tl.dot(tl.load(e_ptrs, mask=offs_k[None, :] < K, other=0.0),
                  tl.load(b_ptrs, mask=offs_k[:, None] < K, other=0.0), input_precision=INPUT_PRECISION)
     for k0 in range(BLOCK_K, K, BLOCK_K):

@@ -13,12 +13,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import triton
 
 from . import autotune, plans, tuning
 from . import linear_kernels as gemm
 from . import pass_kernels as passes
-from .plans import Launch, check_tma, descriptor, on_device, remember, tuning_device
+from .plans import Launch, cdiv, check_tma, descriptor, on_device, remember, tuning_device
 from .tuning import LaunchConfig, Problem
 
 
@@ -77,7 +76,7 @@ def build(key: GemmKey, args: tuple, problem: Problem, make_runner) -> Plan:
 def split_sum(partial: torch.Tensor, out: torch.Tensor, splits: int) -> None:
     """out (contiguous) = Σ_s partial[s] ([splits, out.numel()] fp32), slices added in order."""
     numel = out.numel()
-    launch = Launch(passes.split_sum_kernel, (triton.cdiv(numel, 1024),), dict(BLOCK=1024, num_warps=4))
+    launch = Launch(passes.split_sum_kernel, (cdiv(numel, 1024),), dict(BLOCK=1024, num_warps=4))
     on_device(out, launch)(partial, out, numel, splits)
 
 
@@ -107,7 +106,7 @@ class ForwardPlan:
         strides = (*x.stride(), *weight.stride(), *y.stride())
 
         def pointer(cfg: LaunchConfig):
-            tiles = triton.cdiv(M, cfg.block_rows) * triton.cdiv(N, cfg.block_cols)
+            tiles = cdiv(M, cfg.block_rows) * cdiv(N, cfg.block_cols)
             splits, k_per_split = tuning.split_plan(K, tuning.cap_split(cfg.split, K, M * N, cfg.block_red),
                                                     cfg.block_red)
             main = Launch(gemm.forward_kernel, (tiles, splits), dict(
@@ -120,7 +119,7 @@ class ForwardPlan:
                          M, N, K, K, *strides, slope)
                 return run
 
-            epilogue = Launch(gemm.forward_split_epilogue_kernel, (triton.cdiv(M, 32), triton.cdiv(N, 64)),
+            epilogue = Launch(gemm.forward_split_epilogue_kernel, (cdiv(M, 32), cdiv(N, 64)),
                               dict(flags, BLOCK_M=32, BLOCK_N=64, num_warps=4))
 
             def run_split(x, weight, bias, y, extra, slope):
@@ -136,7 +135,7 @@ class ForwardPlan:
                 return on_device(x, pointer(cfg))
             fallback = pointer(cfg.replace(tma=False, split=1))
             halves = _epilogue_halves(activation, store_extra, cfg)
-            tma = Launch(gemm.forward_tma_kernel, (triton.cdiv(M, cfg.block_rows) * triton.cdiv(N, cfg.block_cols),),
+            tma = Launch(gemm.forward_tma_kernel, (cdiv(M, cfg.block_rows) * cdiv(N, cfg.block_cols),),
                          dict(flags, EPILOGUE_HALVES=halves,
                               **_gemm_meta(cfg, key.precision, "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")))
             bm, bn, bk = cfg.block_rows, cfg.block_cols, cfg.block_red
@@ -170,7 +169,7 @@ class BackwardInputPlan:
 
         def make_runner(cfg: LaunchConfig):
             check_tma(cfg, layout_ok, "backward-input")
-            grid = (triton.cdiv(M, cfg.block_rows) * triton.cdiv(K, cfg.block_cols),)
+            grid = (cdiv(M, cfg.block_rows) * cdiv(K, cfg.block_cols),)
             meta = _gemm_meta(cfg, key.precision, "BLOCK_M", "BLOCK_K", "BLOCK_N", "GROUP_M")
             pointer = Launch(gemm.backward_input_kernel, grid, dict(meta, USE_INT64=use_int64))
 
@@ -211,7 +210,7 @@ class BackwardWeightPlan:
             # A forced split_k may use slices of a single reduction block (tests, experiments).
             split = tuning.cap_split(cfg.split if split_k is None else split_k, M, N * K, cfg.block_red)
             splits, rows_per_split = tuning.split_plan(M, split, cfg.block_red)
-            grid = (triton.cdiv(N, cfg.block_rows) * triton.cdiv(K, cfg.block_cols), splits)
+            grid = (cdiv(N, cfg.block_rows) * cdiv(K, cfg.block_cols), splits)
             meta = _gemm_meta(cfg, key.precision, "BLOCK_N", "BLOCK_K", "BLOCK_M", "GROUP_N")
             pointer = Launch(gemm.backward_weight_kernel, grid, dict(meta, USE_INT64=use_int64))
             tma = Launch(gemm.backward_weight_tma_kernel, grid, meta) if cfg.tma else None
@@ -248,7 +247,7 @@ class DFAPlan:
 
         def make_runner(cfg: LaunchConfig):
             check_tma(cfg, False, "DFA")
-            launch = Launch(gemm.dfa_delta_kernel, (triton.cdiv(M, cfg.block_rows) * triton.cdiv(N, cfg.block_cols),),
+            launch = Launch(gemm.dfa_delta_kernel, (cdiv(M, cfg.block_rows) * cdiv(N, cfg.block_cols),),
                             dict(ACTIVATION=activation, USE_INT64=use_int64,
                                  **_gemm_meta(cfg, key.precision, "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")))
 

@@ -10,7 +10,6 @@ rows, alignment) and the fp32 dot precision that follows PyTorch's switch.
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple
 
 import torch
 
@@ -39,13 +38,19 @@ def remember(key: tuple, plan) -> None:
     PLANS[key] = plan
 
 
-class Launch(NamedTuple):
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for ints (``triton.cdiv`` is a constexpr function costing ~2 µs a call on the host)."""
+    return -(-a // b)
+
+
+class Launch:
     """One prepared kernel launch: the ``@triton.jit`` function, its grid and its constexpr and
     compile options."""
 
-    kernel: object
-    grid: tuple
-    meta: dict
+    __slots__ = ("kernel", "grid", "meta")
+
+    def __init__(self, kernel, grid: tuple, meta: dict):
+        self.kernel, self.grid, self.meta = kernel, grid, meta
 
     def __call__(self, *args) -> None:
         # JITFunction.run is what kernel[grid](*args) ends in; calling it directly skips a

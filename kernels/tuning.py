@@ -225,8 +225,11 @@ def candidate_configs(kernel: str, rows: int, cols: int, red: int, dtype: torch.
             if config not in configs:
                 configs.append(config)
     if tma:
-        # Forward's TMA kernel has no split; the largest tiles are where TMA can pay.
-        for tile in sorted(tiles, key=lambda t: -t[0] * t[1])[:MAX_TMA_CANDIDATES]:
+        # Forward's TMA kernel has no split; the largest tiles are where TMA can pay. Tiles under
+        # 64 rows get no TMA variant: their dot is not a wgmma (it needs 64-row tiles) and the
+        # backward-weight kernel's transposed δ tile would then go through registers.
+        wgmma_tiles = [t for t in tiles if t[0] >= 64]
+        for tile in sorted(wgmma_tiles, key=lambda t: -t[0] * t[1])[:MAX_TMA_CANDIDATES]:
             config = LaunchConfig(*tile, tma=True)
             if config not in configs:
                 configs.append(config)
@@ -269,15 +272,22 @@ def tma_supported(device: torch.device) -> bool:
     return _device_facts(device.index if device.index is not None else torch.cuda.current_device())[1][0] >= 9
 
 
-def tma_allowed(device: torch.device, problem: "Problem") -> bool:
-    """Whether tuning may try the tensor-descriptor kernels for ``problem``: the GPU and the
-    operands' layout allow them, and for fp32 only the forward with tf32 dots. (IEEE fp32 dots
-    are not tensor-core MMAs: the TMA forward spills its transposed operand to local memory;
-    tf32 MMAs take only K-major operands, which the backward GEMMs' tiles are not, so their TMA
-    loops would transpose through shared memory at every step. The pointer kernels are clean.)"""
-    if not problem.tma_layout or not tma_supported(device):
+def tma_fits(problem: "Problem") -> bool:
+    """Whether the tensor-descriptor kernels' loops are clean for ``problem`` (any GPU that has
+    TMA): the operands' layout allows descriptors, and for fp32 only the forward with tf32 dots.
+    (IEEE fp32 dots are not tensor-core MMAs: the TMA forward spills its transposed operand to
+    local memory; tf32 MMAs take only K-major operands, which the backward GEMMs' tiles are
+    not, so their TMA loops would transpose through shared memory at every step. The pointer
+    kernels are clean.)"""
+    if not problem.tma_layout:
         return False
     return problem.dtype != torch.float32 or (problem.precision == "tf32" and problem.kernel == "forward")
+
+
+def tma_allowed(device: torch.device, problem: "Problem") -> bool:
+    """Whether tuning may try the tensor-descriptor kernels for ``problem`` on ``device``: a GPU
+    with TMA and :func:`tma_fits`."""
+    return tma_fits(problem) and tma_supported(device)
 
 
 class Problem(NamedTuple):
@@ -318,4 +328,5 @@ def pass_config(rows: int, cols: int, sms: int, interpreted: bool) -> LaunchConf
     block_cols = block(cols, 128)
     column_blocks = triton.cdiv(cols, block_cols)
     split = max(1, min(triton.cdiv(4 * sms, column_blocks), triton.cdiv(rows, 32)))
-    return LaunchConfig(32, block_cols, 16, split=split)
+    # 8 warps: 32x128 tiles over 4 warps spill a few bytes for sigmoid and gelu (sm_90, sm_80).
+    return LaunchConfig(32, block_cols, 16, num_warps=8, split=split)

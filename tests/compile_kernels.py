@@ -1,63 +1,65 @@
-"""Compile fa_triton's kernels offline for NVIDIA GPUs, specialised as real launches are.
+"""The offline compile and loop guard of fa_triton's kernels, for real GPUs, without one.
 
-    python tests/compile_kernels.py [--arch 90,80] [--variants a,b] [--list]
+    python -m tests.compile_kernels [--variants a,b] [--arch 90,80] [--list] [--table]
 
-Run without TRITON_INTERPRET (tests/test_kernel_compile.py starts it in a subprocess). Each
-variant calls a launcher on meta tensors (no memory, no GPU) with an explicit LaunchConfig while
-every kernel's ``run`` is replaced by a recorder; each recorded launch is then compiled with
-Triton's own compiler for each architecture, its arguments specialised as the JIT specialises
-them at a real launch (integers equal to 1 become constants, 16-divisible integers and pointers
-get the divisibility hint). The bundled ptxas reports registers and spills (``-v``). Prints one
-JSON object per line: variant, kernel, arch, dtype, block_rows, ok, error, tensor_core (wgmma
-on sm_90, mma on sm_80), spill_bytes, registers.
+Run without TRITON_INTERPRET (tests/test_kernel_compile.py starts it in subprocesses). Each
+variant calls a launcher on meta tensors (no memory, no GPU) with an explicit LaunchConfig, as
+a real launch on an H100/H200 (132 SMs) would get it: every autotuning candidate of the square
+8192³ layers, the heuristic's and the candidates' configs at the founding tutorial's layers,
+every activation, feedback rule and memory pass. Each recorded launch is compiled with
+Triton's own compiler (tests/loop_facts.py) and read: for sm_90 the facts of its main K-loop
+(TTGIR, PTX, SASS) and its flags; each GEMM also compiled as the Triton tutorial GEMM
+(``fa_triton.kernels.tutorial_gemm``) of the same tile, layout, dtype and sizes, whose SASS
+instructions per loop iteration are the yardstick. Prints one JSON object per launch and arch:
+variant, kernel, arch, dtype, precision, tile, layout, ok, error, facts, flags, tutorial_ops.
+``--table`` prints them as a table instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 import torch
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    sys.exit("compile_kernels.py compiles for a GPU: run it without TRITON_INTERPRET=1")
+    sys.exit("tests.compile_kernels compiles for a GPU: run it without TRITON_INTERPRET=1")
 
-import triton  # noqa: E402
-from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
+from fa_triton.activations import saves_extra  # noqa: E402
+from fa_triton.kernels import launchers, tuning, tutorial_gemm  # noqa: E402
+from fa_triton.kernels.tuning import LaunchConfig, Problem  # noqa: E402
+from tests.loop_facts import compile_sm90, loop_facts, loop_flags, native_specialize_impl, record_launches  # noqa: E402
 
-from fa_triton.kernels import fa_linear, fa_linear_kernels  # noqa: E402
-from fa_triton.kernels.tuning import LaunchConfig  # noqa: E402
-
-try:
-    from triton._C.libtriton import native_specialize_impl
-except ImportError:  # pragma: no cover - older Triton
-    native_specialize_impl = None
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+SMS = 132  # an H100 SXM / H200: the GPU the heuristic and the candidates are computed for
+SQUARE = 8192
+TUTORIAL_LAYERS = ((784, 128, "relu"), (128, 64, "relu"), (64, 10, "identity"))  # (in, out, activation)
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu", "identity")
-# The tiles the guard checks: Hopper's largest (as tutorial 03/09 use) and a square one that
-# also fits Ampere's register file with the fused prologues.
-BIG = LaunchConfig(128, 256, 64, num_warps=8, num_stages=3)
-SQUARE = LaunchConfig(128, 128, 64, num_warps=8, num_stages=4)
-SQUARE_FP32 = LaunchConfig(128, 128, 32, num_warps=8, num_stages=3)
-MID = LaunchConfig(64, 64, 64, num_warps=4, num_stages=4)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32, "ieee": torch.float32}
+# Each GEMM kernel: its tile's (rows, cols, reduction) block names, and its layout as the
+# tutorial's A·B: NT = A Bᵀ (x Wᵀ), NN = A B (δ B, e B), TN = Aᵀ B (δᵀ x).
+GEMMS = {
+    "forward_kernel": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "NT"),
+    "forward_tma_kernel": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "NT"),
+    "backward_input_kernel": ("BLOCK_M", "BLOCK_K", "BLOCK_N", "NN"),
+    "backward_input_tma_kernel": ("BLOCK_M", "BLOCK_K", "BLOCK_N", "NN"),
+    "backward_weight_kernel": ("BLOCK_N", "BLOCK_K", "BLOCK_M", "TN"),
+    "backward_weight_tma_kernel": ("BLOCK_N", "BLOCK_K", "BLOCK_M", "TN"),
+    "dfa_delta_kernel": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "NN"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One launcher call to record and compile: its dtype and tile decide what is asserted."""
+    """One launcher call to record and compile; ``dims``: its GEMM's (rows, cols, reduction)."""
 
     call: object
-    archs: tuple
     dtype: str
-    block_rows: int
-    tf32: bool = False
+    archs: tuple = (90,)
+    dims: tuple | None = None
 
 
 def _meta(*shape, dtype, strides=None):
@@ -66,201 +68,195 @@ def _meta(*shape, dtype, strides=None):
     return torch.empty(shape, device="meta", dtype=dtype)
 
 
-def _layer(M, K, N, dtype, activation="relu", bias=True):
-    x = _meta(M, K, dtype=dtype)
-    weight = _meta(N, K, dtype=dtype)
-    saved = None if activation == "identity" else _meta(M, N, dtype=dtype)
-    return x, weight, _meta(N, dtype=dtype) if bias else None, _meta(M, N, dtype=dtype), saved
+def describe(cfg: LaunchConfig) -> str:
+    return (f"{cfg.block_rows}x{cfg.block_cols}x{cfg.block_red}-w{cfg.num_warps}s{cfg.num_stages}"
+            + (f"-split{cfg.split}" if cfg.split > 1 else "") + ("-tma" if cfg.tma else ""))
 
 
-def forward(M, K, N, dtype, activation, config):
-    def call():
-        x, weight, bias, _, _ = _layer(M, K, N, dtype, activation)
-        fa_linear.fa_linear_forward(x, weight, bias, activation, 0.01, activation == "gelu", config=config)
-    return call
-
-
-def backward_input(M, K, N, dtype, activation, config, store_delta=False, feedback_mode="matrix"):
-    def call():
-        x, feedback, _, grad_y, saved = _layer(M, K, N, dtype, activation)
-        delta = _meta(M, N, dtype=dtype) if store_delta else None
-        weight = _meta(N, K, dtype=dtype)
-        counter = _meta(1, dtype=torch.int64)
-        fa_linear.fa_linear_backward_input(grad_y, saved, feedback, activation, 0.01, config=config, delta_out=delta,
-                                           feedback_mode=feedback_mode, weight=weight, feedback_scale=0.05,
-                                           seed=2**40 + 7, counter=counter)
-    return call
-
-
-def dfa_delta(M, n_out, N, dtype, activation, config):
-    def call():
-        fa_linear.fa_linear_dfa_delta(_meta(M, n_out, dtype=dtype), _meta(n_out, N, dtype=dtype),
-                                      _meta(M, N, dtype=dtype), activation, 0.01, config=config)
-    return call
-
-
-def backward_weight(M, K, N, dtype, activation, config, bias_grad=True, x_strides=None):
-    def call():
-        x, _, _, grad_y, saved = _layer(M, K, N, dtype, activation)
-        if x_strides is not None:
-            x = _meta(M, K, dtype=dtype, strides=x_strides)
-        fa_linear.fa_linear_backward_weight(grad_y, saved, x, activation, 0.01, bias_grad, config=config)
-    return call
-
-
-def _gemms(M, K, N, dtype, config):
-    """The layer's three jobs on one tile: forward, backward-input storing δ, backward-weight
-    forming δ itself (relu) and reading the stored δ (identity)."""
+def _jobs(M, K, N, dt: str, activation="relu", bias=True):
+    """The layer's three GEMM jobs as the autograd runs them (the δ pass apart): kernel -> (the
+    launcher call for a config, its problem as the tuner sees it). x [M, K], W [N, K]."""
+    d = DTYPES[dt]
+    precision = "ieee" if dt == "ieee" else "tf32"
+    x, weight, delta = _meta(M, K, dtype=d), _meta(N, K, dtype=d), _meta(M, N, dtype=d)
+    extra = saves_extra(activation, 0.01)
+    aligned = K * d.itemsize % 16 == 0 and N * d.itemsize % 16 == 0  # every operand's rows: TMA can address them
     return {
-        "forward": forward(M, K, N, dtype, "relu", config),
-        "backward_input-delta": backward_input(M, K, N, dtype, "relu", config, store_delta=True),
-        "backward_weight-fused": backward_weight(M, K, N, dtype, "relu", config),
-        "backward_weight-delta": backward_weight(M, K, N, dtype, "identity", config),
+        "forward": (lambda cfg: launchers.fa_linear_forward(x, weight, _meta(N, dtype=d) if bias else None, activation,
+                                                           0.01, extra, config=cfg),
+                    Problem("forward", M, N, K, "rows", d, precision, activation, extra, aligned)),
+        "backward_input": (lambda cfg: launchers.fa_linear_backward_input(delta, None, weight, "identity", config=cfg),
+                           Problem("backward_input", M, K, N, "rows", d, precision, "", False, aligned)),
+        "backward_weight": (lambda cfg: launchers.fa_linear_backward_weight(delta, None, x, "identity", 0.0, False,
+                                                                           config=cfg),
+                            Problem("backward_weight", N, K, M, "red", d, precision, "", False, aligned)),
     }
 
 
-def _variants() -> dict[str, Variant]:
-    """Square 4096 layers for the big 16-bit tiles (where the tensor-core and spill checks
-    apply), the tutorial's layers and odd sizes for the rest."""
-    v = {}
-    for name, d in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
-        for tma in (False, True):
-            tag = "tma" if tma else "ptr"
-            for job, call in _gemms(4096, 4096, 4096, d, BIG.replace(tma=tma)).items():
-                v[f"{job}-{name}-{tag}-128x256"] = Variant(call, (90,), name, 128)
-        v[f"backward_weight-{name}-split-8192x784x128"] = Variant(
-            backward_weight(8192, 784, 128, d, "relu", MID.replace(split=16)), (90, 80), name, 64)
-    for job, call in _gemms(4096, 4096, 4096, torch.bfloat16, SQUARE).items():
-        v[f"{job}-bf16-ptr-128x128"] = Variant(call, (90, 80), "bf16", 128)
-    v["backward_weight-bf16-tma-split-8192x784x128"] = Variant(
-        backward_weight(8192, 784, 128, torch.bfloat16, "relu", MID.replace(split=16, tma=True)), (90,), "bf16", 64)
-    # Every activation in every kernel (the activation code is inlined into each).
+def _dims(problem: Problem) -> tuple:
+    return problem.rows, problem.cols, problem.red
+
+
+def _add_jobs(v: dict, prefix: str, M, K, N, dt, which, archs=(90,), activation="relu"):
+    """Variants of the three jobs: ``which`` is "candidates" (every autotuning candidate),
+    "heuristic", or a list of configs (TMA ones only where the layout allows them)."""
+    for kernel, (call, problem) in _jobs(M, K, N, dt, activation).items():
+        if which == "candidates":
+            configs = tuning.candidate_configs(kernel, problem.rows, problem.cols, problem.red, problem.dtype, SMS,
+                                               tuning.tma_fits(problem))
+        elif which == "heuristic":
+            configs = [tuning.heuristic_config(kernel, problem.rows, problem.cols, problem.red, problem.dtype, SMS)]
+        else:
+            configs = [c for c in which if not c.tma or tuning.tma_fits(problem)]
+        for cfg in configs:
+            v[f"{prefix}-{kernel}-{describe(cfg)}"] = Variant(functools.partial(call, cfg), dt, archs, _dims(problem))
+
+
+def variants() -> dict[str, Variant]:
+    v: dict[str, Variant] = {}
+    big, square = LaunchConfig(128, 256, 64, 8, 3), LaunchConfig(128, 128, 64, 8, 4)
+    # Every candidate the tuner may pick for the square layers, TMA ones included.
+    _add_jobs(v, "square-bf16", SQUARE, SQUARE, SQUARE, "bf16", "candidates")
+    _add_jobs(v, "square-fp16", SQUARE, SQUARE, SQUARE, "fp16", [big, big.replace(tma=True)])
+    _add_jobs(v, "square-tf32", SQUARE, SQUARE, SQUARE, "tf32", "candidates")
+    _add_jobs(v, "square-ieee", SQUARE, SQUARE, SQUARE, "ieee", "candidates")
+    # What Ampere builds: the 128x128 tile (Hopper's largest do not fit its shared memory).
+    _add_jobs(v, "square-bf16-sm80", SQUARE, SQUARE, SQUARE, "bf16", [square], archs=(80,))
+    # The founding tutorial's layers at batch 64 and 8192: the heuristic's configs in every
+    # dtype, and every candidate in bf16 at batch 8192.
+    for K, N, activation in TUTORIAL_LAYERS:
+        for M in (64, 8192):
+            for dt in ("bf16", "tf32", "ieee"):
+                _add_jobs(v, f"tutorial-{M}x{K}x{N}-{dt}", M, K, N, dt,
+                          "candidates" if (dt, M) == ("bf16", 8192) else "heuristic",
+                          archs=(90, 80) if (dt, M) == ("bf16", 64) else (90,), activation=activation)
+    # Every activation's epilogue (and its extra tensor), with and without bias, pointer and TMA.
     for activation in ACTIVATIONS:
-        d = torch.float16
-        v[f"forward-fp16-{activation}"] = Variant(forward(1024, 784, 1024, d, activation, SQUARE), (90,), "fp16", 128)
-        v[f"backward_input-fp16-{activation}"] = Variant(
-            backward_input(1024, 784, 1024, d, activation, SQUARE, store_delta=activation != "identity"),
-            (90,), "fp16", 128)
-        v[f"backward_weight-fp16-{activation}"] = Variant(
-            backward_weight(1024, 784, 1024, d, activation, SQUARE), (90,), "fp16", 128)
-    # The FA family's rules, formed in the backward-input kernel's tiles (a 32-deep reduction
-    # step keeps B's tile, and Philox's state for brsf, within Ampere's registers), and DFA's projection.
-    for mode in ("sign", "magnitude_sign", "random_sign"):
-        for name, d in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-            v[f"backward_input-{name}-{mode}"] = Variant(
-                backward_input(4096, 4096, 4096, d, "relu", SQUARE_FP32, store_delta=True, feedback_mode=mode),
-                (90, 80), name, 128)
-    v["dfa_delta-bf16-relu"] = Variant(dfa_delta(8192, 16, 8192, torch.bfloat16, "relu", SQUARE), (90, 80), "bf16", 128)
-    v["dfa_delta-fp32-gelu-7x10x113"] = Variant(
-        dfa_delta(7, 10, 113, torch.float32, "gelu", LaunchConfig(16, 16, 16)), (90,), "fp32", 16)
-    # fp32 with IEEE and tf32 dots (the precision follows PyTorch's switch), pointer and TMA.
-    f32 = torch.float32
-    for tf32 in (False, True):
-        for tag, cfg in (("ptr", SQUARE_FP32), ("tma", SQUARE_FP32.replace(tma=True))):
-            prec = "tf32" if tf32 else "ieee"
-            v[f"forward-fp32-{prec}-{tag}"] = Variant(forward(4096, 4096, 4096, f32, "relu", cfg), (90,), "fp32", 128,
-                                                      tf32)
-            v[f"backward_input-fp32-{prec}-{tag}"] = Variant(
-                backward_input(4096, 4096, 4096, f32, "tanh", cfg, store_delta=True), (90,), "fp32", 128, tf32)
-            v[f"backward_weight-fp32-{prec}-{tag}"] = Variant(
-                backward_weight(4096, 4096, 4096, f32, "gelu", cfg), (90,), "fp32", 128, tf32)
-    # The tutorial's first layer at batch 64 in fp32: the forward's split-K and its epilogue.
-    v["forward-fp32-split-64x784x128"] = Variant(
-        forward(64, 784, 128, f32, "relu", LaunchConfig(32, 32, 32, split=6)), (90, 80), "fp32", 32)
-    # int64 offsets, for real: 2^21 + 1 rows of 1024, and a stride of 2^31.
-    v["forward-fp16-int64"] = Variant(forward(2**21 + 1, 1024, 16, torch.float16, "identity", MID), (90,), "fp16", 64)
-    v["backward_weight-fp16-int64-nobias"] = Variant(
-        backward_weight(64, 1024, 16, torch.float16, "leaky_relu", MID, bias_grad=False, x_strides=(2**31, 1)),
-        (90,), "fp16", 64)
-    # Odd sizes: nothing divisible by 16, small tiles.
-    small = LaunchConfig(16, 16, 16, num_warps=4, num_stages=3)
-    v["forward-fp16-7x17x113"] = Variant(forward(7, 17, 113, torch.float16, "gelu", small), (90,), "fp16", 16)
-    v["backward_weight-fp16-split-7x17x113"] = Variant(
-        backward_weight(7, 17, 113, torch.float16, "relu", small.replace(split=2)), (90,), "fp16", 16)
+        for bias in (True, False):
+            for cfg in (big, big.replace(tma=True)):
+                call, problem = _jobs(SQUARE, SQUARE, SQUARE, "bf16", activation, bias)["forward"]
+                v[f"epilogue-{activation}-{'bias' if bias else 'nobias'}-{describe(cfg)}"] = Variant(
+                    functools.partial(call, cfg), "bf16", dims=_dims(problem))
+    # DFA's projection, every activation in its epilogue (a long K loop: n_out = 8192).
+    for activation in ACTIVATIONS:
+        for dt, cfg in (("bf16", square), ("tf32", LaunchConfig(128, 128, 32, 8, 3))):
+            d = DTYPES[dt]
+            v[f"dfa-{dt}-{activation}-{describe(cfg)}"] = Variant(functools.partial(
+                launchers.fa_linear_dfa_delta, _meta(SQUARE, SQUARE, dtype=d), _meta(SQUARE, SQUARE, dtype=d),
+                _meta(SQUARE, SQUARE, dtype=d), activation, 0.01, config=cfg), dt, (90, 80) if dt == "bf16" else (90,),
+                (SQUARE, SQUARE, SQUARE))
+    # The memory passes: δ and grad_b, B of the sign rules (their loops hold no dot: no spills).
+    for dt in ("bf16", "ieee"):
+        d = DTYPES[dt]
+        for activation in ACTIVATIONS:
+            v[f"local_error-{dt}-{activation}"] = Variant(functools.partial(
+                launchers.fa_linear_local_error, _meta(SQUARE, SQUARE, dtype=d), _meta(SQUARE, SQUARE, dtype=d),
+                activation, 0.01, config=tuning.pass_config(SQUARE, SQUARE, SMS, False)), dt, (90, 80))
+        for mode in ("sign", "magnitude_sign", "random_sign"):
+            v[f"feedback-{dt}-{mode}"] = Variant(functools.partial(
+                launchers.fa_linear_feedback, _meta(SQUARE, SQUARE, dtype=d), _meta(SQUARE, SQUARE, dtype=d), mode,
+                feedback_scale=0.05, seed=2**40 + 7, counter=_meta(1, dtype=torch.int64)), dt, (90, 80))
+    # int64 offsets, for real: 2^21 + 1 rows of 1024, and a stride of 2^31; odd sizes, small tiles.
+    mid, small = LaunchConfig(64, 64, 64, 4, 4), LaunchConfig(16, 16, 16, 4, 3)
+    f16 = torch.float16
+    v["int64-forward-fp16"] = Variant(functools.partial(
+        launchers.fa_linear_forward, _meta(2**21 + 1, 1024, dtype=f16), _meta(16, 1024, dtype=f16), None, "identity",
+        config=mid), "fp16", dims=(2**21 + 1, 16, 1024))
+    v["int64-backward_weight-fp16"] = Variant(functools.partial(
+        launchers.fa_linear_backward_weight, _meta(64, 16, dtype=f16), _meta(64, 16, dtype=f16),
+        _meta(64, 1024, dtype=f16, strides=(2**31, 1)), "leaky_relu", 0.01, False, config=mid), "fp16",
+        dims=(16, 1024, 64))
+    v["odd-forward-fp16-7x17x113"] = Variant(functools.partial(
+        launchers.fa_linear_forward, _meta(7, 17, dtype=f16), _meta(113, 17, dtype=f16), _meta(113, dtype=f16), "gelu",
+        0.01, True, config=small), "fp16", dims=(7, 113, 17))
+    v["odd-backward_weight-fp16-7x17x113-split"] = Variant(functools.partial(
+        launchers.fa_linear_backward_weight, _meta(7, 113, dtype=f16), _meta(7, 113, dtype=f16),
+        _meta(7, 17, dtype=f16), "relu", 0.01, True, config=small.replace(split=2)), "fp16", dims=(113, 17, 7))
     return v
 
 
-def _record(call):
-    """The launches ``call()`` makes: (kernel name, positional args, keyword args)."""
-    recorded = []
-    saved = {}
-    for name in fa_linear_kernels.KERNEL_NAMES:
-        kernel = getattr(fa_linear_kernels, name)
-        saved[name] = kernel.run
+# ---------------------------------------------------------------------------------- compiling
 
-        def record(*args, grid, warmup, _name=name, **kwargs):
+def record(call) -> list[tuple[str, tuple, dict]]:
+    """(kernel name, args, kwargs) of every launch ``call()`` makes, in order; nothing runs."""
+    recorded, saved = [], {}
+    for name, kernel in launchers.JIT_KERNELS.items():
+        saved[name] = vars(kernel).get("run")  # an instance attribute (a recorder), else the class's
+
+        def recorder(*args, grid, warmup, _name=name, **kwargs):
             recorded.append((_name, args, kwargs))
 
-        kernel.run = record
+        kernel.run = recorder
     try:
-        fa_linear.clear_plans()
+        launchers.clear_plans()
         call()
     finally:
-        for name, run in saved.items():
-            getattr(fa_linear_kernels, name).run = run
+        for name, kernel in launchers.JIT_KERNELS.items():
+            if saved[name] is None:
+                del kernel.run
+            else:
+                kernel.run = saved[name]
     return recorded
 
 
-def _specialise(fn, args, kwargs):
-    """(signature, constexprs, attrs) as the JIT builds them for these arguments."""
-    bound = dict(zip(fn.arg_names, args))
-    bound.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
-    signature, constexprs, attrs = {}, {}, {}
-    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
-        value = bound[name]
-        if param.is_constexpr:
-            signature[name], constexprs[name] = "constexpr", value
-            continue
-        ty, spec = native_specialize_impl(BaseBackend, value, False, True, True)
-        if ty == "constexpr":
-            signature[name], constexprs[name] = "constexpr", spec
-        else:
-            signature[name] = ty
-            if spec == "D":
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return signature, constexprs, attrs
-
-
-def _ptxas_report(ptx: str, arch: int) -> tuple[int, int]:
-    """(spill bytes stored + loaded, registers) from the bundled ptxas -v."""
-    gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "kernel.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        done = subprocess.run([triton.knobs.nvidia.ptxas.path, "-v", f"--gpu-name={gpu}", src,
-                               "-o", os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
-    log = done.stdout + done.stderr
-    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
-    registers = re.search(r"Used (\d+) registers", log)
-    return spills, int(registers.group(1)) if registers else -1
+@functools.lru_cache(maxsize=None)
+def tutorial_ops(layout: str, dt: str, precision: str, tile: tuple, dims: tuple):
+    """SASS instructions per main-loop iteration of the tutorial GEMM of this tile, layout,
+    dtype and sizes (rows × cols, reduction), compiled for sm_90; None if it has no SASS loop."""
+    rows, cols, red = dims
+    d = DTYPES[dt]
+    a = _meta(red, rows, dtype=d).t() if layout == "TN" else _meta(rows, red, dtype=d)
+    b = _meta(cols, red, dtype=d).t() if layout == "NT" else _meta(red, cols, dtype=d)
+    block_m, block_n, block_k, num_warps, num_stages = tile
+    fn = tutorial_gemm.tutorial_matmul_kernel
+    (args, kwargs), = record_launches(fn, lambda: tutorial_gemm.tutorial_matmul(
+        a, b, block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
+        input_precision=precision))
+    facts = loop_facts(compile_sm90(fn, args, kwargs))
+    return facts.get("sass_ops"), loop_flags(facts)
 
 
 def compile_variant(name: str, variant: Variant, archs=None) -> list[dict]:
     """One row per recorded launch and architecture (see the module docstring)."""
-    torch.backends.cuda.matmul.allow_tf32 = variant.tf32
+    torch.backends.cuda.matmul.allow_tf32 = variant.dtype == "tf32"
     rows = []
-    for kernel, args, kwargs in _record(variant.call):
-        fn = getattr(fa_linear_kernels, kernel)
+    try:
+        launches = record(variant.call)
+    except Exception as err:  # noqa: BLE001 - reported, not raised: the launcher refused the call
+        return [{"variant": name, "kernel": None, "arch": a, "dtype": variant.dtype, "ok": False,
+                 "error": f"{type(err).__name__} in the launcher: {str(err)[-800:]}"} for a in archs or variant.archs]
+    for kernel, args, kwargs in launches:
+        fn = launchers.JIT_KERNELS[kernel]
+        gemm = GEMMS.get(kernel)
+        tile = None if gemm is None else (kwargs[gemm[0]], kwargs[gemm[1]], kwargs[gemm[2]], kwargs.get("num_warps", 4),
+                                          kwargs.get("num_stages", 3))
         for arch in archs or variant.archs:
             row = {"variant": name, "kernel": kernel, "arch": arch, "dtype": variant.dtype,
-                   "block_rows": variant.block_rows}
+                   "precision": kwargs.get("INPUT_PRECISION"), "tile": tile, "layout": gemm and gemm[3]}
             try:
-                signature, constexprs, attrs = _specialise(fn, args, kwargs)
-                target = GPUTarget("cuda", arch, 32)
-                backend = triton.compiler.make_backend(target)
-                options = backend.parse_options({"num_warps": kwargs.get("num_warps", 4),
-                                                 "num_stages": kwargs.get("num_stages", 3)})
-                source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-                compiled = triton.compile(source, target=target, options=options.__dict__)
-                ptx = compiled.asm["ptx"]
-                spills, registers = _ptxas_report(ptx, arch)
-                row.update(ok=True, tensor_core=("wgmma.mma_async" in ptx) if arch >= 90 else ("mma.sync" in ptx),
-                           spill_bytes=spills, registers=registers)
+                facts = loop_facts(compile_sm90(fn, args, kwargs, arch))
+                row.update(ok=True, flags=loop_flags(facts), **{k: facts.get(k) for k in (
+                    "has_loop", "dot_kind", "sass_ops", "hgmma", "serialized", "spill_bytes", "registers",
+                    "operand_loads", "warpgroup_waits")})
+                if arch == 90 and gemm is not None and facts.get("has_loop") and variant.dims is not None:
+                    try:
+                        row["tutorial_ops"], row["tutorial_flags"] = tutorial_ops(
+                            gemm[3], variant.dtype, row["precision"] or "tf32", tile, variant.dims)
+                    except ValueError as err:  # the tutorial has int32 offsets only: no yardstick
+                        row["tutorial_error"] = str(err)
             except Exception as err:  # noqa: BLE001 - reported, not raised
                 row.update(ok=False, error=f"{type(err).__name__}: {str(err)[-800:]}")
             rows.append(row)
     return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'variant':<58} {'kernel':<27} {'arch':>4} {'ops':>5} {'tut':>5} {'ratio':>5} {'spill':>5} flags")
+    for r in rows:
+        ratio = (f"{r['sass_ops'] / r['tutorial_ops']:.2f}" if r.get("sass_ops") and r.get("tutorial_ops") else "-")
+        print(f"{r['variant']:<58} {str(r['kernel']):<27} {r['arch']:>4} {str(r.get('sass_ops') or '-'):>5} "
+              f"{str(r.get('tutorial_ops') or '-'):>5} {ratio:>5} {str(r.get('spill_bytes', '-')):>5} "
+              f"{','.join(r.get('flags') or []) or ('-' if r.get('ok') else 'ERROR ' + r.get('error', ''))}")
 
 
 def main(argv=None) -> int:
@@ -268,20 +264,27 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default="", help="comma-separated names (default: all)")
     parser.add_argument("--arch", default="", help="only these architectures, e.g. 90")
     parser.add_argument("--list", action="store_true", help="print the variant names and exit")
+    parser.add_argument("--table", action="store_true", help="a table instead of JSON lines")
     args = parser.parse_args(argv)
     if native_specialize_impl is None:
-        print(json.dumps({"skip": "this Triton has no native_specialize_impl"}))
+        print(json.dumps({"skip": "this Triton has no offline compile API"}))
         return 0
-    variants = _variants()
+    all_variants = variants()
     if args.list:
-        print("\n".join(variants))
+        print("\n".join(all_variants))
         return 0
-    names = [n for n in args.variants.split(",") if n] or list(variants)
+    names = [n for n in args.variants.split(",") if n] or list(all_variants)
     only = {int(a) for a in args.arch.split(",") if a}
+    rows = []
     for name in names:
-        variant = variants[name]
+        variant = all_variants[name]
         for row in compile_variant(name, variant, [a for a in variant.archs if not only or a in only]):
-            print(json.dumps(row), flush=True)
+            if args.table:
+                rows.append(row)
+            else:
+                print(json.dumps(row), flush=True)
+    if args.table:
+        print_table(rows)
     return 0
 
 

@@ -8,9 +8,10 @@ and Triton's own compiler builds it for sm_90. What Triton and ptxas built is th
 
 - TTGIR: the innermost ``scf.for`` holding a dot (``ttng.warp_group_dot``, or ``tt.dot`` for FMA
   dots): where operand A lives, 2-D ``tt.trans``, ``tt.reduce``, how loads are issued;
-- PTX: the innermost loop holding ``wgmma.mma_async`` (``fma.rn.f32`` for FMA dots): cp.async
-  widths, TMA (``cp.async.bulk.tensor``), plain ``ld.global`` and ``st.global``;
-- SASS (cuobjdump, which ships with Triton): the innermost loop holding ``HGMMA`` (``FFMA``):
+- PTX: the innermost loop holding ``wgmma.mma_async`` (``mma.sync`` for tiles under 64 rows,
+  ``fma.rn.f32`` for FMA dots): cp.async widths, TMA (``cp.async.bulk.tensor``), plain
+  ``ld.global`` and ``st.global``;
+- SASS (cuobjdump, which ships with Triton): the innermost loop holding ``HGMMA`` (``HMMA``, ``FFMA``):
   instructions per iteration, HGMMAs with A in registers, whether ptxas serialized the wgmma
   chain (a ``WARPGROUP.DEPBAR.LE gsb0, 0x0`` after every HGMMA: what its "wgmma.mma_async
   instructions are serialized" warnings C7511/C7515 announce); registers and local memory
@@ -105,12 +106,13 @@ def specialise(fn, args, kwargs) -> tuple[dict, dict, dict]:
     return signature, constexprs, attrs
 
 
-def compile_sm90(fn, args, kwargs):
-    """``triton.compile`` of one recorded launch of ``fn`` for sm_90 (its num_warps and num_stages)."""
+def compile_sm90(fn, args, kwargs, arch: int = ARCH):
+    """``triton.compile`` of one recorded launch of ``fn`` for sm_90 (or ``arch``), with its
+    num_warps and num_stages."""
     if interpreted():
         raise RuntimeError("compiling needs the real compiler: run without TRITON_INTERPRET=1")
     signature, constexprs, attrs = specialise(fn, args, kwargs)
-    target = GPUTarget("cuda", ARCH, 32)
+    target = GPUTarget("cuda", arch, 32)
     options = triton.compiler.make_backend(target).parse_options(
         {"num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)})
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -276,14 +278,16 @@ def loop_facts(compiled) -> dict:
     (the loop body's static count, divided by ptxas's unroll factor where it unrolled);
     ``sass_ops`` is None where no SASS loop holds the MMA."""
     facts = ttgir_facts(compiled.asm["ttgir"])
+    if facts["dot_kind"] == "fma" and "mma.sync" in compiled.asm["ptx"]:
+        facts["dot_kind"] = "mma"  # tiles under 64 rows: Ampere's mma.sync (HMMA), A from registers
+    kind = facts["dot_kind"]
     sass, res = cuobjdump(compiled.asm["cubin"])
-    wgmma = facts["dot_kind"] == "wgmma"
-    s = sass_facts(sass, res, "HGMMA" if wgmma else "FFMA")
+    s = sass_facts(sass, res, {"wgmma": "HGMMA", "mma": "HMMA"}.get(kind, "FFMA"))
     facts.update(registers=s["registers"], spill_bytes=s["spill_bytes"], smem_bytes=compiled.metadata.shared,
                  num_warps=compiled.metadata.num_warps)
     if not facts["has_loop"]:
         return facts
-    p = ptx_facts(compiled.asm["ptx"], "wgmma.mma_async" if wgmma else "fma.rn.f32")
+    p = ptx_facts(compiled.asm["ptx"], {"wgmma": "wgmma.mma_async", "mma": "mma.sync"}.get(kind, "fma.rn.f32"))
     # No PTX loop around the MMA (e.g. LLVM unrolled a short constant trip count): nothing to read.
     facts.update(ptx_loop=p["ptx_loop"], operand_loads=p.get("operand_loads", {}),
                  global_stores=p.get("global_stores", 0))

@@ -240,3 +240,21 @@ def test_auto_runs_the_faster_backend_of_each_step(winner, auto_with):
     loser = "triton" if winner == "torch" else "torch"
     assert calls[loser] == before[loser] and calls[winner] == before[winner] + 3
     assert len(tuner.entries) == 4
+
+
+def test_cached_choices_are_reported_by_a_new_process(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FA_TRITON_CACHE_DIR", str(tmp_path))
+    first, timer = make_tuner({"triton": 0.5, "torch": 0.25}, tmp_path, autotune.versions())
+    first.choose("NVIDIA H200", ("auto", "forward", "bfloat16", 8192), ["triton", "torch"], run_recording(timer))
+    other, _ = make_tuner({}, tmp_path, dict(VERSIONS))  # another torch/triton: not these versions' file
+    other.remember("NVIDIA H200", ("auto", "local_error"), "triton")
+    fresh = autotune.Tuner(directory=tmp_path)
+    assert fresh.load_cached() == 1
+    assert "NVIDIA H200 | auto forward bfloat16 8192 -> torch (disk)" in fresh.report()
+    monkeypatch.setattr(autotune, "TUNER", autotune.Tuner())
+    from fa_triton import cli
+
+    assert cli.main(["tuning-report"]) == 0
+    out = capsys.readouterr().out
+    assert f"tuning cache: {tmp_path}" in out and "-> torch (disk)" in out and "0.2500 ms" in out
+    assert "local_error" not in out

@@ -571,3 +571,20 @@ def test_empty_input_or_batch(M, in_features, out_features, activation, method, 
     assert torch.isfinite(bias.grad).all()
     assert weight.grad.shape == (out_features, in_features) and not weight.grad.any()
     assert x.grad.shape == (M, in_features)
+
+
+def test_launchers_refuse_an_unknown_activation(kernel_device):
+    # A misspelt activation once ran as the identity (the kernels' last branch).
+    assert launchers.ACTIVATIONS == fa_triton.ACTIVATIONS
+    x, weight = torch.randn(4, 3, device=kernel_device), torch.randn(2, 3, device=kernel_device)
+    grad_y = torch.randn(4, 2, device=kernel_device)
+    calls = [lambda: kernels.fa_linear_forward(x, weight, None, "rleu"),
+             lambda: kernels.fa_linear_local_error(grad_y, grad_y, "rleu"),
+             lambda: kernels.fa_linear_backward_input(grad_y, grad_y, weight, "rleu"),
+             lambda: kernels.fa_linear_backward_weight(grad_y, grad_y, x, "rleu"),
+             lambda: kernels.fa_linear_dfa_delta(grad_y, weight, None, "rleu")]
+    for call in calls:
+        with pytest.raises(ValueError, match="activation must be one of .* got 'rleu'"):
+            call()
+    with pytest.raises(ValueError, match="feedback_mode"):
+        kernels.fa_linear_feedback(weight, None, "matrix")

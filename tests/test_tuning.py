@@ -77,7 +77,8 @@ def test_candidate_configs(kernel, rows, cols, red, tma, dtype, sms, as_gpu):
     assert len(configs) == len(set(configs)), "duplicate candidates"
     tiles = {(c.block_rows, c.block_cols, c.block_red, c.num_warps, c.num_stages) for c in configs}
     assert len(tiles) <= tuning.MAX_TILE_CANDIDATES  # each tile is one compile
-    assert any(c.tma for c in configs) == tma
+    assert any(c.tma for c in configs) == (tma and any(c.block_rows >= 64 for c in configs))
+    assert all(c.block_rows >= 64 for c in configs if c.tma)  # TMA only where the dot is a wgmma
     assert sum(c.tma for c in configs) <= tuning.MAX_TMA_CANDIDATES
     cap_red = 32 if dtype == torch.float32 else 64
     for c in configs:
