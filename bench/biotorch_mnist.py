@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fa_triton import models
-from fa_triton.mnist import load_mnist
+from fa_triton.experiments.mnist import load_mnist
 
 from .checkpoint import load_run, save_run
 from .results import replace_rows

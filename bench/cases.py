@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fa_triton
-from fa_triton.activations import apply_activation
+from fa_triton.rules.activations import apply_activation
 
 PROVIDERS = ("reference", "fa_triton_auto", "fa_triton", "backprop", "compiled")
 #: The providers that run fa_triton's layer (the backend= they pass).

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fa_triton.mnist import (
+from fa_triton.experiments.mnist import (
     GraphedTrainStep,
     batch_indices,
     build_model,

@@ -147,7 +147,7 @@ class Case:
     def __init__(self, target: Target, device: str):
         import torch
 
-        from fa_triton.activations import activation_backward, apply_activation, extra_for_backward, saves_extra
+        from fa_triton.rules.activations import activation_backward, apply_activation, extra_for_backward, saves_extra
 
         t = target
         dtype = _torch_dtype(t.dtype)
@@ -177,7 +177,7 @@ class Case:
                 "backward_weight": [self.delta.t() @ self.x],
             }
         # (fa_triton.reference, the attribute, is the public function: import the module's function by path)
-        from fa_triton.reference import local_error
+        from fa_triton.ops.backends.reference import local_error
 
         self._reference_local_error = local_error
         self.out_y = torch.empty_like(self.y)
@@ -268,7 +268,7 @@ class Case:
 
     def baseline(self, job: str) -> tuple[str, object]:
         """(name, callable) of what PyTorch runs for the job: cuBLAS for a GEMM, the unfused ops
-        of the δ pass (``fa_triton.reference.local_error``: g * f'(saved), then δ.sum(0))."""
+        of the δ pass (``fa_triton.ops.backends.reference.local_error``: g * f'(saved), then δ.sum(0))."""
         import torch
 
         if job == "local_error":

@@ -1,6 +1,6 @@
-"""``python -m fa_triton ...``: the ``fa-triton`` command line (see :mod:`fa_triton.cli`)."""
+"""``python -m fa_triton ...``: the ``fa-triton`` command line (see :mod:`fa_triton.experiments.cli`)."""
 
-from .cli import main
+from .experiments.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

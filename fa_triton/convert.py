@@ -23,10 +23,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .backend import check_backend
-from .conv import FAConv2d
-from .methods import INITS, check_method
-from .modules import FALinear
+from .layers.conv import FAConv2d
+from .layers.dfa_model import DFAModel
+from .layers.dfa_network import DFANetwork
+from .layers.linear import FALinear
+from .ops.backends import check_backend
+from .rules.methods import INITS, check_method
 
 __all__ = ["ConvertedLayer", "ConversionSummary", "convert", "load_linear_state_dict"]
 
@@ -333,7 +335,6 @@ def convert(
 def _convert_dfa(model, backend, init, inplace, include, exclude, verbose, return_summary):
     """convert(model, method="dfa"): an nn.Sequential MLP rebuilt as a DFANetwork (one fused
     projection kernel); any other network, its layers converted, wrapped in a DFAModel."""
-    from .dfa import DFANetwork
 
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
@@ -343,7 +344,6 @@ def _convert_dfa(model, backend, init, inplace, include, exclude, verbose, retur
     is_mlp = isinstance(model, nn.Sequential) and not any(isinstance(m, nn.Conv2d) for m in model.modules())
     if not is_mlp:
         # Any other network (convolutional, residual): its layers in method "backprop" under DFAModel's taps.
-        from .dfa import DFAModel
 
         converted, summary = convert(model, backend=backend, method="backprop", init=init, return_summary=True)
         if not summary.converted:

@@ -13,8 +13,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from .conv import FAConv2d
-from .modules import FALinear
+from .layers.conv import FAConv2d
+from .layers.linear import FALinear
 
 FA_LAYER_TYPES = (FALinear, FAConv2d)
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .convert import convert
-from .methods import INITS
+from .rules.methods import INITS
 
 
 def _init(model: nn.Module, init: str) -> nn.Module:

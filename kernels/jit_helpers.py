@@ -88,30 +88,25 @@ def local_error(grad_y, saved, ACTIVATION: tl.constexpr, negative_slope):
 
 
 @triton.jit
-def feedback_tile(feedback_ptrs, weight_ptrs, mask, offs_element, draw_offset, seed, scale, FEEDBACK: tl.constexpr):
-    """A tile of the backward matrix B as the rule ``FEEDBACK`` forms it (``fa_triton.methods``):
+def feedback_tile(feedback_ptrs, weight_ptrs, mask, offs_element, draw_offset, seed, scale, METHOD: tl.constexpr):
+    """A tile of B as the sign method ``METHOD`` forms it from W (``fa_triton.rules.methods``):
 
-    - "matrix": B loaded from ``feedback_ptrs``;
-    - "sign": scale·sign(W), W loaded from ``weight_ptrs``;
-    - "magnitude_sign": |R|·sign(W), R loaded from ``feedback_ptrs``;
-    - "random_sign": |R|·sign(W) with |R| = scale·U(0, 1) drawn by Philox under ``seed`` at
-      offsets ``draw_offset`` (counter·N·K, int64) + ``offs_element`` (int64 n·K + k).
+    - "usf": scale·sign(W), W loaded from ``weight_ptrs``;
+    - "frsf": |R|·sign(W), R loaded from ``feedback_ptrs``;
+    - "brsf": |R|·sign(W) with |R| = scale·U(0, 1) drawn by Philox under ``seed`` at offsets
+      ``draw_offset`` (counter·N·K, int64) + ``offs_element`` (int64 n·K + k).
 
     The magnitude is fp32, the product with W's sign exact, the result rounded once to W's dtype.
     """
-    if FEEDBACK == "matrix":
-        b = tl.load(feedback_ptrs, mask=mask, other=0.0)
+    w = tl.load(weight_ptrs, mask=mask, other=0.0)
+    sign = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
+    if METHOD == "usf":
+        magnitude = scale
+    elif METHOD == "frsf":
+        magnitude = tl.abs(tl.load(feedback_ptrs, mask=mask, other=0.0).to(tl.float32))
     else:
-        w = tl.load(weight_ptrs, mask=mask, other=0.0)
-        sign = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
-        if FEEDBACK == "sign":
-            magnitude = scale
-        elif FEEDBACK == "magnitude_sign":
-            magnitude = tl.abs(tl.load(feedback_ptrs, mask=mask, other=0.0).to(tl.float32))
-        else:
-            magnitude = scale * tl.rand(seed, draw_offset + offs_element)
-        b = (magnitude * sign).to(w.dtype)
-    return b
+        magnitude = scale * tl.rand(seed, draw_offset + offs_element)
+    return (magnitude * sign).to(w.dtype)
 
 
 @triton.jit

@@ -18,6 +18,7 @@ are read through strides and nothing is transposed or copied.
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -31,7 +32,7 @@ from .tuning import LaunchConfig, as_config
 
 __all__ = [
     "ACTIVATIONS",
-    "FEEDBACK_MODES",
+    "METHODS",
     "INTERPRETED",
     "JIT_KERNELS",
     "LaunchConfig",
@@ -46,8 +47,24 @@ __all__ = [
 
 #: The activations the kernels apply (``fa_triton.ACTIVATIONS``; a test checks they agree).
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu", "identity")
-#: How the backward forms B: given ("matrix"), s·sign(W), |R|·sign(W), or |R|·sign(W) with |R| drawn.
-FEEDBACK_MODES = ("matrix", "sign", "magnitude_sign", "random_sign")
+#: The FA family's methods (``fa_triton.METHODS``; a test checks they agree). usf, frsf and brsf
+#: form B from W's sign; for the others the feedback tensor is B (W itself for backprop).
+METHODS = ("fa", "backprop", "usf", "frsf", "brsf", "kp", "wm")
+SIGN_METHODS = ("usf", "frsf", "brsf")
+# The names the launchers took before B's rule was called by its method.
+_FEEDBACK_MODES = {"matrix": "fa", "sign": "usf", "magnitude_sign": "frsf", "random_sign": "brsf"}
+
+
+def _method(method: str, feedback_mode: str | None) -> str:
+    if feedback_mode is not None:
+        warnings.warn("feedback_mode= is deprecated: pass method= (one of fa_triton.METHODS)", DeprecationWarning,
+                      stacklevel=3)
+        if feedback_mode not in _FEEDBACK_MODES:
+            raise ValueError(f"feedback_mode must be one of {tuple(_FEEDBACK_MODES)}, got {feedback_mode!r}")
+        method = _FEEDBACK_MODES[feedback_mode]
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return method
 #: Every ``@triton.jit`` kernel the launchers run, by name (tests and benchmarks record or stub
 #: a launch by replacing the kernel's ``run``).
 JIT_KERNELS = {name: getattr(module, name) for module, names in (
@@ -213,25 +230,25 @@ def _local_error_plan(key: PassKey, grad_y, saved, delta) -> tuple:
 def fa_linear_feedback(
     weight: torch.Tensor,
     feedback: torch.Tensor | None,
-    feedback_mode: str,
+    method: str,
     *,
     feedback_scale: float = 1.0,
     seed: int = 0,
     counter: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """B [N, K] (contiguous, W's dtype) of a rule that forms it from W's sign
-    (``fa_triton.methods``): "sign": ``feedback_scale``·sign(W); "magnitude_sign":
-    |``feedback``|·sign(W); "random_sign": |R|·sign(W), |R| = ``feedback_scale``·U(0, 1) drawn by
-    Philox from ``seed`` and the draw number in ``counter`` (int64 [1], read on the device).
-    The magnitude is fp32 and the result rounded once to W's dtype, as ``feedback_matrix`` does.
+    """B [N, K] (contiguous, W's dtype) of a method that forms it from W's sign
+    (``fa_triton.rules.methods``): "usf": ``feedback_scale``·sign(W); "frsf": |``feedback``|·sign(W);
+    "brsf": |R|·sign(W), |R| = ``feedback_scale``·U(0, 1) drawn by Philox from ``seed`` and the
+    draw number in ``counter`` (int64 [1], read on the device). The magnitude is fp32 and the
+    result rounded once to W's dtype, as ``feedback_matrix`` does.
     """
-    if feedback_mode not in FEEDBACK_MODES[1:]:
-        raise ValueError(f"feedback_mode must be one of {FEEDBACK_MODES[1:]} to form B, got {feedback_mode!r}")
-    if feedback_mode == "magnitude_sign" and feedback is None:
-        raise ValueError("feedback_mode='magnitude_sign' needs feedback (the magnitudes R)")
-    if feedback_mode == "random_sign" and (counter is None or counter.numel() != 1 or counter.dtype != torch.int64):
-        raise ValueError("feedback_mode='random_sign' needs counter, an int64 tensor of one element")
+    if method not in SIGN_METHODS:
+        raise ValueError(f"method must be one of {SIGN_METHODS} to form B from W's sign, got {method!r}")
+    if method == "frsf" and feedback is None:
+        raise ValueError("method='frsf' needs feedback (the magnitudes R)")
+    if method == "brsf" and (counter is None or counter.numel() != 1 or counter.dtype != torch.int64):
+        raise ValueError("method='brsf' needs counter, an int64 tensor of one element")
     N, K = weight.shape
     if out is None:
         out = torch.empty((N, K), device=weight.device, dtype=weight.dtype)
@@ -242,7 +259,7 @@ def fa_linear_feedback(
     feedback_arg = weight if feedback is None else feedback
     block_n, block_k = (64, 64) if INTERPRETED else (32, 128)
     launch = Launch(passes.feedback_kernel, (cdiv(N, block_n), cdiv(K, block_k)), dict(
-        FEEDBACK=feedback_mode, USE_INT64=plans.needs_int64(weight, feedback, out), BLOCK_N=block_n, BLOCK_K=block_k,
+        METHOD=method, USE_INT64=plans.needs_int64(weight, feedback, out), BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=4))
     on_device(weight, launch)(weight, feedback_arg, out if counter is None else counter, out, N, K, *weight.stride(),
                               *feedback_arg.stride(), float(feedback_scale), seed)
@@ -261,31 +278,33 @@ def fa_linear_backward_input(
     config: LaunchConfig | dict | None = None,
     delta_out: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
-    feedback_mode: str = "matrix",
+    method: str = "fa",
     weight: torch.Tensor | None = None,
     feedback_scale: float = 1.0,
     seed: int = 0,
     counter: torch.Tensor | None = None,
+    feedback_mode: str | None = None,
 ) -> torch.Tensor:
     """``grad_x = (g ⊙ f'(z)) B``: the δ pass (unless f is the identity), then the GEMM δ B.
 
     Args: grad_y [M, N], saved [M, N] (y or the extra tensor, see ``saves_extra``; None
-    for identity); B [N, K] as ``feedback_mode`` forms it: "matrix": ``feedback`` (any
-    strides); the sign rules: formed by :func:`fa_linear_feedback` from ``weight`` (and
-    ``feedback``, ``feedback_scale``, ``seed``, ``counter``) into a buffer for this call only.
+    for identity); B [N, K] as ``method`` forms it: ``feedback`` itself (any strides) for fa,
+    backprop, kp and wm; for usf, frsf and brsf formed by :func:`fa_linear_feedback` from
+    ``weight`` (and ``feedback``, ``feedback_scale``, ``seed``, ``counter``) into a buffer for
+    this call only (``feedback_mode=``, the older name of the rule, is deprecated).
     ``delta_out``, an optional [M, N] tensor of B's dtype with unit column stride into which δ
     is written; ``out``, an optional [M, K] tensor for grad_x; ``config`` as in
     :func:`fa_linear_forward` (for the GEMM).
     Returns grad_x [M, K] (contiguous unless ``out`` says otherwise), in B's dtype.
     """
     _check_activation(activation)
-    if feedback_mode not in FEEDBACK_MODES:
-        raise ValueError(f"feedback_mode must be one of {FEEDBACK_MODES}, got {feedback_mode!r}")
-    if feedback_mode == "matrix" and feedback is None:
-        raise ValueError("feedback_mode='matrix' needs feedback (B)")
-    if feedback_mode != "matrix" and weight is None:
-        raise ValueError(f"feedback_mode={feedback_mode!r} needs weight (B is formed from its sign)")
-    source = feedback if feedback_mode == "matrix" else weight
+    method = _method(method, feedback_mode)
+    forms_b = method in SIGN_METHODS
+    if not forms_b and feedback is None:
+        raise ValueError(f"method={method!r} needs feedback (B)")
+    if forms_b and weight is None:
+        raise ValueError(f"method={method!r} needs weight (B is formed from its sign)")
+    source = weight if forms_b else feedback
     M, N = grad_y.shape
     K = source.shape[1]
     if out is None:
@@ -303,8 +322,8 @@ def fa_linear_backward_input(
                                          dtype=source.dtype, out=delta_out)
     if M == 0 or K == 0:
         return grad_x
-    if feedback_mode != "matrix":
-        feedback = fa_linear_feedback(weight, feedback, feedback_mode, feedback_scale=feedback_scale, seed=seed,
+    if forms_b:
+        feedback = fa_linear_feedback(weight, feedback, method, feedback_scale=feedback_scale, seed=seed,
                                       counter=counter)
     key = _new(GemmKey, ("backward_input", grad_y.device, source.dtype, delta.dtype, M, N, K, delta.stride(),
                          feedback.stride(), grad_x.stride(), (), plans.dot_precision(source.dtype),

@@ -5,7 +5,7 @@ tensors once, and feeds the GEMMs of ``linear_kernels.py`` plain operands.
   or the forward's extra tensor). δ is stored in the operand dtype for both backward GEMMs;
   grad_b is summed from δ in fp32 before that rounding, deterministically: each program sums
   its own rows in a fixed order, and split_sum_kernel adds the programs' partials in order.
-- :func:`feedback_kernel` — B [N, K] of the rules that form it from W's sign (usf, frsf, brsf),
+- :func:`feedback_kernel` — B [N, K] of the methods that form it from W's sign (usf, frsf, brsf),
   into a buffer that lives only for one backward: no B is kept between steps.
 - :func:`split_sum_kernel` — Σ_s partial[s] in slice order (split reductions).
 
@@ -82,13 +82,13 @@ def feedback_kernel(
     # scalars
     scale, seed,
     # flags
-    FEEDBACK: tl.constexpr, USE_INT64: tl.constexpr,
+    METHOD: tl.constexpr, USE_INT64: tl.constexpr,
     # blocks
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out[N, K] (contiguous, W's dtype) = B as the rule FEEDBACK forms it (jit_helpers.feedback_tile):
-    scale·sign(W) ("sign"), |R|·sign(W) with R = feedback ("magnitude_sign"), or with |R| drawn
-    by Philox from (seed, the draw number at counter_ptr) ("random_sign")."""
+    """out[N, K] (contiguous, W's dtype) = B as the sign method METHOD forms it
+    (jit_helpers.feedback_tile): scale·sign(W) ("usf"), |R|·sign(W) with R = feedback ("frsf"),
+    or with |R| drawn by Philox from (seed, the draw number at counter_ptr) ("brsf")."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     if USE_INT64:
@@ -96,12 +96,12 @@ def feedback_kernel(
         offs_k = offs_k.to(tl.int64)
     mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
     draw_offset = 0
-    if FEEDBACK == "random_sign":
+    if METHOD == "brsf":
         draw_offset = tl.load(counter_ptr) * N * K
     element = offs_n[:, None].to(tl.int64) * K + offs_k[None, :].to(tl.int64)  # brsf's draw offsets: n·K + k
     b = feedback_tile(feedback_ptr + offs_n[:, None] * stride_fn + offs_k[None, :] * stride_fk,
                       weight_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                      mask, element, draw_offset, seed, scale, FEEDBACK)
+                      mask, element, draw_offset, seed, scale, METHOD)
     tl.store(out_ptr + element, b, mask=mask)
 
 

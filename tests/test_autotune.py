@@ -1,4 +1,4 @@
-"""The tuner (kernels/autotune.py) and ``backend="auto"`` (fa_triton/backend.py), driven without
+"""The tuner (kernels/autotune.py) and ``backend="auto"`` (fa_triton/ops/backends/auto.py), driven without
 a GPU by a fake timer: the fastest candidate wins, failures are skipped, choices are cached on
 disk per GPU and versions and reused by a new process, a version change invalidates them, the
 cache can be moved or turned off, CUDA-graph capture gets a stand-in, and ``auto`` runs the
@@ -9,11 +9,12 @@ import json
 import pytest
 import torch
 
-from fa_triton import backend
-from fa_triton.autograd import AutoFALinearFunction
+from fa_triton.ops import backends
+from fa_triton.ops.backends import auto as auto_backend
+from fa_triton.ops.autograd import AutoFALinearFunction
 from fa_triton.kernels import autotune, tuning
 from fa_triton.kernels.tuning import LaunchConfig, Problem
-from fa_triton.methods import FA_RULE
+from fa_triton.rules.methods import FA_RULE
 from tests.helpers import KERNEL_DEVICE
 from tests.oracle import make_inputs
 
@@ -199,24 +200,24 @@ def auto_with(monkeypatch, tmp_path):
         timer = fake_timer(times)
         tuner = autotune.Tuner(timer=timer, directory=tmp_path, versions_of=lambda: VERSIONS)
         monkeypatch.setattr(autotune, "TUNER", tuner)
-        backend.clear_auto_choices()
+        backends.clear_auto_choices()
         calls = {"triton": 0, "torch": 0}
-        monkeypatch.setattr(backend, "_BY_PUBLIC", dict(backend._BY_PUBLIC))
+        monkeypatch.setattr(auto_backend, "_BY_PUBLIC", dict(auto_backend._BY_PUBLIC))
         for name in ("triton", "torch"):
             spies = {}
-            for step in ("forward", "local_error", "backward_input", "backward_weight"):
-                original = getattr(backend._BY_PUBLIC[name], step)
+            for step in ("forward", "local_error", "backward_input", "backward_weight", "dfa_delta"):
+                original = getattr(auto_backend._BY_PUBLIC[name], step)
 
                 def spy(*args, _name=name, _original=original):
                     timer.last = _name
                     calls[_name] += 1
                     return _original(*args)
                 spies[step] = spy
-            backend._BY_PUBLIC[name] = backend._BY_PUBLIC[name]._replace(**spies)
+            auto_backend._BY_PUBLIC[name] = auto_backend._BY_PUBLIC[name].replace(**spies)
         return tuner, calls
 
     yield setup
-    backend.clear_auto_choices()
+    backends.clear_auto_choices()
 
 
 @pytest.mark.parametrize("winner", ["torch", "triton"])
@@ -231,14 +232,13 @@ def test_auto_runs_the_faster_backend_of_each_step(winner, auto_with):
     assert all(entry.choice == winner for entry in tuner.entries.values())
     reference = torch.tanh(x.detach() @ weight.detach().t() + bias.detach())
     torch.testing.assert_close(y.detach(), reference, rtol=1e-5, atol=1e-5)
-    assert set(backend.AUTO.forward.chosen.values()) == {backend._BY_PUBLIC[winner]}
-    # A second call times nothing: its three backward steps run on the winner only (the
-    # forward runs the chosen backend's Function body, not its step).
+    assert set(backends.AUTO.forward.chosen.values()) == {auto_backend._BY_PUBLIC[winner]}
+    # A second call times nothing: its four steps run on the winner only.
     before = dict(calls)
     y2 = AutoFALinearFunction.apply(x, weight, bias, feedback, None, "tanh", 0.01, FA_RULE)
     y2.backward(grad_y)
     loser = "triton" if winner == "torch" else "torch"
-    assert calls[loser] == before[loser] and calls[winner] == before[winner] + 3
+    assert calls[loser] == before[loser] and calls[winner] == before[winner] + 4
     assert len(tuner.entries) == 4
 
 
@@ -252,7 +252,7 @@ def test_cached_choices_are_reported_by_a_new_process(tmp_path, monkeypatch, cap
     assert fresh.load_cached() == 1
     assert "NVIDIA H200 | auto forward bfloat16 8192 -> torch (disk)" in fresh.report()
     monkeypatch.setattr(autotune, "TUNER", autotune.Tuner())
-    from fa_triton import cli
+    from fa_triton.experiments import cli
 
     assert cli.main(["tuning-report"]) == 0
     out = capsys.readouterr().out

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fa_triton import cli
-from fa_triton.mnist import MNIST_FILES
+from fa_triton.experiments import cli
+from fa_triton.experiments.mnist import MNIST_FILES
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -122,7 +122,7 @@ def test_console_script_is_registered():
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
     if "fa-triton" not in scripts:
         pytest.skip("fa_triton is not installed with its entry points (pip install -e .)")
-    assert scripts["fa-triton"] == "fa_triton.cli:main"
+    assert scripts["fa-triton"] == "fa_triton.experiments.cli:main"
 
 
 def test_nproc_starts_torchrun_with_the_same_arguments(monkeypatch):

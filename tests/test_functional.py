@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fa_triton import ACTIVATIONS, fa_linear
-from fa_triton.activations import apply_activation
+from fa_triton.rules.activations import apply_activation
 from tests.helpers import KERNEL_DEVICE
 from tests.oracle import make_inputs, run_layer
 

@@ -236,7 +236,7 @@ def _weight_grads_against_oracle(M, in_features, out_features, dtype, bias, acti
                                                  activation=activation)
     expected = oracle(x, weight, b, feedback, grad_y, activation)
     torch_result = run_layer(reference_layer, x, weight, b, feedback, grad_y, activation)
-    store_extra = fa_triton.activations.saves_extra(activation, 0.01)
+    store_extra = fa_triton.rules.activations.saves_extra(activation, 0.01)
     y, extra = kernels.fa_linear_forward(x, weight, b, activation, 0.01, store_extra)
     saved = None if activation == "identity" else (extra if store_extra else y)
     grad_w, grad_b = kernels.fa_linear_backward_weight(grad_y, saved, x, activation, 0.01, bias_grad=bias,
@@ -308,7 +308,7 @@ VARIANT_SHAPE = (70, 48, 40)  # M, in_features, out_features
 def _layer_with_configs(x, weight, b, feedback, grad_y, activation, forward=None, backward_input=None,
                         backward_weight=None, store_delta=False):
     """y and the three gradients from the launchers with explicit configs (None: the plan's own)."""
-    store_extra = fa_triton.activations.saves_extra(activation, 0.01)
+    store_extra = fa_triton.rules.activations.saves_extra(activation, 0.01)
     y, extra = kernels.fa_linear_forward(x, weight, b, activation, 0.01, store_extra, config=forward)
     saved = None if activation == "identity" else (extra if store_extra else y)
     delta = torch.empty(grad_y.shape, dtype=x.dtype, device=x.device) if store_delta else None
@@ -586,5 +586,5 @@ def test_launchers_refuse_an_unknown_activation(kernel_device):
     for call in calls:
         with pytest.raises(ValueError, match="activation must be one of .* got 'rleu'"):
             call()
-    with pytest.raises(ValueError, match="feedback_mode"):
-        kernels.fa_linear_feedback(weight, None, "matrix")
+    with pytest.raises(ValueError, match="method must be one of .*usf.* got 'fa'"):
+        kernels.fa_linear_feedback(weight, None, "fa")

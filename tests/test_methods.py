@@ -12,7 +12,8 @@ from torch import nn
 import fa_triton
 import fa_triton.metrics
 from fa_triton import METHODS, FALinear, fa_linear
-from fa_triton.methods import FeedbackRule, feedback_matrix, init_std, philox_uniform
+from fa_triton.rules.methods import FeedbackRule, feedback_matrix, init_std
+from fa_triton.rules.philox import philox_uniform
 from tests.helpers import KERNEL_DEVICE, teacher_task, train_on
 from tests.oracle import FLOOR, max_error, oracle
 
@@ -119,7 +120,7 @@ def test_brsf_redraws_at_every_training_forward_and_only_then():
 
 
 def test_philox_matches_tritons_generator(kernel_device):
-    # fa_triton.methods.philox_uniform is bitwise tl.rand (the kernels' R, materialized in PyTorch).
+    # fa_triton.rules.philox.philox_uniform is bitwise tl.rand (the kernels' R, materialized in PyTorch).
     import triton
     import triton.language as tl
 
@@ -169,7 +170,7 @@ def test_init_options(init):
     assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.9 * bound
     assert torch.equal(layer.bias, torch.zeros(100)) == (init == "xavier")
     expected_scale = math.sqrt(2 / 400) if init == "xavier" else 1 / math.sqrt(900)
-    assert layer.rule == FeedbackRule("sign", pytest.approx(expected_scale))
+    assert layer.rule == FeedbackRule("usf", pytest.approx(expected_scale))
     fa = FALinear(300, 100, init=init)
     assert fa.feedback.abs().max() <= bound and ("init=xavier" in repr(fa)) == (init == "xavier")
     torch.manual_seed(0)
@@ -338,5 +339,5 @@ def test_autocast_with_a_sign_method():
 
 def test_feedback_matrix_rounds_once_as_the_kernels_do():
     w = torch.randn(5, 7, dtype=torch.bfloat16)
-    B = feedback_matrix(FeedbackRule("sign", 0.3), w, None, None)
+    B = feedback_matrix(FeedbackRule("usf", 0.3), w, None, None)
     assert B.dtype == torch.bfloat16 and torch.equal(B.abs().unique(), torch.tensor([0.3], dtype=torch.bfloat16))

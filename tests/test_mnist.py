@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fa_triton import FALinear
-from fa_triton.mnist import (
+from fa_triton.experiments.mnist import (
     MNIST_FILES,
     GraphedTrainStep,
     MissingDataError,

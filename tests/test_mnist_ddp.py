@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from fa_triton import FALinear
-from fa_triton.mnist import MNIST_FILES, build_model, train
+from fa_triton.experiments.mnist import MNIST_FILES, build_model, train
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TIMEOUT_S = 300

@@ -5,18 +5,20 @@ Without a GPU the Triton ops run on CPU tensors through Triton's interpreter (co
 so shapes stay small; compile tests are few (compiling on 2 CPU cores is slow).
 """
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
 
 from fa_triton import ACTIVATIONS, FALinear, fa_linear
-from fa_triton.methods import FA_RULE
-from fa_triton.ops import OPS, fa_linear_op
+from fa_triton.ops import backends
+from fa_triton.ops.library import fa_linear_op
+from fa_triton.rules.methods import FA_RULE
 from tests.helpers import KERNEL_DEVICE
 from tests.oracle import make_inputs
 
-BACKENDS = ["torch", "triton"]  # public names; the ops are keyed by the internal ones
-INTERNAL = {"torch": "reference", "triton": "triton"}
+BACKENDS = ["torch", "triton"]
 
 
 def op_device(backend: str) -> str:
@@ -26,7 +28,7 @@ def op_device(backend: str) -> str:
 
 # ------------------------------------------------------------------------------ opcheck
 
-FA = ("matrix", 1.0, 0, False)  # the op arguments of FA's FeedbackRule: kind, scale, seed, trains_feedback
+FA = ("fa", 1.0, 0)  # the op arguments of FA's FeedbackRule: method, scale, seed
 
 
 def forward_samples(device):
@@ -39,9 +41,9 @@ def forward_samples(device):
         (leaf(x), leaf(weight), None, feedback, None, "relu", 0.01, *FA),
         (x_t, weight, bias, feedback, None, "leaky_relu", -0.2, *FA),  # z kept (negative slope); no grad
         (leaf(x), weight, leaf(bias), feedback, None, "identity", 0.01, *FA),
-        (leaf(x), leaf(weight), leaf(bias), None, None, "tanh", 0.01, "sign", 0.3, 0, False),  # usf
-        (leaf(x), leaf(weight), None, None, counter, "relu", 0.01, "random_sign", 0.5, 7, False),  # brsf
-        (leaf(x), leaf(weight), leaf(bias), leaf(feedback), None, "relu", 0.01, "matrix", 1.0, 0, True),  # kp
+        (leaf(x), leaf(weight), leaf(bias), None, None, "tanh", 0.01, "usf", 0.3, 0),
+        (leaf(x), leaf(weight), None, None, counter, "relu", 0.01, "brsf", 0.5, 7),
+        (leaf(x), leaf(weight), leaf(bias), leaf(feedback), None, "relu", 0.01, "kp", 1.0, 0),
     ]
 
 
@@ -56,24 +58,24 @@ def backward_samples(device):
         ((grad_y, None, "identity", 0.01, True, False), (grad_y, feedback, None, None, *FA[:3]), (grad_y, x)),
         ((grad_y.t().contiguous().t(), saved, "relu", 0.01, False, True),
          (delta.t().contiguous().t(), feedback, None, None, *FA[:3]), (delta[:1].expand(6, 5), x.t().contiguous().t())),
-        ((grad_y, None, "identity", 0.01, False, True), (delta, None, weight, None, "sign", 0.3, 0), (delta, x)),
+        ((grad_y, None, "identity", 0.01, False, True), (delta, None, weight, None, "usf", 0.3, 0), (delta, x)),
         ((grad_y[:1].expand(6, 5), saved, "gelu", 0.01, True, False),
-         (delta, feedback, weight, None, "magnitude_sign", 1.0, 0), (delta, x)),
-        ((grad_y, saved, "leaky_relu", -0.2, True, True), (delta, None, weight, counter, "random_sign", 0.5, 7),
+         (delta, feedback, weight, None, "frsf", 1.0, 0), (delta, x)),
+        ((grad_y, saved, "leaky_relu", -0.2, True, True), (delta, None, weight, counter, "brsf", 0.5, 7),
          (delta, x)),
     ]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_forward(backend):
-    forward = OPS[INTERNAL[backend]][0]
+    forward = backends.get(backend).ops[0]
     for args in forward_samples(op_device(backend)):
         torch.library.opcheck(forward, args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_backward(backend):
-    _, local_error, backward_input, backward_weight = OPS[INTERNAL[backend]]
+    _, local_error, backward_input, backward_weight = backends.get(backend).ops
     for error_args, input_args, weight_args in backward_samples(op_device(backend)):
         torch.library.opcheck(local_error, error_args)
         torch.library.opcheck(backward_input, input_args)
@@ -82,7 +84,7 @@ def test_opcheck_backward(backend):
 
 def test_ops_are_registered():
     for name in ("forward", "local_error", "backward_input", "backward_weight"):
-        for family in ("triton", "reference", "auto"):
+        for family in ("triton", "torch", "auto"):
             assert hasattr(torch.ops.fa_triton, f"{family}_{name}")
 
 
@@ -113,7 +115,7 @@ def test_op_path_matches_functions(backend, activation, negative_slope, requires
     eager = run(lambda x, w, b, f: fa_linear(x, w, b, f, activation, negative_slope=negative_slope, backend=backend),
                 x, weight, bias, feedback, grad_y, requires)
     via_ops = run(lambda x, w, b, f: fa_linear_op(x, w, b, f, None, activation, negative_slope, FA_RULE,
-                                                  INTERNAL[backend]),
+                                                  backends.get(backend)),
                   x, weight, bias, feedback, grad_y, requires)
     for name, a, b in zip(("y", "grad_x", "grad_weight", "grad_bias"), eager, via_ops):
         assert (a is None) == (b is None), name
@@ -136,7 +138,7 @@ def test_gradcheck_reference_with_feedback_equal_to_weight(activation, negative_
         layer = lambda x, w, b: fa_linear(x, w, b, w, activation, negative_slope=negative_slope, backend="torch")  # noqa: E731
     else:
         layer = lambda x, w, b: fa_linear_op(x, w, b, w, None, activation, negative_slope, FA_RULE,  # noqa: E731
-                                             "reference")
+                                             backends.TORCH)
     assert torch.autograd.gradcheck(layer, (x, weight, bias))
 
 
@@ -187,9 +189,9 @@ def test_compile_fullgraph_matches_eager_cpu(backend):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
-def test_compile_graph_holds_the_ops():
-    # One graph (fullgraph), whose forward calls the forward ops and whose backward calls the
-    # backward ops; under autocast it runs in bf16 like eager.
+def _compiled_graphs(model, x, autocast=False):
+    """(eager results, compiled results, {"forward": targets, "backward": targets}) of one
+    fullgraph compile of ``model``, recording the aten/custom ops of its graphs."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
@@ -203,33 +205,55 @@ def test_compile_graph_holds_the_ops():
         return compiler
 
     backend = aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward"))
-    model = mlp("auto")
-    x = torch.randn(7, 12)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with context:
         eager = outputs_and_grads(model, x)
         compiled = outputs_and_grads(torch.compile(model, fullgraph=True, backend=backend), x)
+    assert len(graphs["forward"]) == 1 and len(graphs["backward"]) == 1
+    targets = {kind: [str(node.target) for gm in gms for node in gm.graph.nodes if node.op == "call_function"]
+               for kind, gms in graphs.items()}
+    return eager, compiled, targets
+
+
+def test_compiled_reference_is_plain_aten_ops():
+    # The reference backend (auto on the CPU) is traced through, not an opaque op: its matmuls
+    # and elementwise ops are aten ops Inductor can fuse; under autocast it runs in bf16 like eager.
+    eager, compiled, targets = _compiled_graphs(mlp("auto"), torch.randn(7, 12), autocast=True)
     assert eager[0].dtype == compiled[0].dtype == torch.bfloat16
     for a, b in zip(eager, compiled):
         assert torch.equal(a, b)
-
-    def targets(kind):
-        return [str(node.target) for gm in graphs[kind] for node in gm.graph.nodes if node.op == "call_function"]
-
-    assert len(graphs["forward"]) == 1 and len(graphs["backward"]) == 1
-    assert targets("forward").count("fa_triton.reference_forward.default") == 4
-    assert targets("backward").count("fa_triton.reference_backward_input.default") == 4
-    assert targets("backward").count("fa_triton.reference_backward_weight.default") == 4
-    assert not any("triton_" in t for t in targets("forward") + targets("backward"))
+    assert not any("fa_triton" in t for t in targets["forward"] + targets["backward"])
+    assert sum(t.startswith(("aten.addmm", "aten.mm")) for t in targets["forward"]) == 4
+    assert sum(t.startswith("aten.mm") for t in targets["backward"]) >= 7  # 4 grad_W, 3 grad_x
 
 
-def test_export_holds_the_ops():
-    # torch.export traces the same ops; the backend is resolved when tracing (CPU: reference).
+def test_compiled_kernels_are_the_custom_ops():
+    # The kernels' path is one opaque op per step: the forward op per layer in the forward graph,
+    # the backward ops in the backward graph.
+    model = mlp("triton", device=op_device("triton"))
+    eager, compiled, targets = _compiled_graphs(model, torch.randn(7, 12, device=model[0].weight.device))
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert targets["forward"].count("fa_triton.triton_forward.default") == 4
+    assert targets["backward"].count("fa_triton.triton_backward_input.default") == 4  # x requires grad too
+    assert targets["backward"].count("fa_triton.triton_backward_weight.default") == 4
+    assert not any(t.startswith("fa_triton.torch_") for t in targets["forward"] + targets["backward"])
+
+
+def test_export_traces_the_layer():
+    # torch.export of the reference path (CPU): plain aten ops, the same results.
     model = mlp("auto")
     x = torch.randn(6, 12)
     exported = torch.export.export(model, (x,))
     targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
-    assert targets.count("fa_triton.reference_forward.default") == 4
+    assert not any("fa_triton" in t for t in targets)
     assert torch.equal(exported.module()(x), model(x))
+    triton_model = mlp("triton", device=op_device("triton"))
+    xt = torch.randn(6, 12, device=triton_model[0].weight.device)
+    exported = torch.export.export(triton_model, (xt,))
+    targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
+    assert targets.count("fa_triton.triton_forward.default") == 4
+    torch.testing.assert_close(exported.module()(xt), triton_model(xt), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.cuda
@@ -254,7 +278,7 @@ def test_opcheck_cuda(dtype):
                      if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
     for backend in BACKENDS:
-        forward, backward_input, backward_weight = OPS[INTERNAL[backend]]
+        forward, backward_input, backward_weight = backends.get(backend).ops
         for args in forward_samples("cuda"):
             torch.library.opcheck(forward, cast(args))
         for input_args, weight_args in backward_samples("cuda"):

@@ -1,10 +1,10 @@
-"""The PyTorch reference (fa_triton/reference.py, fa_triton.reference) against the float64 oracle."""
+"""The PyTorch reference (fa_triton/ops/backends/reference.py, fa_triton.reference) against the float64 oracle."""
 
 import pytest
 import torch
 
 from fa_triton import ACTIVATIONS, reference
-from fa_triton.activations import activation_backward
+from fa_triton.rules.activations import activation_backward
 from tests.oracle import make_inputs, max_error, oracle, run_layer
 
 

@@ -1,8 +1,11 @@
-"""The feedback state a layer of the FA family holds, shared by ``FALinear`` and ``FAConv2d``:
-its B (or R), brsf's seed and draw counter, the initialisation, and the rule its backward uses.
+"""What a layer of the FA family holds besides its weights, shared by ``FALinear`` and
+``FAConv2d``: :class:`FeedbackState` (its B or R, brsf's seed and draw counter, the
+initialisation, and the rule its backward uses) and :class:`FusedActivation` (the activation it
+fuses, checked whenever it is set).
 
-A layer class mixes :class:`FeedbackState` in, provides ``weight``, ``bias`` and ``fans``
-((fan_in, fan_out) of its weight), and calls :meth:`_register_feedback` in its ``__init__``.
+A layer class mixes them in, provides ``weight``, ``bias`` and ``fans`` ((fan_in, fan_out) of
+its weight), and calls :meth:`FeedbackState._register_feedback` and
+:meth:`FusedActivation._set_activation` in its ``__init__``.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import math
 import torch
 from torch import nn
 
-from .methods import FEEDBACK_METHODS, FeedbackRule, feedback_matrix, init_bound, init_std, rule_for
+from ..ops.library import next_draw
+from ..rules.activations import check_activation
+from ..rules.methods import FEEDBACK_METHODS, FeedbackRule, feedback_matrix, init_bound, init_std, rule_for
 
 
 class FeedbackState:
@@ -99,7 +104,7 @@ class FeedbackState:
         if self._method != "brsf":
             return None
         if self.training and torch.is_grad_enabled():
-            self.counter.add_(1)
+            return next_draw(self.counter)
         return self.counter.clone()
 
     @torch.no_grad()
@@ -111,3 +116,29 @@ class FeedbackState:
             return weight
         feedback = None if self.feedback is None else self.feedback.detach()
         return feedback_matrix(self.rule, weight, feedback, getattr(self, "counter", None))
+
+
+class FusedActivation:
+    """Mixin for layers that fuse an activation: ``activation`` and ``negative_slope``, checked
+    whenever they are set (at construction and later), so a misspelt name is never a silent
+    identity. The layer calls ``_set_activation`` in its ``__init__``."""
+
+    def _set_activation(self, activation: str, negative_slope: float) -> None:
+        check_activation(activation, negative_slope)
+        self._activation, self._negative_slope = activation, float(negative_slope)
+
+    @property
+    def activation(self) -> str:
+        return self._activation
+
+    @activation.setter
+    def activation(self, value: str) -> None:
+        self._set_activation(value, self._negative_slope)
+
+    @property
+    def negative_slope(self) -> float:
+        return self._negative_slope
+
+    @negative_slope.setter
+    def negative_slope(self, value: float) -> None:
+        self._set_activation(self._activation, value)

@@ -27,32 +27,6 @@ def check_activation(activation: str, negative_slope: float) -> None:
         raise ValueError(f"negative_slope must be finite, got {negative_slope}")
 
 
-class FusedActivation:
-    """Mixin for layers that fuse an activation: ``activation`` and ``negative_slope``, checked
-    whenever they are set (at construction and later), so a misspelt name is never a silent
-    identity. The layer calls ``_set_activation`` in its ``__init__``."""
-
-    def _set_activation(self, activation: str, negative_slope: float) -> None:
-        check_activation(activation, negative_slope)
-        self._activation, self._negative_slope = activation, float(negative_slope)
-
-    @property
-    def activation(self) -> str:
-        return self._activation
-
-    @activation.setter
-    def activation(self, value: str) -> None:
-        self._set_activation(value, self._negative_slope)
-
-    @property
-    def negative_slope(self) -> float:
-        return self._negative_slope
-
-    @negative_slope.setter
-    def negative_slope(self, value: float) -> None:
-        self._set_activation(self._activation, value)
-
-
 def saves_extra(activation: str, negative_slope: float) -> bool:
     """Whether backward needs a tensor besides the output y = f(z): the "extra" tensor that the
     forward stores (see :func:`extra_for_backward`).

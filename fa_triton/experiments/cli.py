@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .backend import BACKENDS
+from ..ops.backends import BACKENDS
 
 PROG = "fa-triton"
 
@@ -133,7 +133,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _tuning_report() -> int:
-    from .backend import kernels
+    from ..ops.backends import kernels
 
     autotune = kernels().autotune
     print(f"tuning cache: {autotune.cache_dir() or 'off (FA_TRITON_CACHE_DIR)'}")

@@ -1,31 +1,31 @@
 """The FA layer as ``torch.library`` custom ops, so that ``torch.compile`` and ``torch.export``
 trace it as single graph nodes, with no graph break.
 
-Two families of ops, one per backend (``fa_triton.backend``), so that the backend chosen in
-:func:`fa_triton.fa_linear` survives tracing. All are 2-D, like the kernel launchers (M rows,
-K = in_features, N = out_features); :func:`fa_linear_op` flattens the batch dimensions around them::
+A family of ops per backend (``fa_triton.ops.backends``; registered on it as ``backend.ops``),
+so that the backend chosen in :func:`fa_triton.fa_linear` survives tracing. All are 2-D, like the
+kernel launchers (M rows, K = in_features, N = out_features); :func:`fa_linear_op` flattens the
+batch dimensions around them::
 
     fa_triton::triton_forward(x[M,K], weight[N,K], bias[N]?, feedback[N,K]?, counter[1]?, activation,
-                              negative_slope, kind, scale, seed, trains_feedback) -> (y[M,N], extra)
+                              negative_slope, method, scale, seed) -> (y[M,N], extra)
     fa_triton::triton_local_error(grad_y[M,N], saved[M,N]?, activation, negative_slope, need_delta, bias_grad)
         -> (delta[M,N], grad_b[N])
-    fa_triton::triton_backward_input(delta[M,N], feedback[N,K]?, weight[N,K]?, counter[1]?, kind, scale, seed)
+    fa_triton::triton_backward_input(delta[M,N], feedback[N,K]?, weight[N,K]?, counter[1]?, method, scale, seed)
         -> grad_x[M,K]
     fa_triton::triton_backward_weight(delta[M,N], x[M,K]) -> grad_W[N,K]
-    fa_triton::reference_forward / reference_local_error / reference_backward_input /
-        reference_backward_weight: the same signatures over the reference backend (plain PyTorch
-        ops; any device, any floating dtype)
+    fa_triton::torch_* and fa_triton::auto_*: the same signatures over the reference backend
+        (plain PyTorch ops; any device, any floating dtype) and backend="auto"
 
 ``extra`` is what backward reads besides y (``saves_extra``: z = x Wᵀ + b, or f'(z) for gelu)
 [M, N] when it needs one, else an empty [0] tensor; ``delta`` is δ = g ⊙ f'(z) [M, N] when
 ``need_delta``, else empty; and ``grad_b`` is [N] when ``bias_grad``, else empty [0]: an op's
 outputs cannot be None.
-``kind, scale, seed, trains_feedback`` are the fields of a ``fa_triton.methods.FeedbackRule``
-(how B is formed; whether B trains, Kolen–Pollack); ``feedback``, ``weight`` and ``counter``
-are what the rule forms B from. ``feedback`` and ``counter`` are inputs of the forward ops so
-that autograd can save them. The forward ops
-carry the FA backward (``register_autograd``, through ``fa_triton.autograd.fa_backward``); the
-backward ops have no autograd of their own (like ``once_differentiable``).
+``method, scale, seed`` are the fields of a ``fa_triton.rules.methods.FeedbackRule`` (how B is
+formed, and whether B trains: Kolen–Pollack); ``feedback``, ``weight`` and ``counter`` are what
+the rule forms B from. ``feedback`` and ``counter`` are inputs of the forward ops so that
+autograd can save them. The forward ops carry the FA backward (``register_autograd``, through
+``fa_triton.ops.autograd.fa_backward``); the backward ops have no autograd of their own (like
+``once_differentiable``).
 
 These are ``custom_op``s rather than ``triton_op``s: a ``triton_op`` must launch its kernels
 through ``wrap_triton``, inside the op, and the launchers in ``fa_triton.kernels`` launch them
@@ -38,12 +38,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .activations import saves_extra
+from ..rules.activations import saves_extra
+from ..rules.methods import FeedbackRule
 from .autograd import fa_backward, save_for_fa_backward
-from .backend import AUTO, REFERENCE, TRITON, Backend
-from .methods import FeedbackRule
+from .backends import AUTO, TORCH, TRITON, Backend
 
-__all__ = ["fa_linear_op", "OPS"]
+__all__ = ["fa_linear_op", "next_draw"]
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -61,8 +61,8 @@ def _define(backend: Backend):
 
     @torch.library.custom_op(f"{prefix}_forward", mutates_args=())
     def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], feedback: Optional[Tensor],
-                counter: Optional[Tensor], activation: str, negative_slope: float, kind: str, scale: float, seed: int,
-                trains_feedback: bool) -> tuple[Tensor, Tensor]:
+                counter: Optional[Tensor], activation: str, negative_slope: float, method: str, scale: float,
+                seed: int) -> tuple[Tensor, Tensor]:
         y, extra = backend.forward(x, weight, bias, activation, negative_slope, saves_extra(activation, negative_slope))
         return y, _or_empty(extra, x)
 
@@ -75,8 +75,8 @@ def _define(backend: Backend):
 
     @torch.library.custom_op(f"{prefix}_backward_input", mutates_args=())
     def backward_input(delta: Tensor, feedback: Optional[Tensor], weight: Optional[Tensor], counter: Optional[Tensor],
-                       kind: str, scale: float, seed: int) -> Tensor:
-        return backend.backward_input(delta, feedback, weight, counter, FeedbackRule(kind, scale, seed))
+                       method: str, scale: float, seed: int) -> Tensor:
+        return backend.backward_input(delta, feedback, weight, counter, FeedbackRule(method, scale, seed))
 
     @torch.library.custom_op(f"{prefix}_backward_weight", mutates_args=())
     def backward_weight(delta: Tensor, x: Tensor) -> Tensor:
@@ -92,23 +92,23 @@ def _define(backend: Backend):
         return (delta if need_delta else None), (grad_b if bias_grad else None)
 
     def backward_input_from_rule(delta, feedback, weight, counter, rule):
-        return backward_input(delta, feedback, weight, counter, rule.kind, rule.scale, rule.seed)
+        return backward_input(delta, feedback, weight, counter, rule.method, rule.scale, rule.seed)
 
     # The backward graph calls this family's backward ops.
-    op_backend = backend._replace(forward=forward, local_error=local_error_or_none,
-                                  backward_input=backward_input_from_rule, backward_weight=backward_weight)
+    op_backend = backend.replace(forward=forward, local_error=local_error_or_none,
+                                 backward_input=backward_input_from_rule, backward_weight=backward_weight)
 
     def backward(ctx, grad_y, grad_extra):
         # extra is an internal output: nothing downstream uses it, so grad_extra is ignored.
         x, weight, feedback, counter, saved = ctx.saved_tensors
         grads = fa_backward(ctx, grad_y, x, weight, feedback, counter, saved, op_backend)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
     forward.register_autograd(backward, setup_context=_setup_context)
     return forward, local_error, backward_input, backward_weight
 
 
-def _forward_fake(x, weight, bias, feedback, counter, activation, negative_slope, kind, scale, seed, trains_feedback):
+def _forward_fake(x, weight, bias, feedback, counter, activation, negative_slope, method, scale, seed):
     y = x.new_empty((x.shape[0], weight.shape[0]))
     return y, x.new_empty(y.shape) if saves_extra(activation, negative_slope) else _empty(x)
 
@@ -118,8 +118,8 @@ def _local_error_fake(grad_y, saved, activation, negative_slope, need_delta, bia
     return delta, grad_y.new_empty((grad_y.shape[1],)) if bias_grad else _empty(grad_y)
 
 
-def _backward_input_fake(delta, feedback, weight, counter, kind, scale, seed):
-    source = feedback if kind == "matrix" else weight
+def _backward_input_fake(delta, feedback, weight, counter, method, scale, seed):
+    source = weight if FeedbackRule(method).reads_weight else feedback
     return source.new_empty((delta.shape[0], source.shape[1]))
 
 
@@ -128,27 +128,50 @@ def _backward_weight_fake(delta, x):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, feedback, counter, activation, negative_slope, kind, scale, seed, trains_feedback = inputs
+    x, weight, bias, feedback, counter, activation, negative_slope, method, scale, seed = inputs
     y, extra = output
-    rule = FeedbackRule(kind, scale, seed, trains_feedback)
-    extra = extra if saves_extra(activation, negative_slope) else None
-    save_for_fa_backward(ctx, x, weight, feedback, counter, y, extra, activation, negative_slope, rule)
+    rule = FeedbackRule(method, scale, seed)
+    saved = extra if saves_extra(activation, negative_slope) else y
+    save_for_fa_backward(ctx, x, weight, feedback, counter, saved, activation, negative_slope, rule)
 
 
-#: The ops of each backend (internal names): (forward, local_error, backward_input, backward_weight).
-OPS = {backend.name: _define(backend) for backend in (TRITON, REFERENCE, AUTO)}
+for _backend in (TRITON, TORCH, AUTO):
+    # (forward, local_error, backward_input, backward_weight) of each backend.
+    _backend.ops = _define(_backend)
 
 
 def fa_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], feedback: Optional[Tensor],
                  counter: Optional[Tensor], activation: str, negative_slope: float, rule: FeedbackRule,
-                 backend: str) -> Tensor:
-    """The FA layer through the custom ops of ``backend`` ("triton", "reference" or "auto", resolved).
+                 backend: Backend) -> Tensor:
+    """The FA layer through the custom ops of ``backend`` (resolved: ``fa_triton.ops.backends.resolve``).
 
     x [..., K], weight [N, K], bias [N] or None, feedback [N, K] or None and counter as ``rule``
     needs -> y [..., N]. Inputs are not checked here: :func:`fa_triton.fa_linear` checks them
     and calls this when compiling.
     """
-    forward = OPS[backend][0]
-    y, _ = forward(x.reshape(-1, x.shape[-1]), weight, bias, feedback, counter, activation, negative_slope, rule.kind,
-                   rule.scale, rule.seed, rule.trains_feedback)
+    forward = backend.ops[0]
+    y, _ = forward(x.reshape(-1, x.shape[-1]), weight, bias, feedback, counter, activation, negative_slope,
+                   rule.method, rule.scale, rule.seed)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("fa_triton::next_draw", mutates_args=("counter",))
+def _next_draw(counter: Tensor) -> Tensor:
+    counter.add_(1)
+    return counter.clone()
+
+
+@_next_draw.register_fake
+def _next_draw_fake(counter):
+    return torch.empty_like(counter)
+
+
+def next_draw(counter: Tensor) -> Tensor:
+    """brsf's draw number for this training forward: ``counter`` advanced in place, and its new
+    value as a tensor of its own (the backward's). Eagerly two ops; while tracing one opaque op:
+    traced through, AOT autograd's partitioner recomputed the value in the backward from the
+    already-advanced buffer, which gave the next draw's number (``counter`` + 2)."""
+    if torch.compiler.is_compiling():
+        return _next_draw(counter)
+    counter.add_(1)
+    return counter.clone()

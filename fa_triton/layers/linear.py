@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .activations import FusedActivation, apply_activation, check_activation
-from .backend import check_backend
-from .feedback_state import FeedbackState
-from .functional import apply_checked, autocast_inputs
-from .methods import check_method
-from .validation import check_inputs, inputs_fit
+from ..ops.backends import check_backend
+from ..ops.functional import apply_checked, autocast_inputs
+from ..ops.validation import check_inputs, inputs_fit
+from ..rules.activations import apply_activation, check_activation
+from ..rules.methods import check_method
+from .state import FeedbackState, FusedActivation
 
 
 def _check_features(name: str, value: int) -> None:
@@ -111,11 +111,9 @@ class FALinear(FeedbackState, FusedActivation, nn.Module):
         self._backend = value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        method = self.method
-        feedback = self.feedback if method != "backprop" else self.weight  # backprop: B = W
         counter = self._draw()  # brsf: a new R for each training step
-        x, weight, bias, feedback = autocast_inputs(x, self.weight, self.bias, feedback)
-        if feedback is None:  # usf, brsf: B is formed from W
+        x, weight, bias, feedback = autocast_inputs(x, self.weight, self.bias, self.feedback)
+        if feedback is None:  # backprop (B = W), usf, brsf (B from W's sign)
             fits = inputs_fit(x, weight, bias, weight)
         else:
             fits = inputs_fit(x, weight, bias, feedback)

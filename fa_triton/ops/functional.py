@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from .autograd import FUNCTIONS, ReferenceFALinearFunction
-from .backend import resolve_backend
-from .methods import FA_RULE, FEEDBACK_METHODS, FeedbackRule, rule_for
-from .ops import fa_linear_op
+from ..rules.methods import FA_RULE, FEEDBACK_METHODS, FeedbackRule, rule_for
+from .autograd import ReferenceFALinearFunction
+from .backends import resolve
+from .library import fa_linear_op
 from .validation import check_inputs, check_method_arguments
 
 
@@ -54,12 +54,13 @@ def apply_checked(x, weight, bias, feedback, counter, activation: str, negative_
                   backend: str) -> torch.Tensor:
     """The layer on inputs already checked (and autocast): the resolved backend's autograd
     Function in eager mode, its ``torch.library`` op while tracing."""
-    resolved = resolve_backend(backend, x)
-    if torch.compiler.is_compiling():
-        # torch.compile / torch.export trace the torch.library ops (one graph node each, no
-        # graph break). Eager mode keeps the autograd Functions: they cost less per call.
+    resolved = resolve(backend, x)
+    if torch.compiler.is_compiling() and resolved.name != "torch":
+        # torch.compile / torch.export trace the kernels' torch.library ops (one graph node
+        # each, no graph break). The reference's Function is traced through: its plain aten ops
+        # are what Inductor fuses. Eager mode keeps the autograd Functions: they cost less per call.
         return fa_linear_op(x, weight, bias, feedback, counter, activation, negative_slope, rule, resolved)
-    return FUNCTIONS[resolved].apply(x, weight, bias, feedback, counter, activation, negative_slope, rule)
+    return resolved.function.apply(x, weight, bias, feedback, counter, activation, negative_slope, rule)
 
 
 def fa_linear(
@@ -100,8 +101,6 @@ def fa_linear(
     if method != "fa":
         check_method_arguments(method, feedback, feedback_scale, seed, counter, x)
     check_inputs(x, weight, bias, feedback, activation, negative_slope, needs_feedback=method in FEEDBACK_METHODS)
-    if method == "backprop":
-        feedback = weight  # B = W: exactly backprop
     return apply_checked(x, weight, bias, feedback, counter, activation, float(negative_slope),
                          rule_for(method, feedback_scale, seed), backend)
 

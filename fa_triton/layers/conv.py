@@ -1,10 +1,9 @@
 """``FAConv2d``: a drop-in ``nn.Conv2d`` (+ activation) trained by any rule of the FA family.
 
-The backward sends δ = g ⊙ f'(z) through B (the feedback, of the weight's shape) instead of W:
-grad_input is the transposed convolution of δ with B (``torch.nn.grad.conv2d_input``, cuDNN on
-a GPU), grad_weight and grad_bias are nn.Conv2d's. B is formed by the layer's ``method`` as for
-``FALinear`` (``fa_triton.methods``): the PyTorch ops are the backend here (``backend`` takes
-"auto" and "torch").
+The backward (``fa_triton.ops.conv.FAConv2dFunction``) sends δ = g ⊙ f'(z) through B (the
+feedback, of the weight's shape) instead of W. B is formed by the layer's ``method`` as for
+``FALinear`` (``fa_triton.rules.methods``). Its convolutions are PyTorch's (cuDNN on a GPU):
+``backend`` takes "auto" and "torch", which both run them; "triton" is refused (no kernels).
 """
 
 from __future__ import annotations
@@ -12,78 +11,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 from torch.nn.modules.utils import _pair
 
-from .activations import (
-    FusedActivation,
-    activation_backward,
-    apply_activation,
-    check_activation,
-    extra_for_backward,
-    saves_extra,
-)
-from .feedback_state import FeedbackState
-from .functional import autocast_inputs
-from .methods import check_method, feedback_matrix
+from ..ops.backends import check_backend
+from ..ops.conv import FAConv2dFunction
+from ..ops.functional import autocast_inputs
+from ..rules.activations import apply_activation, check_activation
+from ..rules.methods import check_method
+from .state import FeedbackState, FusedActivation
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 CONV_BACKENDS = ("auto", "torch")
 
 
-class FAConv2dFunction(torch.autograd.Function):
-    """z = conv2d(x, W, b), y = f(z); backward: grad_x = conv_transpose(δ, B), grad_W, grad_b as
-    nn.Conv2d's, B formed by ``rule`` from feedback, weight and counter (kp: B gets grad_W).
-
-    x [N, C_in, H, W] (already padded when the padding is not zeros or not symmetric),
-    weight and feedback [C_out, C_in / groups, kh, kw] -> y [N, C_out, H_out, W_out].
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, feedback, counter, stride, padding, dilation, groups, activation,
-                negative_slope, rule):
-        z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        y = apply_activation(z, activation, negative_slope)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_feedback = rule.trains_feedback and ctx.needs_input_grad[3]
-        saved = None
-        if activation != "identity" and (need_x or need_w or need_b or need_feedback):
-            saved = extra_for_backward(z, activation) if saves_extra(activation, negative_slope) else y
-        ctx.save_for_backward(x if need_w or need_feedback else None, weight if need_x else None,
-                              feedback if need_x and rule.reads_feedback else None,
-                              counter if need_x and rule.kind == "random_sign" else None, saved)
-        ctx.x_shape, ctx.weight_shape = x.shape, weight.shape
-        ctx.conv = (stride, padding, dilation, groups)
-        ctx.activation, ctx.negative_slope, ctx.rule = activation, negative_slope, rule
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):
-        x, weight, feedback, counter, saved = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        rule = ctx.rule
-        need_feedback = rule.trains_feedback and ctx.needs_input_grad[3]
-        stride, padding, dilation, groups = ctx.conv
-        delta = activation_backward(grad_y, saved, ctx.activation, ctx.negative_slope)
-        grad_x = grad_w = grad_b = None
-        if need_x:
-            # B in place of W: the only change from backprop (formed from W's sign for usf, frsf, brsf).
-            matrix = weight if rule.kind == "matrix" and feedback is None else feedback_matrix(rule, weight, feedback,
-                                                                                                counter)
-            grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, matrix, delta, stride, padding, dilation, groups)
-        if need_w or need_feedback:
-            grad_w = torch.nn.grad.conv2d_weight(x, ctx.weight_shape, delta, stride, padding, dilation, groups)
-        if need_b:
-            grad_b = delta.sum((0, 2, 3))
-        return (grad_x, grad_w if need_w else None, grad_b, grad_w if need_feedback else None,
-                *([None] * 8))
-
-
 def _check_conv_backend(backend: str) -> None:
-    if backend not in CONV_BACKENDS:
-        raise ValueError(f"FAConv2d's backend must be one of {CONV_BACKENDS} (the PyTorch ops, cuDNN on a GPU), "
-                         f"got {backend!r}")
+    # One meaning of backend= for every layer: "triton" asks for kernels FAConv2d does not have.
+    check_backend(backend, CONV_BACKENDS, "FAConv2d's backend (it has no Triton kernels: its convolutions run on "
+                                          "PyTorch's ops, cuDNN on a GPU)")
 
 
 class FAConv2d(FeedbackState, FusedActivation, nn.Module):
@@ -208,8 +152,7 @@ class FAConv2d(FeedbackState, FusedActivation, nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"x must have {self.in_channels} channels (dim 1) to match the weight "
                              f"{tuple(self.weight.shape)}, got x of shape {tuple(x.shape)}")
-        feedback = self.feedback if self.method != "backprop" else None
-        x, weight, bias, feedback = autocast_inputs(x, self.weight, self.bias, feedback)  # as nn.Conv2d's casts
+        x, weight, bias, feedback = autocast_inputs(x, self.weight, self.bias, self.feedback)  # as nn.Conv2d's casts
         if x.dtype != weight.dtype or x.device != weight.device:
             raise TypeError(f"x is {x.dtype} on {x.device} but the weight is {weight.dtype} on {weight.device}: "
                             "cast the module with .to(), or the input")

@@ -1,9 +1,11 @@
-"""The FA layer's autograd: what the forward saves, the backward shared by every path, and the
-two eager ``torch.autograd.Function``s (Triton kernels, PyTorch reference).
+"""The FA layer's autograd: what every FA backward saves (the one home of that rule: the linear
+layer's Functions here and ``library.py``'s ops, FAConv2d's and DFA's Functions in ``conv.py`` and
+``dfa.py``), the backward shared by every path, and the eager ``torch.autograd.Function`` of each
+backend (registered on it as ``backend.function``).
 
 Eager mode calls these Functions directly (they cost less per call than the ``torch.library``
-ops of ``fa_triton.ops``, which ``torch.compile`` traces); both paths run :func:`fa_backward`
-with a backend's launches (``fa_triton.backend``), so they cannot drift apart.
+ops of ``library.py``, which ``torch.compile`` traces); both run :func:`fa_backward` with a
+backend's steps (``fa_triton.ops.backends``), so they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -11,31 +13,35 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .activations import saves_extra
-from .backend import AUTO, REFERENCE, TRITON, Backend, kernels
-from .methods import FeedbackRule
-from .reference import forward as reference_forward
+from ..rules.activations import saves_extra
+from ..rules.methods import FeedbackRule
+from .backends import AUTO, TORCH, TRITON, Backend
 
 
-def save_for_fa_backward(ctx, x, weight, feedback, counter, y, extra, activation: str, negative_slope: float,
+def needs_saved(ctx, activation: str, rule: FeedbackRule) -> bool:
+    """Whether the backward reads y (or the extra tensor) for f': any gradient is wanted and f is
+    not the identity."""
+    need = ctx.needs_input_grad
+    return activation != "identity" and (need[0] or need[1] or need[2] or (rule.trains_feedback and need[3]))
+
+
+def save_for_fa_backward(ctx, x, weight, feedback, counter, saved, activation: str, negative_slope: float,
                          rule: FeedbackRule) -> None:
-    """Save on ``ctx`` only what the FA backward will read, given ``ctx.needs_input_grad``.
-
-    x is kept for grad_W; for grad_x whatever B is formed from (the feedback tensor, W for the
-    sign rules, the draw counter for brsf); y or the extra tensor (see
-    :func:`fa_triton.activations.saves_extra`) for δ (identity needs neither); the rest is None.
+    """Save on ``ctx`` only what an FA backward reads, given ``ctx.needs_input_grad`` (inputs x,
+    weight, bias, feedback first): x for grad_W; for grad_x whatever B is formed from (the
+    feedback tensor — B, W for backprop, R for frsf —, W for the sign methods, the draw counter
+    for brsf); ``saved`` (y or the extra tensor, see ``saves_extra``) for f', when
+    :func:`needs_saved`. Every tensor goes through ``ctx.save_for_backward``, so an in-place
+    change of any of them before backward is an error, not a silently wrong gradient.
     """
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_x, need_w = ctx.needs_input_grad[:2]
     need_feedback = rule.trains_feedback and ctx.needs_input_grad[3]
-    saved = None
-    if activation != "identity" and (need_x or need_w or need_b or need_feedback):
-        saved = extra if extra is not None else y
     ctx.save_for_backward(
         x if need_w or need_feedback else None,
         weight if need_x and rule.reads_weight else None,
         feedback if need_x and rule.reads_feedback else None,
-        counter if need_x and rule.kind == "random_sign" else None,
-        saved,
+        counter if need_x and rule.method == "brsf" else None,
+        saved if needs_saved(ctx, activation, rule) else None,
     )
     ctx.activation = activation
     ctx.negative_slope = negative_slope
@@ -76,26 +82,29 @@ def _backward_2d(ctx, grad_y, backend: Backend):
     return grad_x, grad_w, grad_b, grad_feedback, None, None, None, None
 
 
-def _triton_forward(ctx, x, weight, bias, feedback, counter, activation, negative_slope, rule):
+def _forward_2d(ctx, backend: Backend, x, weight, bias, feedback, counter, activation, negative_slope, rule):
+    """The forward of a backend that writes y into a given [M, N] tensor (the kernels): y is
+    allocated in its final shape so that the returned tensor is not a view (views made inside
+    a Function cannot be modified in place); x is flattened by a view whenever its strides allow
+    (the kernels take any strides, so only un-viewable layouts are copied)."""
     out_features = weight.shape[0]
-    # reshape is a view whenever the strides allow it (transposed 2-D inputs included);
-    # the kernels take any strides, so only un-viewable layouts are copied.
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    store_extra = saves_extra(activation, negative_slope) and any(ctx.needs_input_grad[:4])
-    # y is allocated in its final shape so that the returned tensor is not a view (views made
-    # inside a Function cannot be modified in place).
+    store_extra = saves_extra(activation, negative_slope) and needs_saved(ctx, activation, rule)
     y = torch.empty((*x.shape[:-1], out_features), device=x.device, dtype=x.dtype)
-    _, extra = kernels().fa_linear_forward(x2d, weight, bias, activation, negative_slope, store_extra,
-                                           y if y.dim() == 2 else y.view(-1, out_features))
-    save_for_fa_backward(ctx, x2d, weight, feedback, counter, y, extra, activation, negative_slope, rule)
+    _, extra = backend.forward(x2d, weight, bias, activation, negative_slope, store_extra,
+                               y if y.dim() == 2 else y.view(-1, out_features))
+    save_for_fa_backward(ctx, x2d, weight, feedback, counter, y if extra is None else extra, activation,
+                         negative_slope, rule)
     ctx.x_shape = x.shape
     return y
 
 
-def _reference_forward(ctx, x, weight, bias, feedback, counter, activation, negative_slope, rule):
-    store_extra = saves_extra(activation, negative_slope) and any(ctx.needs_input_grad[:4])
-    y, extra = reference_forward(x, weight, bias, activation, negative_slope, store_extra)
-    save_for_fa_backward(ctx, x, weight, feedback, counter, y, extra, activation, negative_slope, rule)
+def _forward_nd(ctx, backend: Backend, x, weight, bias, feedback, counter, activation, negative_slope, rule):
+    """The forward of a backend that takes x [..., K] as it is (the reference: F.linear)."""
+    store_extra = saves_extra(activation, negative_slope) and needs_saved(ctx, activation, rule)
+    y, extra = backend.forward(x, weight, bias, activation, negative_slope, store_extra)
+    save_for_fa_backward(ctx, x, weight, feedback, counter, y if extra is None else extra, activation, negative_slope,
+                         rule)
     ctx.x_shape = x.shape
     return y
 
@@ -112,7 +121,7 @@ class FALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, feedback, counter, activation, negative_slope, rule):
-        return _triton_forward(ctx, x, weight, bias, feedback, counter, activation, negative_slope, rule)
+        return _forward_2d(ctx, TRITON, x, weight, bias, feedback, counter, activation, negative_slope, rule)
 
     @staticmethod
     @once_differentiable
@@ -121,30 +130,30 @@ class FALinearFunction(torch.autograd.Function):
 
 
 class ReferenceFALinearFunction(torch.autograd.Function):
-    """The same layer in plain PyTorch ops (``fa_triton.reference``): the CPU path, float64
+    """The same layer in plain PyTorch ops (the ``"torch"`` backend): the CPU path, float64
     included, and the baseline of the benchmarks. Same inputs, outputs and gradients."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, feedback, counter, activation, negative_slope, rule):
-        return _reference_forward(ctx, x, weight, bias, feedback, counter, activation, negative_slope, rule)
+        return _forward_nd(ctx, TORCH, x, weight, bias, feedback, counter, activation, negative_slope, rule)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        return _backward_2d(ctx, grad_y, REFERENCE)
+        return _backward_2d(ctx, grad_y, TORCH)
 
 
 class AutoFALinearFunction(torch.autograd.Function):
     """The same layer with ``backend="auto"``: each step on whichever of the kernels and the
-    reference was faster for it on this GPU (``fa_triton.backend.AutoStep``)."""
+    reference was faster for it on this GPU (``fa_triton.ops.backends.auto``)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, feedback, counter, activation, negative_slope, rule):
         x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        store_extra = saves_extra(activation, negative_slope) and any(ctx.needs_input_grad[:4])
+        store_extra = saves_extra(activation, negative_slope) and needs_saved(ctx, activation, rule)
         chosen = AUTO.forward.backend_for(x2d, weight, bias, activation, negative_slope, store_extra)
-        forward = _triton_forward if chosen.name == "triton" else _reference_forward
-        return forward(ctx, x, weight, bias, feedback, counter, activation, negative_slope, rule)
+        forward = _forward_2d if chosen.name == "triton" else _forward_nd
+        return forward(ctx, chosen, x, weight, bias, feedback, counter, activation, negative_slope, rule)
 
     @staticmethod
     @once_differentiable
@@ -152,4 +161,6 @@ class AutoFALinearFunction(torch.autograd.Function):
         return _backward_2d(ctx, grad_y, AUTO)
 
 
-FUNCTIONS = {"triton": FALinearFunction, "reference": ReferenceFALinearFunction, "auto": AutoFALinearFunction}
+TRITON.function = FALinearFunction
+TORCH.function = ReferenceFALinearFunction
+AUTO.function = AutoFALinearFunction

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from .activations import check_activation
-from .methods import FEEDBACK_METHODS, check_method
+from ..rules.activations import check_activation
+from ..rules.methods import FEEDBACK_METHODS, check_method
 
 
 def inputs_fit(x, weight, bias, feedback) -> bool:

@@ -1,0 +1,109 @@
+"""Direct feedback alignment (DFA; Nøkland 2016) over an MLP, as one module: :class:`DFANetwork`
+(for any network of FA layers, convolutional ones included, see ``dfa_model.DFAModel``).
+
+The output error e = ∂L/∂output [M, n_out] goes straight to every hidden layer l through a
+fixed random matrix B_l [n_out, n_l]: δ_l = (e B_l) ⊙ f'(z_l), grad_W_l = δ_lᵀ h_{l-1},
+grad_b_l = Σ_rows δ_l. The output layer gets its exact gradient. No layer waits for the one
+above it, and no grad_x is computed below the output layer.
+
+:class:`DFANetwork` keeps every hidden layer's B side by side in one buffer ``feedback``
+[n_out, Σ n_l], so the backward projects e to all layers in **one GEMM** (with f' fused: the
+Triton kernel ``dfa_delta_kernel``), then runs one weight GEMM per layer. It trains with an
+ordinary loop: ``loss = loss_fn(net(x), y); loss.backward()``. Build it with
+``fa_triton.convert(model, method="dfa")`` or from FALinear layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.backends import check_backend, resolve
+from ..ops.dfa import DFANetworkFunction
+from ..rules.activations import saves_extra
+from ..rules.methods import INITS, init_bound
+from .linear import FALinear
+
+
+class DFANetwork(nn.Module):
+    """An MLP trained by direct feedback alignment.
+
+    Args: ``layers``, FALinear layers [in → n_1 → … → n_out] (their own activations; their
+    ``method`` is ignored: the output layer's gradient is exact, the hidden layers' comes from
+    e through ``feedback``); ``prefix``, a parameter-free module applied to the input first
+    (e.g. ``nn.Flatten``); ``backend`` as FALinear's; ``init``: how B is drawn ("kaiming":
+    B_l ~ U(±1/√n_l); "xavier": U(±√(6/(n_out+n_l)))).
+    Input [..., in] -> output [..., n_out]. Buffer ``feedback`` [n_out, Σ n_l] (B_l side by side,
+    in state_dict, never trained).
+    """
+
+    def __init__(self, layers, prefix: nn.Module | None = None, *, backend: str = "auto", init: str = "kaiming"):
+        super().__init__()
+        layers = list(layers)
+        if len(layers) < 2 or not all(isinstance(layer, FALinear) for layer in layers):
+            raise ValueError(f"DFANetwork needs at least two FALinear layers, got {[type(m).__name__ for m in layers]}")
+        for below, above in zip(layers, layers[1:]):
+            if below.out_features != above.in_features:
+                raise ValueError(f"layers do not chain: {below.out_features} outputs feed {above.in_features} inputs")
+        if prefix is not None and any(True for _ in prefix.parameters()):
+            raise ValueError("prefix must have no parameters: DFA's error reaches only the linear layers")
+        check_backend(backend)
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.prefix = prefix if prefix is not None else nn.Identity()
+        self.layers = nn.ModuleList(layers)
+        self.backend = backend
+        self.init = init
+        weight = layers[-1].weight
+        self.widths = [layer.out_features for layer in layers[:-1]]
+        self.register_buffer("feedback", torch.empty(layers[-1].out_features, sum(self.widths), device=weight.device,
+                                                     dtype=weight.dtype))
+        self.reset_feedback()
+
+    @torch.no_grad()
+    def reset_feedback(self, generator: torch.Generator | None = None) -> None:
+        """Draw every B_l from the init's distribution (see the class docstring)."""
+        n_out, start = self.feedback.shape[0], 0
+        for width in self.widths:
+            bound = init_bound(self.init, width, n_out)
+            self.feedback[:, start:start + width].uniform_(-bound, bound, generator=generator)
+            start += width
+
+    def feedback_matrices(self) -> list[torch.Tensor]:
+        """B_l [n_out, n_l] of each hidden layer (views of ``feedback``)."""
+        return list(torch.split(self.feedback, self.widths, dim=1))
+
+    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same network without DFA: ordinary autograd through every layer (each by its
+        own method; ``fa_triton.metrics.gradient_alignment`` sets them to backprop)."""
+        h = self.prefix(x)
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.prefix(x)
+        hidden, output = self.layers[:-1], self.layers[-1]
+        trains = torch.is_grad_enabled() and any(p.requires_grad for layer in hidden for p in layer.parameters())
+        if not trains:  # inference: the plain forward
+            return self.plain_forward(x)
+        lead = h.shape[:-1]
+        h = h.reshape(-1, h.shape[-1])
+        backend = resolve(self.backend, h)
+        inputs, activations = [], []
+        saved = torch.empty(h.shape[0], sum(self.widths), device=h.device, dtype=h.dtype)
+        with torch.no_grad():
+            for layer, piece in zip(hidden, torch.split(saved, self.widths, dim=1)):
+                inputs.append(h)
+                activations.append((layer.activation, layer.negative_slope))
+                keeps_extra = saves_extra(layer.activation, layer.negative_slope)
+                h, extra = backend.forward(h, layer.weight, layer.bias, layer.activation, layer.negative_slope,
+                                           keeps_extra)
+                piece.copy_(extra if keeps_extra else h)
+        out = output(h.view(*lead, h.shape[-1]))  # exact gradient; h carries no graph below
+        params = [t for layer in hidden for t in (layer.weight, layer.bias)]
+        return DFANetworkFunction.apply(out, self.feedback, saved, backend, tuple(activations), tuple(self.widths),
+                                        *inputs, *params)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend}, init={self.init}, feedback={tuple(self.feedback.shape)}"

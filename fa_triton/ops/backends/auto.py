@@ -1,0 +1,106 @@
+"""``backend="auto"``: on CUDA tensors of a Triton dtype, each step of the layer (forward, δ
+pass, backward input, backward weight, DFA's projection) runs on whichever of the Triton
+kernels and the PyTorch reference was faster for its shapes, dtype, layout and rule on this
+GPU: both are timed at the first call of a key and the choice kept
+(``fa_triton.kernels.autotune``: in memory and on disk, per GPU and versions), so ``auto`` is
+never slower than the reference. Signatures as in ``reference.py``."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .reference import TORCH
+from .registry import Backend, kernels, register
+from .triton import TRITON
+
+
+def _layout(t: torch.Tensor | None) -> str:
+    """A tensor's layout class, for the auto choice's key: what changes the GEMMs' cost."""
+    if t is None:
+        return "-"
+    rows, cols = t.stride()
+    if cols == 1 and rows >= t.shape[1]:
+        return "rows"
+    return "cols" if rows == 1 else "strided"
+
+
+def _bucket(rows: int) -> int:
+    return max(16, 1 << max(0, rows - 1).bit_length())  # the batch's next power of two, as the tuner's
+
+
+def _dtype(t: torch.Tensor) -> str:
+    precision = kernels().plans.dot_precision(t.dtype)
+    return str(t.dtype).removeprefix("torch.") + ("/tf32" if t.dtype == torch.float32 and precision == "tf32" else "")
+
+
+def _forward_key(x, weight, bias, activation, negative_slope, store_extra, out=None):
+    return ("forward", _dtype(x), _bucket(x.shape[0]), weight.shape[0], x.shape[1], _layout(x), _layout(weight),
+            bias is None, activation, store_extra)
+
+
+def _local_error_key(grad_y, saved, activation, negative_slope, need_delta, bias_grad):
+    return ("local_error", _dtype(grad_y), _bucket(grad_y.shape[0]), grad_y.shape[1], _layout(grad_y), _layout(saved),
+            activation, need_delta, bias_grad)
+
+
+def _backward_input_key(delta, feedback, weight, counter, rule):
+    source = weight if rule.reads_weight else feedback
+    return ("backward_input", _dtype(delta), _bucket(delta.shape[0]), delta.shape[1], source.shape[1], _layout(delta),
+            _layout(feedback), _layout(weight), rule.method)
+
+
+def _backward_weight_key(delta, x):
+    return ("backward_weight", _dtype(delta), _bucket(delta.shape[0]), delta.shape[1], x.shape[1], _layout(delta),
+            _layout(x))
+
+
+def _dfa_delta_key(error, feedback, saved, activations, widths):
+    return ("dfa_delta", _dtype(feedback), _bucket(error.shape[0]), error.shape[1], tuple(widths), _layout(error),
+            tuple(activations))
+
+
+class AutoStep:
+    """One step of ``backend="auto"``: per key, the backend (TRITON or TORCH) that ran the
+    step faster on this GPU, chosen by ``fa_triton.kernels.autotune.TUNER`` (timed at the key's
+    first call, then remembered in memory and on disk)."""
+
+    def __init__(self, step: str, key_of: Callable):
+        self.step, self.key_of = step, key_of
+        self.chosen: dict[tuple, Backend] = {}
+
+    def backend_for(self, *args) -> Backend:
+        key = self.key_of(*args)
+        backend = self.chosen.get(key)
+        if backend is None:
+            backend = self._choose(key, args)
+        return backend
+
+    def __call__(self, *args):
+        return getattr(self.backend_for(*args), self.step)(*args)
+
+    def _choose(self, key: tuple, args: tuple) -> Backend:
+        device = args[0].device
+        tuner = kernels().autotune.TUNER
+        with kernels().plans.tuning_device(device):
+            # During CUDA-graph capture nothing is timed: Triton stands in until a later call chooses.
+            name, final = tuner.choose(kernels().tuning.device_name(device), ("auto",) + key, ("triton", "torch"),
+                                       lambda name: getattr(_BY_PUBLIC[name], self.step)(*args), stand_in="triton")
+        backend = _BY_PUBLIC[name]
+        if final:
+            self.chosen[key] = backend
+        return backend
+
+
+_BY_PUBLIC = {"triton": TRITON, "torch": TORCH}
+STEPS = (AutoStep("forward", _forward_key), AutoStep("local_error", _local_error_key),
+         AutoStep("backward_input", _backward_input_key), AutoStep("backward_weight", _backward_weight_key),
+         AutoStep("dfa_delta", _dfa_delta_key))
+AUTO = register(Backend("auto", *STEPS))
+
+
+def clear_auto_choices() -> None:
+    """Forget this process's fast lookup of auto choices (the tuner keeps its own)."""
+    for step in STEPS:
+        step.chosen.clear()

@@ -1,0 +1,51 @@
+"""The Triton backend (``backend="triton"``): the layer's steps on the fused kernels of
+``fa_triton.kernels`` (CUDA tensors in fp32, fp16 or bf16; CPU tensors through Triton's
+interpreter under ``TRITON_INTERPRET=1``). Signatures as in ``reference.py``."""
+
+from __future__ import annotations
+
+from .registry import Backend, kernels, register
+
+
+def forward(x, weight, bias, activation, negative_slope, store_extra, out=None):
+    return kernels().fa_linear_forward(x, weight, bias, activation, negative_slope, store_extra, out)
+
+
+def local_error(grad_y, saved, activation, negative_slope, need_delta, bias_grad):
+    if activation == "identity" and not bias_grad:
+        return (grad_y if need_delta else None), None  # δ = g: no pass at all
+    store = need_delta and activation != "identity"
+    delta, grad_b = kernels().fa_linear_local_error(grad_y, saved, activation, negative_slope, store_delta=store,
+                                                    bias_grad=bias_grad)
+    return (delta if store else grad_y if need_delta else None), grad_b
+
+
+def backward_input(delta, feedback, weight, counter, rule):
+    # The sign methods' B is formed into a buffer for this call only: no B is kept between steps.
+    if rule.method == "backprop":
+        feedback = weight  # B = W
+    return kernels().fa_linear_backward_input(delta, None, feedback, "identity", method=rule.method, weight=weight,
+                                              feedback_scale=rule.scale, seed=rule.seed, counter=counter)
+
+
+def backward_weight(delta, x):
+    return kernels().fa_linear_backward_weight(delta, None, x, "identity", bias_grad=False)[0]
+
+
+def dfa_delta(error, feedback, saved, activations, widths):
+    """One fused launch (e B, f' in the epilogue) per run of consecutive layers sharing an
+    activation (``saved`` may be None when every activation is the identity)."""
+    delta = feedback.new_empty((error.shape[0], feedback.shape[1]))
+    start, i = 0, 0
+    while i < len(widths):
+        j = i
+        while j + 1 < len(widths) and activations[j + 1] == activations[i]:
+            j += 1
+        stop = start + sum(widths[i:j + 1])
+        kernels().fa_linear_dfa_delta(error, feedback[:, start:stop], None if saved is None else saved[:, start:stop],
+                                      *activations[i], out=delta[:, start:stop])
+        start, i = stop, j + 1
+    return delta
+
+
+TRITON = register(Backend("triton", forward, local_error, backward_input, backward_weight, dfa_delta))
