@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fa_triton import FALinear
-from fa_triton.metrics import angle_between
 from fa_triton.experiments.mnist import load_mnist
+from fa_triton.metrics import angle_between
 
 from .checkpoint import load_run, save_run
 from .results import replace_rows

@@ -29,9 +29,9 @@ import torch
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("tests.compile_kernels compiles for a GPU: run it without TRITON_INTERPRET=1")
 
-from fa_triton.rules.activations import saves_extra  # noqa: E402
 from fa_triton.kernels import launchers, tuning, tutorial_gemm  # noqa: E402
 from fa_triton.kernels.tuning import LaunchConfig, Problem  # noqa: E402
+from fa_triton.rules.activations import saves_extra  # noqa: E402
 from tests.loop_facts import compile_sm90, loop_facts, loop_flags, native_specialize_impl, record_launches  # noqa: E402
 
 SMS = 132  # an H100 SXM / H200: the GPU the heuristic and the candidates are computed for

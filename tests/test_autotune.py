@@ -9,11 +9,11 @@ import json
 import pytest
 import torch
 
-from fa_triton.ops import backends
-from fa_triton.ops.backends import auto as auto_backend
-from fa_triton.ops.autograd import AutoFALinearFunction
 from fa_triton.kernels import autotune, tuning
 from fa_triton.kernels.tuning import LaunchConfig, Problem
+from fa_triton.ops import backends
+from fa_triton.ops.autograd import AutoFALinearFunction
+from fa_triton.ops.backends import auto as auto_backend
 from fa_triton.rules.methods import FA_RULE
 from tests.helpers import KERNEL_DEVICE
 from tests.oracle import make_inputs
