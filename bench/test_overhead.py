@@ -33,7 +33,8 @@ def test_eager_overhead_times_both_providers_and_restores_the_kernels():
 
     runs = _runs()
     results = eager_overhead.measure(steps=20, repeats=2)
-    assert set(results) == {"triton (launches stubbed)", "torch"} and all(us > 0 for us in results.values())
+    assert set(results) == {"triton (launches stubbed)", "torch", "nn.Linear + ReLU"}
+    assert all(us > 0 for us in results.values())
     assert _runs() == runs
 
 
@@ -55,3 +56,10 @@ def test_conv_bench_measures_every_provider():
     results = conv.measure(2, 3, 4, 3, 1, 1, 8, "cpu", rep_ms=5, cpu_samples=3)
     assert set(results) == {"nn.Conv2d (backprop)", "plain FA conv", "FAConv2d (fa)", "FAConv2d (usf)"}
     assert all(ms > 0 and saved > 0 and peak is None for ms, saved, peak in results.values())
+
+
+def test_compile_overhead_times_both():
+    from bench import compile_overhead
+
+    result = compile_overhead.measure(batch=4, steps=2, repeats=1)
+    assert set(result) == {"eager", "compiled"} and all(ms > 0 for ms in result.values())

@@ -165,11 +165,16 @@ class _Converter:
         # Built on the meta device: weight and bias are linear's own Parameters, so only
         # the feedback is drawn (no wasted initialisation, no extra RNG draws).
         if isinstance(linear, nn.Conv2d):
+            if self.backend == "triton":  # honoured or refused, never quietly changed
+                raise ValueError(
+                    f"backend='triton', but the model has an nn.Conv2d ({linear}), and FAConv2d has no Triton kernels "
+                    "(its convolutions run on PyTorch's ops, cuDNN on a GPU): convert with backend='auto' (the "
+                    "kernels for the linear layers where they are faster) or exclude the convolutions "
+                    "(exclude=nn.Conv2d)")
             layer = FAConv2d(
                 linear.in_channels, linear.out_channels, linear.kernel_size, linear.stride, linear.padding,
                 linear.dilation, linear.groups, linear.bias is not None, linear.padding_mode, activation,
-                negative_slope=negative_slope, method=self.method, init=self.init,
-                backend="torch" if self.backend == "torch" else "auto", device="meta",
+                negative_slope=negative_slope, method=self.method, init=self.init, backend=self.backend, device="meta",
             )
         else:
             layer = FALinear(
@@ -181,19 +186,9 @@ class _Converter:
         layer.bias = linear.bias
         weight = linear.weight
         if variants:  # one Linear fused two ways: the layers share its feedback state
-            first = next(iter(variants.values()))
-            layer.feedback = first.feedback
-            if self.method == "brsf":
-                layer.feedback_seed, layer.counter, layer._seed = first.feedback_seed, first.counter, first._seed
+            layer.share_feedback_state(next(iter(variants.values())))
         else:
-            if self.method == "kp":
-                layer.feedback = nn.Parameter(torch.empty_like(weight, requires_grad=False))
-            elif layer.feedback is not None:
-                layer.feedback = torch.empty_like(weight, requires_grad=False)
-            if self.method == "brsf":
-                layer.feedback_seed = torch.zeros(1, dtype=torch.int64, device=weight.device)
-                layer.counter = torch.zeros(1, dtype=torch.int64, device=weight.device)
-            layer.reset_feedback()
+            layer.materialize_feedback(weight)
         layer.train(linear.training)
         variants[(activation, negative_slope)] = layer
         return layer

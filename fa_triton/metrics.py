@@ -7,6 +7,7 @@ and so the FA update becomes a descent direction close to the true gradient.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, NamedTuple
 
@@ -87,20 +88,14 @@ def gradient_alignment(
         loss = loss_fn(forward(x), y)
         return torch.autograd.grad(loss, weights, allow_unused=True)
 
-    counters = [layer.counter.clone() for layer in layers if layer.method == "brsf"]
-    fa_grads = weight_grads(model)
-    methods = [layer._method for layer in layers]
-    try:
+    with contextlib.ExitStack() as stack:
+        for layer in layers:  # brsf's draws are left as they were
+            stack.enter_context(layer.keeping_draws())
+        fa_grads = weight_grads(model)
         for layer in layers:
-            layer._method, layer._rule = "backprop", None  # B = W: exactly backprop
+            stack.enter_context(layer.backward_as_backprop())  # B = W: exactly backprop
         # A DFA model's backprop is its network without the DFA taps (DFAModel, DFANetwork).
         bp_grads = weight_grads(getattr(model, "plain_forward", model))
-    finally:
-        for layer, method in zip(layers, methods):
-            layer._method, layer._rule = method, None
-        with torch.no_grad():  # brsf's draws are left as they were too
-            for layer, counter in zip((layer for layer in layers if layer.method == "brsf"), counters):
-                layer.counter.copy_(counter)
     angles = []
     for layer, fa, bp in zip(layers, fa_grads, bp_grads):
         if fa is None or bp is None:

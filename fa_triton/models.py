@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .convert import convert
-from .rules.methods import INITS
+from .ops.validation import check_int
+from .rules.methods import INITS, METHODS
 
 
 def _init(model: nn.Module, init: str) -> nn.Module:
@@ -34,6 +35,16 @@ def _init(model: nn.Module, init: str) -> nn.Module:
     return model
 
 
+def _check(method: str, init: str, num_classes: int, in_channels: int = 1) -> None:
+    """The builders' arguments, checked before any layer is made."""
+    if not isinstance(method, str) or method not in METHODS + ("dfa",):
+        raise ValueError(f"method must be one of {METHODS + ('dfa',)}, got {method!r}")
+    if not isinstance(init, str) or init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    check_int("num_classes", num_classes)
+    check_int("in_channels", in_channels)
+
+
 def _build(model: nn.Module, method: str, init: str, backend: str) -> nn.Module:
     return convert(_init(model, init), backend=backend, method=method, init=init)
 
@@ -41,6 +52,7 @@ def _build(model: nn.Module, method: str, init: str, backend: str) -> nn.Module:
 def lenet(method: str = "fa", *, init: str = "kaiming", num_classes: int = 10, in_channels: int = 1,
           backend: str = "auto") -> nn.Module:
     """BioTorch's LeNet (MNIST, Fashion-MNIST): input [N, in_channels, 32, 32] -> logits [N, num_classes]."""
+    _check(method, init, num_classes, in_channels)
     model = nn.Sequential(
         nn.Conv2d(in_channels, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
@@ -104,9 +116,11 @@ class CifarResNet(nn.Module):
 
 def resnet20(method: str = "fa", *, init: str = "kaiming", num_classes: int = 10, backend: str = "auto") -> nn.Module:
     """CIFAR ResNet-20 (3 blocks per stage): input [N, 3, 32, 32] -> logits [N, num_classes]."""
+    _check(method, init, num_classes)
     return _build(CifarResNet(3, num_classes), method, init, backend)
 
 
 def resnet56(method: str = "fa", *, init: str = "kaiming", num_classes: int = 10, backend: str = "auto") -> nn.Module:
     """CIFAR ResNet-56 (9 blocks per stage): input [N, 3, 32, 32] -> logits [N, num_classes]."""
+    _check(method, init, num_classes)
     return _build(CifarResNet(9, num_classes), method, init, backend)

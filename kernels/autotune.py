@@ -8,7 +8,8 @@ run once (compiling it) and then timed on the device with ``triton.testing.do_be
 fastest kept and written to memory and disk. A candidate that fails (out of shared memory, a
 TMA kernel this GPU cannot run) is skipped.
 
-The disk cache is one JSON file per GPU name, torch, triton and fa_triton version, in
+The disk cache is one JSON file per GPU name, torch, triton and fa_triton version and hash of
+the kernels' sources (a choice is only valid for the code it was measured with), in
 ``$FA_TRITON_CACHE_DIR`` or else ``$XDG_CACHE_HOME/fa_triton`` (``~/.cache/fa_triton``);
 ``FA_TRITON_CACHE_DIR=0`` (or ``off``) keeps choices in memory only. So a new process does not
 tune again, and the choices, hence the results, stay the same from run to run on one machine.
@@ -21,7 +22,9 @@ capturing a graph. :func:`tuning_report` lists every choice and the timings behi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -76,8 +79,25 @@ def capturing() -> bool:
 
 # ------------------------------------------------------------------------------ the disk cache
 
+_KERNELS_HASH = None
+
+
+def kernels_hash() -> str:
+    """A hash of this package's sources: a choice is valid only for the kernels, candidates and
+    configs it was measured with, whatever the version number says."""
+    global _KERNELS_HASH
+    if _KERNELS_HASH is None:
+        digest = hashlib.sha1()
+        for path in sorted(Path(__file__).parent.glob("*.py")):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+        _KERNELS_HASH = digest.hexdigest()[:12]
+    return _KERNELS_HASH
+
+
 def versions() -> dict[str, str]:
-    """The versions a cached choice is valid for (besides the GPU's name)."""
+    """The versions a cached choice is valid for (besides the GPU's name): torch, triton,
+    fa_triton, and the hash of the kernels' sources."""
     import triton
 
     module = sys.modules.get("fa_triton")
@@ -89,7 +109,8 @@ def versions() -> dict[str, str]:
             fa_version = version("fa_triton")
         except Exception:  # noqa: BLE001 - not installed: the source tree's version is unknown
             fa_version = "unknown"
-    return {"torch": torch.__version__, "triton": triton.__version__, "fa_triton": fa_version}
+    return {"torch": torch.__version__, "triton": triton.__version__, "fa_triton": fa_version,
+            "kernels": kernels_hash()}
 
 
 def cache_dir() -> Path | None:
@@ -105,6 +126,41 @@ def cache_dir() -> Path | None:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-")
+
+
+def _suffix(v: dict) -> str:
+    """The cache file name after the GPU's: every version it depends on."""
+    return (f"_torch-{v['torch']}_triton-{v['triton']}_fa_triton-{v['fa_triton']}"
+            + (f"_kernels-{v['kernels']}" if v.get("kernels") else "") + ".json")
+
+
+def _read_entries(path: Path) -> dict:
+    """The entries of a cache file ({} if it does not exist); ValueError if it is not one."""
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    entries = data.get("entries") if isinstance(data, dict) else None
+    if not isinstance(entries, dict):
+        raise ValueError("no 'entries' object")
+    return entries
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``path``'s lock file while the file is read, changed and replaced
+    (processes tuning at once, e.g. DDP ranks, then keep each other's entries); no lock where
+    the platform has none."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux
+        yield
+        return
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _encode(candidate) -> dict:
@@ -157,16 +213,15 @@ class Tuner:
         directory = cache_dir() if self._directory == "default" else self._directory
         if directory is None:
             return None
-        v = self._versions()
-        return Path(directory) / f"{_slug(gpu)}_torch-{v['torch']}_triton-{v['triton']}_fa_triton-{v['fa_triton']}.json"
+        return Path(directory) / f"{_slug(gpu)}{_suffix(self._versions())}"
 
     def _disk(self, gpu: str) -> dict:
         if gpu not in self._files:
             path, entries = self._path(gpu), {}
-            if path is not None and path.exists():
+            if path is not None:
                 try:
-                    entries = json.loads(path.read_text())["entries"]
-                except (OSError, ValueError, KeyError) as err:
+                    entries = _read_entries(path)
+                except (OSError, ValueError) as err:
                     _log.warning("fa_triton: ignoring the unreadable tuning cache %s (%s)", path, err)
             self._files[gpu] = entries
         return self._files[gpu]
@@ -177,13 +232,17 @@ class Tuner:
             return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            entries = json.loads(path.read_text())["entries"] if path.exists() else {}
-            entries[key_text] = record  # merged with what other processes wrote meanwhile
-            data = {"gpu": gpu, "versions": self._versions(), "entries": entries}
-            with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-            os.replace(f.name, path)
-        except (OSError, ValueError, KeyError) as err:
+            with _locked(path):
+                try:
+                    entries = _read_entries(path)  # merged with what other processes wrote meanwhile
+                except ValueError:
+                    entries = {}  # a broken file is replaced, not kept broken
+                entries[key_text] = record
+                data = {"gpu": gpu, "versions": self._versions(), "entries": entries}
+                with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+                    json.dump(data, f, indent=1, sort_keys=True)
+                os.replace(f.name, path)
+        except OSError as err:
             _log.warning("fa_triton: could not write the tuning cache %s (%s); choices stay in memory", path, err)
 
     def lookup(self, gpu: str, key: tuple):
@@ -194,8 +253,13 @@ class Tuner:
         record = self._disk(gpu).get(json.dumps(list(key)))
         if record is None:
             return None
-        choice = _decode(record["choice"])
-        timings = tuple((_decode(c), ms) for c, ms in record.get("timings", ()))
+        try:
+            choice = _decode(record["choice"])
+            timings = tuple((_decode(c), ms) for c, ms in record.get("timings", ()))
+        except (TypeError, ValueError, KeyError, AttributeError) as err:
+            # Written by another version of the configs (a field it had, a value it allowed): a miss.
+            _log.warning("fa_triton: ignoring the tuning cache's entry for %s (%s)", key, err)
+            return None
         self.entries[(gpu, key)] = Entry(gpu, key, choice, timings, "disk")
         return choice
 
@@ -239,16 +303,16 @@ class Tuner:
         directory = cache_dir() if self._directory == "default" else self._directory
         if directory is None or not Path(directory).is_dir():
             return 0
-        v, loaded = self._versions(), 0
-        suffix = f"_torch-{v['torch']}_triton-{v['triton']}_fa_triton-{v['fa_triton']}.json"
-        for path in sorted(Path(directory).glob("*" + suffix)):
+        loaded = 0
+        for path in sorted(Path(directory).glob("*" + _suffix(self._versions()))):
             try:
                 data = json.loads(path.read_text())
-            except (OSError, ValueError) as err:
+                entries, gpu = _read_entries(path), data["gpu"]
+            except (OSError, ValueError, KeyError, TypeError) as err:
                 _log.warning("fa_triton: ignoring the unreadable tuning cache %s (%s)", path, err)
                 continue
-            for key_text in data.get("entries", {}):
-                loaded += self.lookup(data["gpu"], tuple(json.loads(key_text))) is not None
+            for key_text in entries:
+                loaded += self.lookup(gpu, tuple(json.loads(key_text))) is not None
         return loaded
 
     def report(self) -> str:

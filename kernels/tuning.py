@@ -205,6 +205,10 @@ def candidate_configs(kernel: str, rows: int, cols: int, red: int, dtype: torch.
               heuristic.num_stages)]
     for block_rows, block_cols, block_red, num_warps, num_stages in table:
         tile = (block(rows, block_rows), block(cols, block_cols), block(red, block_red), num_warps, num_stages)
+        if tile[0] * tile[1] < 128 * 128:
+            # A table tile clamped to a small problem keeps the heuristic's rule: 4 warps (8 warps
+            # on a 64x128x32 fp32 tile spill, sm_90).
+            tile = tile[:3] + (min(num_warps, 4),) + tile[4:]
         if many_tiles and tile[0] * tile[1] < 128 * 128:
             continue
         if tile not in tiles:

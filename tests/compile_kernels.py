@@ -97,9 +97,10 @@ def _dims(problem: Problem) -> tuple:
     return problem.rows, problem.cols, problem.red
 
 
-def _add_jobs(v: dict, prefix: str, M, K, N, dt, which, archs=(90,), activation="relu"):
+def _add_jobs(v: dict, prefix: str, M, K, N, dt, which, archs=(90,), activation="relu", seen=None):
     """Variants of the three jobs: ``which`` is "candidates" (every autotuning candidate),
-    "heuristic", or a list of configs (TMA ones only where the layout allows them)."""
+    "heuristic", or a list of configs (TMA ones only where the layout allows them). With
+    ``seen``, a set, a config whose compiled kernel another variant already has is skipped."""
     for kernel, (call, problem) in _jobs(M, K, N, dt, activation).items():
         if which == "candidates":
             configs = tuning.candidate_configs(kernel, problem.rows, problem.cols, problem.red, problem.dtype, SMS,
@@ -109,6 +110,11 @@ def _add_jobs(v: dict, prefix: str, M, K, N, dt, which, archs=(90,), activation=
         else:
             configs = [c for c in which if not c.tma or tuning.tma_fits(problem)]
         for cfg in configs:
+            signature = (kernel, dt, activation, cfg.replace(split=min(cfg.split, 2)), N % 8 == 0, K % 8 == 0)
+            if seen is not None:
+                if signature in seen:
+                    continue
+                seen.add(signature)
             v[f"{prefix}-{kernel}-{describe(cfg)}"] = Variant(functools.partial(call, cfg), dt, archs, _dims(problem))
 
 
@@ -122,14 +128,19 @@ def variants() -> dict[str, Variant]:
     _add_jobs(v, "square-ieee", SQUARE, SQUARE, SQUARE, "ieee", "candidates")
     # What Ampere builds: the 128x128 tile (Hopper's largest do not fit its shared memory).
     _add_jobs(v, "square-bf16-sm80", SQUARE, SQUARE, SQUARE, "bf16", [square], archs=(80,))
-    # The founding tutorial's layers at batch 64 and 8192: the heuristic's configs in every
-    # dtype, and every candidate in bf16 at batch 8192.
+    # The founding tutorial's layers at batch 64 to 8192: every candidate the tuner may time, in
+    # every dtype, each distinct compiled kernel once (the same tile and flags at another batch
+    # size compile to the same code).
+    seen = set()
     for K, N, activation in TUTORIAL_LAYERS:
-        for M in (64, 8192):
+        for M in (64, 128, 1024, 8192):
             for dt in ("bf16", "tf32", "ieee"):
-                _add_jobs(v, f"tutorial-{M}x{K}x{N}-{dt}", M, K, N, dt,
-                          "candidates" if (dt, M) == ("bf16", 8192) else "heuristic",
-                          archs=(90, 80) if (dt, M) == ("bf16", 64) else (90,), activation=activation)
+                _add_jobs(v, f"tutorial-{M}x{K}x{N}-{dt}", M, K, N, dt, "candidates", activation=activation,
+                          seen=seen)
+        # What an A100 gets there (no TMA; the heuristic's tiles).
+        for M in (64, 8192):
+            _add_jobs(v, f"tutorial-sm80-{M}x{K}x{N}-bf16", M, K, N, "bf16", "heuristic", archs=(80,),
+                      activation=activation)
     # Every activation's epilogue (and its extra tensor), with and without bias, pointer and TMA.
     for activation in ACTIVATIONS:
         for bias in (True, False):
@@ -152,7 +163,7 @@ def variants() -> dict[str, Variant]:
             v[f"local_error-{dt}-{activation}"] = Variant(functools.partial(
                 launchers.fa_linear_local_error, _meta(SQUARE, SQUARE, dtype=d), _meta(SQUARE, SQUARE, dtype=d),
                 activation, 0.01, config=tuning.pass_config(SQUARE, SQUARE, SMS, False)), dt, (90, 80))
-        for mode in ("sign", "magnitude_sign", "random_sign"):
+        for mode in ("usf", "frsf", "brsf"):
             v[f"feedback-{dt}-{mode}"] = Variant(functools.partial(
                 launchers.fa_linear_feedback, _meta(SQUARE, SQUARE, dtype=d), _meta(SQUARE, SQUARE, dtype=d), mode,
                 feedback_scale=0.05, seed=2**40 + 7, counter=_meta(1, dtype=torch.int64)), dt, (90, 80))

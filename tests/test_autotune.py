@@ -258,3 +258,30 @@ def test_cached_choices_are_reported_by_a_new_process(tmp_path, monkeypatch, cap
     out = capsys.readouterr().out
     assert f"tuning cache: {tmp_path}" in out and "-> torch (disk)" in out and "0.2500 ms" in out
     assert "local_error" not in out
+
+
+def test_a_cache_written_by_other_code_is_a_miss_and_is_repaired(tmp_path, caplog):
+    tuner, timer = make_tuner({"a": 1.0, "b": 2.0}, tmp_path)
+    path = tuner._path("GPU")
+    key = json.dumps(["k"])
+    # A config field this version does not know, a value it does not allow: misses, not crashes.
+    bad_field = {"choice": {"config": {"block_rows": 64, "block_cols": 64, "block_red": 32, "persistent": True}}}
+    bad_value = {"choice": {"config": {"block_rows": 100, "block_cols": 64, "block_red": 32}}}
+    for record in (bad_field, bad_value):
+        path.write_text(json.dumps({"gpu": "GPU", "entries": {key: record}}))
+        fresh, timer = make_tuner({"a": 1.0, "b": 2.0}, tmp_path)
+        assert fresh.choose("GPU", ("k",), ["a", "b"], run_recording(timer)) == ("a", True)
+        assert timer.ran == ["a", "b"]
+    assert "ignoring the tuning cache's entry" in caplog.text
+    # Entries of the wrong shape, a truncated file: ignored, then replaced by a good file.
+    for text in ('{"gpu": "GPU", "entries": []}', '{"gpu": "GPU", "entr'):
+        path.write_text(text)
+        fresh, timer = make_tuner({"a": 1.0, "b": 2.0}, tmp_path)
+        assert fresh.choose("GPU", ("k",), ["a", "b"], run_recording(timer)) == ("a", True)
+        assert json.loads(path.read_text())["entries"][key]["choice"] == {"name": "a"}
+
+
+def test_the_cache_file_names_the_kernels_sources(tmp_path, monkeypatch):
+    tuner = autotune.Tuner(directory=tmp_path, versions_of=lambda: dict(VERSIONS, kernels="abc123"))
+    assert tuner._path("GPU").name.endswith("_fa_triton-0.1.0_kernels-abc123.json")
+    assert len(autotune.kernels_hash()) == 12 and autotune.versions()["kernels"] == autotune.kernels_hash()

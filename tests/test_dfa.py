@@ -108,3 +108,53 @@ def test_convert_builds_a_dfa_network_that_learns():
 def test_dfa_conversion_errors(model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         fa_triton.convert(model, method="dfa", **kwargs)
+
+
+@pytest.mark.parametrize("widths", [(6, 5, 5, 5, 3), (6, 4, 7, 5, 3)], ids=["equal", "unequal"])
+def test_dfa_model_sends_each_layer_its_own_columns(widths):
+    # DFAModel: hidden layer l (in run order) gets e·B[:, its columns], reshaped, through its own
+    # backward (its f'); checked per layer against the equations in float64. Equal widths make a
+    # slice taken at the wrong offset (the first columns for every layer, or the slices in reverse
+    # order) wrong in value, not only in shape.
+    torch.manual_seed(3)
+    activations = ("tanh", "relu", "sigmoid", "identity")
+    layers = [FALinear(n_in, n_out, activation=act, method="backprop", dtype=torch.float64)
+              for n_in, n_out, act in zip(widths[:-1], widths[1:], activations)]
+    model = fa_triton.DFAModel(nn.Sequential(*layers))
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(7, widths[0], generator=gen, dtype=torch.float64)
+    error = torch.randn(7, widths[-1], generator=gen, dtype=torch.float64)
+    model(x).backward(error)
+    feedback, start = model.feedback, 0
+    h = x
+    for layer in layers:
+        z = h @ layer.weight.detach().t() + layer.bias.detach()
+        y, fprime = activation_and_derivative(z, layer.activation, layer.negative_slope)
+        if layer is layers[-1]:
+            delta = error * fprime  # the output layer: its exact gradient
+        else:
+            width = layer.out_features
+            delta = (error @ feedback[:, start:start + width]) * fprime
+            start += width
+        torch.testing.assert_close(layer.weight.grad, delta.t() @ h, rtol=0, atol=1e-12)
+        torch.testing.assert_close(layer.bias.grad, delta.sum(0), rtol=0, atol=1e-12)
+        h = y
+    assert start == feedback.shape[1]
+
+
+def test_changing_b_in_place_before_backward_is_an_error():
+    # Every tensor DFA's backward reads is saved through ctx.save_for_backward: B changed in
+    # place between forward and backward is caught, not silently used.
+    net = _network("torch", torch.float64, "cpu")
+    out = net(torch.randn(3, 1, 19, dtype=torch.float64))
+    with torch.no_grad():
+        net.feedback.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    model = fa_triton.DFAModel(nn.Sequential(FALinear(6, 5, method="backprop"), FALinear(5, 3, method="backprop")))
+    model(torch.randn(2, 6))  # draws B
+    out = model(torch.randn(2, 6))
+    with torch.no_grad():
+        model.feedback.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

@@ -588,3 +588,31 @@ def test_launchers_refuse_an_unknown_activation(kernel_device):
             call()
     with pytest.raises(ValueError, match="method must be one of .*usf.* got 'fa'"):
         kernels.fa_linear_feedback(weight, None, "fa")
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("split", [1, 2, 3, 7])
+def test_delta_pass_with_row_slices(split, activation, dtype, kernel_device, launches):
+    # δ = g ⊙ f'(z) and grad_b = Σ_rows δ from the pass, its rows in `split` slices whose fp32
+    # partial sums split_sum_kernel adds in order: against the equations in float64.
+    from tests.oracle import activation_and_derivative
+
+    gen = torch.Generator().manual_seed(split)
+    z = torch.randn(53, 21, generator=gen, dtype=torch.float64)
+    z = torch.where(z.abs() < 0.05, z + 0.1, z)  # away from relu's kink
+    y, fprime = activation_and_derivative(z, activation, 0.01)
+    saved = (fprime if activation == "gelu" else z if activation == "leaky_relu" else y).to(dtype).to(kernel_device)
+    grad_y = torch.randn(53, 21, generator=gen, dtype=torch.float64).to(dtype).to(kernel_device)
+    config = LaunchConfig(16, 16, 16, split=split)
+    delta, grad_b = kernels.fa_linear_local_error(grad_y, saved, activation, 0.01, config=config)
+    _, fprime_rounded = activation_and_derivative(z.to(dtype).double(), activation, 0.01)
+    expected = grad_y.double() * (fprime_rounded if activation in ("relu", "leaky_relu") else fprime)
+    scale = max(1.0, expected.abs().max().item())
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(delta.double(), expected, rtol=0, atol=tolerance * scale)
+    torch.testing.assert_close(grad_b.double(), expected.sum(0), rtol=0, atol=tolerance * scale * 53 ** 0.5)
+    names = [name for name, _ in launches]
+    assert names.count("local_error_kernel") == 1 and names.count("split_sum_kernel") == (split > 1)
+    again, again_b = kernels.fa_linear_local_error(grad_y, saved, activation, 0.01, config=config)
+    assert torch.equal(again, delta) and torch.equal(again_b, grad_b)  # a fixed order: bitwise the same

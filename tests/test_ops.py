@@ -61,6 +61,10 @@ def backward_samples(device):
         ((grad_y, None, "identity", 0.01, False, True), (delta, None, weight, None, "usf", 0.3, 0), (delta, x)),
         ((grad_y[:1].expand(6, 5), saved, "gelu", 0.01, True, False),
          (delta, feedback, weight, None, "frsf", 1.0, 0), (delta, x)),
+        ((grad_y.t().contiguous().t(), saved, "tanh", 0.01, True, True), (delta, feedback, None, None, *FA),
+         (delta, x)),  # δ of a transposed g: contiguous, as the fake says
+        ((grad_y.t().contiguous().t(), None, "identity", 0.01, True, True), (delta, feedback, None, None, *FA),
+         (delta, x)),
         ((grad_y, saved, "leaky_relu", -0.2, True, True), (delta, None, weight, counter, "brsf", 0.5, 7),
          (delta, x)),
     ]

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import fa_triton
 from fa_triton import ACTIVATIONS, reference
 from fa_triton.rules.activations import activation_backward
 from tests.oracle import make_inputs, max_error, oracle, run_layer
@@ -64,3 +65,26 @@ def test_relu_backward_is_pytorchs_on_special_values(dtype):
     torch.relu(z).backward(grad_y)
     delta = activation_backward(grad_y, torch.relu(z.detach()), "relu", 0.0)
     torch.testing.assert_close(delta, z.grad, equal_nan=True, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gelu", "identity", "leaky_relu"])
+def test_bias_only_backward_against_the_equations(activation):
+    # Frozen weight, trainable bias (and x): grad_b = Σ_rows g ⊙ f'(z) and grad_x = δ B exactly,
+    # from the equations in float64 (the bias-only path is its own in the backward).
+    from tests.oracle import activation_and_derivative
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 7, generator=gen, dtype=torch.float64)
+    weight = torch.randn(4, 7, generator=gen, dtype=torch.float64)
+    feedback = torch.randn(4, 7, generator=gen, dtype=torch.float64)
+    bias = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+    grad_y = torch.randn(9, 4, generator=gen, dtype=torch.float64)
+    fa_triton.fa_linear(x, weight, bias, feedback, activation, backend="torch").backward(grad_y)
+    z = x @ weight.t() + bias.detach()
+    delta = grad_y * activation_and_derivative(z, activation, 0.01)[1]
+    torch.testing.assert_close(bias.grad, delta.sum(0), rtol=0, atol=1e-12)
+    x_leaf = x.clone().requires_grad_(True)
+    bias.grad = None
+    fa_triton.fa_linear(x_leaf, weight, bias, feedback, activation, backend="torch").backward(grad_y)
+    torch.testing.assert_close(bias.grad, delta.sum(0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(x_leaf.grad, delta @ feedback, rtol=0, atol=1e-12)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.utils import _pair
 
 from ..ops.backends import check_backend
 from ..ops.conv import FAConv2dFunction
 from ..ops.functional import autocast_inputs
+from ..ops.validation import check_dtype, check_generator, check_int, check_number, check_pair
 from ..rules.activations import apply_activation, check_activation
 from ..rules.methods import check_method
 from .state import FeedbackState, FusedActivation
@@ -35,8 +35,9 @@ class FAConv2d(FeedbackState, FusedActivation, nn.Module):
 
     nn.Conv2d's signature, defaults and init (``in_channels, out_channels, kernel_size,
     stride=1, padding=0, dilation=1, groups=1, bias=True, padding_mode="zeros"``; padding also
-    "same" and "valid"), plus ``activation`` (default "identity": a plain convolution; "relu"
-    etc. fuse the activation, as FALinear's), ``negative_slope``, ``method`` and ``init``
+    "same" and "valid"), plus ``activation`` (default "identity": a plain convolution, as a
+    convolution is usually followed by a normalization before its activation; "relu" etc. fuse
+    the activation, as FALinear's), ``negative_slope``, ``method`` and ``init``
     (the FA family, as FALinear's: ``fa_triton.methods``), ``backend`` ("auto" or "torch").
     Input [N, C_in, H, W] or [C_in, H, W] -> output [N, C_out, H_out, W_out] or [C_out, H_out, W_out].
     The fan-in and fan-out of init and usf's scale are the conv weight's (as ``nn.init``'s).
@@ -73,15 +74,17 @@ class FAConv2d(FeedbackState, FusedActivation, nn.Module):
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         _check_conv_backend(backend)
         check_method(method, init)
+        check_dtype(dtype)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        self.kernel_size = check_pair("kernel_size", kernel_size, 1)
+        self.stride, self.dilation = check_pair("stride", stride, 1), check_pair("dilation", dilation, 1)
         if isinstance(padding, str):
             if padding not in ("same", "valid"):
                 raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
             if padding == "same" and any(s != 1 for s in self.stride):
                 raise ValueError("padding='same' is not supported for strided convolutions (as nn.Conv2d)")
         else:
-            padding = _pair(padding)
+            padding = check_pair("padding", padding, 0)
         self.padding, self.padding_mode = padding, padding_mode
         self._set_activation(activation, negative_slope)
         self._backend = backend
@@ -118,6 +121,11 @@ class FAConv2d(FeedbackState, FusedActivation, nn.Module):
         the correlation of y with x (the weight gradient's form: conv2d_weight(x, y))."""
         if self.method != "wm":
             raise ValueError(f"mirror() is the weight-mirroring step of method='wm', this layer's is {self.method!r}")
+        check_int("batch_size", batch_size)
+        check_int("size", size)
+        check_number("eta", eta)
+        check_number("noise_amplitude", noise_amplitude, minimum=0)
+        check_generator(generator)
         activation = self.activation if activation is None else activation
         check_activation(activation, self.negative_slope)
         x = (torch.rand(batch_size, self.in_channels, size, size, generator=generator, device=self.weight.device,
@@ -192,4 +200,4 @@ class FAConv2d(FeedbackState, FusedActivation, nn.Module):
             text += f", padding_mode={self.padding_mode}"
         if self.activation != "identity":
             text += f", activation={self.activation}"
-        return text + f", method={self.method}" + (f", init={self.init}" if self.init != "kaiming" else "")
+        return text + f", method={self.method_text()}" + (f", init={self.init}" if self.init != "kaiming" else "")

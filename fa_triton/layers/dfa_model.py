@@ -50,6 +50,11 @@ class DFAModel(nn.Module):
 
     def __init__(self, model: nn.Module, hidden=None, *, init: str = "kaiming", backend: str = "auto"):
         super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if hidden is not None and (isinstance(hidden, nn.Module) or not hasattr(hidden, "__iter__")):
+            raise TypeError(f"hidden must be a list of the model's FA layers, got {type(hidden).__name__}; "
+                            "for one layer pass [layer]")
         check_backend(backend)
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
@@ -78,6 +83,7 @@ class DFAModel(nn.Module):
         hidden_ids = {id(layer) for layer in hidden}
         for layer in layers:
             layer.register_forward_hook(functools.partial(self._tap, id(layer) in hidden_ids))
+            layer.mark_dfa("hidden" if id(layer) in hidden_ids else "output")
         self.register_buffer("feedback", torch.empty(0, dtype=hidden[0].weight.dtype, device=hidden[0].weight.device))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -122,7 +128,8 @@ class DFAModel(nn.Module):
             self._taps.clear()
             self._calls.clear()
         self._check_calls(calls)
-        self._draw(out.shape[-1], [t[0].numel() if t.dim() > 1 else t.numel() for t in taps])
+        # A sample's size per tapped layer (an empty batch has sizes too).
+        self._draw(out.shape[-1], [t.shape[1:].numel() if t.dim() > 1 else t.numel() for t in taps])
         return DFATapFunction.apply(out, self.feedback, resolve(self.backend, out), *taps)
 
     def _tap(self, is_hidden: bool, module, inputs, output):

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..ops.backends import check_backend, resolve
 from ..ops.dfa import DFANetworkFunction
+from ..ops.validation import check_generator, check_layer_input
 from ..rules.activations import saves_extra
 from ..rules.methods import INITS, init_bound
 from .linear import FALinear
@@ -39,9 +40,14 @@ class DFANetwork(nn.Module):
 
     def __init__(self, layers, prefix: nn.Module | None = None, *, backend: str = "auto", init: str = "kaiming"):
         super().__init__()
+        if isinstance(layers, nn.Module) and not isinstance(layers, (nn.Sequential, nn.ModuleList)) \
+                or not hasattr(layers, "__iter__"):
+            raise TypeError(f"layers must be a sequence of FALinear layers, got {type(layers).__name__}")
         layers = list(layers)
         if len(layers) < 2 or not all(isinstance(layer, FALinear) for layer in layers):
             raise ValueError(f"DFANetwork needs at least two FALinear layers, got {[type(m).__name__ for m in layers]}")
+        if prefix is not None and not isinstance(prefix, nn.Module):
+            raise TypeError(f"prefix must be an nn.Module or None, got {type(prefix).__name__}")
         for below, above in zip(layers, layers[1:]):
             if below.out_features != above.in_features:
                 raise ValueError(f"layers do not chain: {below.out_features} outputs feed {above.in_features} inputs")
@@ -52,6 +58,8 @@ class DFANetwork(nn.Module):
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.prefix = prefix if prefix is not None else nn.Identity()
         self.layers = nn.ModuleList(layers)
+        for layer in layers:
+            layer.mark_dfa("output" if layer is layers[-1] else "hidden")
         self.backend = backend
         self.init = init
         weight = layers[-1].weight
@@ -63,6 +71,7 @@ class DFANetwork(nn.Module):
     @torch.no_grad()
     def reset_feedback(self, generator: torch.Generator | None = None) -> None:
         """Draw every B_l from the init's distribution (see the class docstring)."""
+        check_generator(generator)
         n_out, start = self.feedback.shape[0], 0
         for width in self.widths:
             bound = init_bound(self.init, width, n_out)
@@ -87,6 +96,8 @@ class DFANetwork(nn.Module):
         trains = torch.is_grad_enabled() and any(p.requires_grad for layer in hidden for p in layer.parameters())
         if not trains:  # inference: the plain forward
             return self.plain_forward(x)
+        check_layer_input(h, self.layers[0].in_features, self.layers[0].weight,
+                          "DFANetwork" + (" (after its prefix)" if not isinstance(self.prefix, nn.Identity) else ""))
         lead = h.shape[:-1]
         h = h.reshape(-1, h.shape[-1])
         backend = resolve(self.backend, h)

@@ -7,17 +7,10 @@ from torch import nn
 
 from ..ops.backends import check_backend
 from ..ops.functional import apply_checked, autocast_inputs
-from ..ops.validation import check_inputs, inputs_fit
+from ..ops.validation import check_dtype, check_generator, check_inputs, check_int, check_number
 from ..rules.activations import apply_activation, check_activation
 from ..rules.methods import check_method
 from .state import FeedbackState, FusedActivation
-
-
-def _check_features(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
 
 
 class FALinear(FeedbackState, FusedActivation, nn.Module):
@@ -43,6 +36,11 @@ class FALinear(FeedbackState, FusedActivation, nn.Module):
 
     ``init``: ``"kaiming"`` (default: nn.Linear's, the same values for the same seed; B from
     U(±1/√in)) or ``"xavier"`` (W and B xavier-uniform, bias 0; as BioTorch).
+
+    ``activation`` defaults to "relu": a fused activation is what the layer is for (the
+    founding tutorial's hidden layers; pass "identity" for an output layer). FAConv2d defaults
+    to "identity" instead, as a convolution is usually followed by a normalization before its
+    activation.
     """
 
     __constants__ = ["in_features", "out_features"]
@@ -62,8 +60,9 @@ class FALinear(FeedbackState, FusedActivation, nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        _check_features("in_features", in_features)
-        _check_features("out_features", out_features)
+        check_int("in_features", in_features)
+        check_int("out_features", out_features)
+        check_dtype(dtype)
         check_backend(backend)
         check_method(method, init)
         self.in_features = in_features
@@ -93,6 +92,10 @@ class FALinear(FeedbackState, FusedActivation, nn.Module):
         B += eta · yᵀ x (summed over the batch), which drives B towards W."""
         if self.method != "wm":
             raise ValueError(f"mirror() is the weight-mirroring step of method='wm', this layer's is {self.method!r}")
+        check_int("batch_size", batch_size)
+        check_number("eta", eta)
+        check_number("noise_amplitude", noise_amplitude, minimum=0)
+        check_generator(generator)
         activation = self._activation if activation is None else activation
         check_activation(activation, self._negative_slope)
         x = (torch.rand(batch_size, self.in_features, generator=generator, device=self.weight.device,
@@ -113,13 +116,9 @@ class FALinear(FeedbackState, FusedActivation, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         counter = self._draw()  # brsf: a new R for each training step
         x, weight, bias, feedback = autocast_inputs(x, self.weight, self.bias, self.feedback)
-        if feedback is None:  # backprop (B = W), usf, brsf (B from W's sign)
-            fits = inputs_fit(x, weight, bias, weight)
-        else:
-            fits = inputs_fit(x, weight, bias, feedback)
-        if not fits:  # says what is wrong
-            check_inputs(x, weight, bias, feedback, self._activation, self._negative_slope,
-                         needs_feedback=feedback is not None)
+        # feedback is None for backprop (B = W), usf and brsf (B from W's sign).
+        check_inputs(x, weight, bias, feedback, self._activation, self._negative_slope,
+                     needs_feedback=feedback is not None)
         return apply_checked(x, weight, bias, feedback, counter, self._activation, self._negative_slope, self.rule,
                              self._backend)
 
@@ -171,6 +170,6 @@ class FALinear(FeedbackState, FusedActivation, nn.Module):
             activation = f"leaky_relu(negative_slope={self.negative_slope})"
         text = (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"activation={activation}, method={self.method}, backend={self.backend}"
+            f"activation={activation}, method={self.method_text()}, backend={self.backend}"
         )
         return text + (f", init={self.init}" if self.init != "kaiming" else "")

@@ -10,12 +10,14 @@ its weight), and calls :meth:`FeedbackState._register_feedback` and
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from torch import nn
 
 from ..ops.library import next_draw
+from ..ops.validation import check_generator
 from ..rules.activations import check_activation
 from ..rules.methods import FEEDBACK_METHODS, FeedbackRule, feedback_matrix, init_bound, init_std, rule_for
 
@@ -37,9 +39,65 @@ class FeedbackState:
             self.register_buffer("feedback_seed", torch.zeros(1, dtype=torch.int64, device=factory.get("device")))
             self.register_buffer("counter", torch.zeros(1, dtype=torch.int64, device=factory.get("device")))
 
+    def materialize_feedback(self, like: torch.Tensor) -> None:
+        """New feedback state on ``like``'s device and dtype (a layer built on the meta device,
+        whose weight is then another module's), drawn by :meth:`reset_feedback`."""
+        factory = {"device": like.device, "dtype": like.dtype}
+        if self._method == "kp":
+            self.feedback = nn.Parameter(torch.empty(like.shape, **factory))
+        elif self.feedback is not None:
+            self.feedback = torch.empty(like.shape, **factory)
+        if self._method == "brsf":
+            self.feedback_seed = torch.zeros(1, dtype=torch.int64, device=like.device)
+            self.counter = torch.zeros(1, dtype=torch.int64, device=like.device)
+        self.reset_feedback()
+
+    def share_feedback_state(self, other: "FeedbackState") -> None:
+        """Use ``other``'s feedback state (B or R, brsf's seed and counter): two layers of one
+        weight (an nn.Linear fused two ways by ``convert``) then feed back through one B."""
+        if other._method != self._method:
+            raise ValueError(f"cannot share the feedback state of a {other._method!r} layer with a "
+                             f"{self._method!r} one")
+        self.feedback = other.feedback
+        if self._method == "brsf":
+            self.feedback_seed, self.counter, self._seed = other.feedback_seed, other.counter, other._seed
+
+    @contextlib.contextmanager
+    def backward_as_backprop(self):
+        """Within this context the layer's backward is backprop's (B = W), e.g. to compare FA's
+        gradients with the true ones (``fa_triton.metrics.gradient_alignment``)."""
+        method = self._method
+        self._method, self._rule = "backprop", None
+        try:
+            yield self
+        finally:
+            self._method, self._rule = method, None
+
+    @contextlib.contextmanager
+    def keeping_draws(self):
+        """brsf: the draw counter is put back as it was when the context exits (forwards made
+        only to measure leave the training's draws alone); nothing for other methods."""
+        counter = self.counter.clone() if self._method == "brsf" else None
+        try:
+            yield self
+        finally:
+            if counter is not None:
+                with torch.no_grad():
+                    self.counter.copy_(counter)
+
     @property
     def method(self) -> str:
         return self._method
+
+    def method_text(self) -> str:
+        """The method as a printout shows it: a layer inside a DFA model runs backprop's local
+        step, but is trained by DFA (``DFAModel`` marks it through :meth:`mark_dfa`)."""
+        role = getattr(self, "_dfa_role", None)
+        return f"dfa ({role})" if role else self._method
+
+    def mark_dfa(self, role: str) -> None:
+        """Say, in the printout, that this layer is DFA's ``role`` ("hidden" or "output" layer)."""
+        self._dfa_role = role
 
     @property
     def init(self) -> str:
@@ -80,6 +138,7 @@ class FeedbackState:
     def reset_feedback(self, generator: torch.Generator | None = None) -> None:
         """Draw a new B (or R) from the init's distribution: U(±1/√fan_in) for kaiming,
         xavier-uniform for xavier. brsf draws a new seed (and restarts its counter)."""
+        check_generator(generator)
         if self.feedback is not None:
             bound = init_bound(self._init, *self.fans)
             self.feedback.uniform_(-bound, bound, generator=generator)

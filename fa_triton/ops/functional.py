@@ -98,7 +98,8 @@ def fa_linear(
         y [..., out_features]; under ``torch.autocast`` in the autocast dtype, as ``nn.Linear``.
     """
     x, weight, bias, feedback = autocast_inputs(x, weight, bias, feedback)
-    if method != "fa":
+    if method != "fa" or feedback_scale is not None or seed is not None or counter is not None:
+        # (fa takes none of these: one given is an error, not silently ignored.)
         check_method_arguments(method, feedback, feedback_scale, seed, counter, x)
     check_inputs(x, weight, bias, feedback, activation, negative_slope, needs_feedback=method in FEEDBACK_METHODS)
     return apply_checked(x, weight, bias, feedback, counter, activation, float(negative_slope),

@@ -70,8 +70,13 @@ def _define(backend: Backend):
     def local_error(grad_y: Tensor, saved: Optional[Tensor], activation: str, negative_slope: float, need_delta: bool,
                     bias_grad: bool) -> tuple[Tensor, Tensor]:
         delta, grad_b = backend.local_error(grad_y, saved, activation, negative_slope, need_delta, bias_grad)
-        # An op's output must not alias its input (the identity's δ is grad_y itself).
-        return _or_empty(delta if delta is not grad_y else delta.clone(), grad_y), _or_empty(grad_b, grad_y)
+        # δ as its fake says: contiguous, and not an alias of the input (the identity's δ is
+        # grad_y itself; the reference's follows grad_y's strides).
+        if delta is grad_y:
+            delta = delta.clone(memory_format=torch.contiguous_format)
+        elif delta is not None:
+            delta = delta.contiguous()
+        return _or_empty(delta, grad_y), _or_empty(grad_b, grad_y)
 
     @torch.library.custom_op(f"{prefix}_backward_input", mutates_args=())
     def backward_input(delta: Tensor, feedback: Optional[Tensor], weight: Optional[Tensor], counter: Optional[Tensor],

@@ -1,4 +1,5 @@
-"""Argument checks shared by every entry point: bad input fails here, with the argument named."""
+"""The argument checks of every public entry point: bad input fails here, before torch sees it,
+with the argument named (and its shapes, dtypes or devices)."""
 
 from __future__ import annotations
 
@@ -6,22 +7,24 @@ import math
 
 import torch
 
-from ..rules.activations import check_activation
+from ..rules.activations import ACTIVATIONS, check_activation
 from ..rules.methods import FEEDBACK_METHODS, check_method
 
 
-def inputs_fit(x, weight, bias, feedback) -> bool:
-    """A fast test that the layer's tensors fit together (what :func:`check_inputs` checks, but
-    the activation): True in the common case; when False, check_inputs says what is wrong."""
+def _fits(x, weight, bias, feedback) -> bool:
+    """Whether the layer's tensors fit together (the fast path of :func:`check_inputs`)."""
     try:
         if bias is not None and (bias.dtype != x.dtype or bias.device != x.device or bias.dim() != 1
                                  or bias.shape[0] != weight.shape[0]):
             return False
-        return (x.shape[-1] == weight.shape[1] and weight.dim() == 2 and feedback.dim() == 2
-                and feedback.shape[0] == weight.shape[0] and feedback.shape[1] == weight.shape[1]
+        # Sizes compared as ints: torch.Size == goes through symbolic shapes' sym_eq (µs a call).
+        out_features, in_features = weight.shape
+        feedback_rows, feedback_cols = feedback.shape
+        return (type(x) is torch.Tensor and x.dim() > 0 and x.shape[-1] == in_features
+                and feedback_rows == out_features and feedback_cols == in_features
                 and x.dtype == weight.dtype == feedback.dtype and x.dtype.is_floating_point
-                and x.device == weight.device == feedback.device and isinstance(x, torch.Tensor))
-    except (AttributeError, IndexError, TypeError):
+                and x.device == weight.device == feedback.device)
+    except (AttributeError, IndexError, TypeError, ValueError):
         return False
 
 
@@ -42,7 +45,11 @@ def check_inputs(
     """Raise ``TypeError``/``ValueError`` naming the argument if the layer's inputs do not fit together.
 
     ``needs_feedback``: the method reads a feedback tensor (else ``feedback`` must be None; see
-    :func:`check_method_arguments`)."""
+    :func:`check_method_arguments`). The common case — everything fits — costs a few attribute
+    reads; only a misfit walks the checks below to say what is wrong."""
+    if _fits(x, weight, bias, feedback if needs_feedback else weight) and activation in ACTIVATIONS \
+            and type(negative_slope) is float and math.isfinite(negative_slope):
+        return
     for name, t in (("x", x), ("weight", weight)) + ((("feedback", feedback),) if needs_feedback else ()):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -111,3 +118,55 @@ def check_method_arguments(method: str, feedback, feedback_scale, seed, counter,
             raise ValueError(f"counter must be an int64 tensor of one element on x's device ({x.device}), got "
                              + (f"{counter.dtype} of shape {tuple(counter.shape)} on {counter.device}"
                                 if isinstance(counter, torch.Tensor) else type(counter).__name__))
+
+
+def check_int(name: str, value, minimum: int = 1) -> None:
+    """An int (not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+
+
+def check_pair(name: str, value, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each at least ``minimum``, as (h, w) (nn.Conv2d's arguments)."""
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if any(v < minimum for v in pair):
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return tuple(pair)
+
+
+def check_number(name: str, value, minimum: float | None = None, positive: bool = False) -> float:
+    """A finite real number (not a bool), > 0 with ``positive``, >= ``minimum`` if given."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
+    if positive and value <= 0 or minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be {'> 0' if positive else f'>= {minimum}'}, got {value!r}")
+    return float(value)
+
+
+def check_dtype(dtype) -> None:
+    """None or a floating-point torch.dtype (a layer's parameters)."""
+    if dtype is None:
+        return
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+
+
+def check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__} {generator!r}")
+
+
+def check_layer_input(x, in_features: int, like: torch.Tensor, what: str) -> None:
+    """x [..., in_features] of ``like``'s floating dtype and device, for ``what`` (a module's name)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} expects a torch.Tensor input, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"{what} expects input [..., {in_features}], got x of shape {tuple(x.shape)}")
+    if x.dtype != like.dtype or x.device != like.device:
+        raise TypeError(f"{what}'s parameters are {like.dtype} on {like.device}, got x of dtype {x.dtype} on "
+                        f"{x.device}: cast the module with .to(), or the input")

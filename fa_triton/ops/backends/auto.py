@@ -71,7 +71,7 @@ class AutoStep:
         self.chosen: dict[tuple, Backend] = {}
 
     def backend_for(self, *args) -> Backend:
-        key = self.key_of(*args)
+        key = (args[0].device.index,) + self.key_of(*args)  # per GPU: two models of GPU, two choices
         backend = self.chosen.get(key)
         if backend is None:
             backend = self._choose(key, args)
@@ -85,7 +85,7 @@ class AutoStep:
         tuner = kernels().autotune.TUNER
         with kernels().plans.tuning_device(device):
             # During CUDA-graph capture nothing is timed: Triton stands in until a later call chooses.
-            name, final = tuner.choose(kernels().tuning.device_name(device), ("auto",) + key, ("triton", "torch"),
+            name, final = tuner.choose(kernels().tuning.device_name(device), ("auto",) + key[1:], ("triton", "torch"),
                                        lambda name: getattr(_BY_PUBLIC[name], self.step)(*args), stand_in="triton")
         backend = _BY_PUBLIC[name]
         if final:
