@@ -1,6 +1,8 @@
-"""FAConv2d (fa_triton/conv.py) against a float64 oracle written with unfold/fold, for every
-method; backprop against nn.Conv2d; geometry, dtypes, checkpoints, autocast, compile, errors;
-conv DFA (DFAModel); the benchmark networks (fa_triton/models.py); BioTorch's defects."""
+"""FAConv2d (fa_triton/conv.py) against a float64 oracle written with unfold/fold
+(``fa_triton.testing.conv2d_oracle``), for every method, B from the rule's equations
+(``fa_triton.testing.layer_feedback``) and read back through the backward; backprop against
+nn.Conv2d; geometry, dtypes, checkpoints, autocast, compile, errors; conv DFA (DFAModel); the
+benchmark networks (fa_triton/models.py); BioTorch's defects."""
 
 import copy
 
@@ -12,7 +14,7 @@ from torch import nn
 import fa_triton
 import fa_triton.metrics
 from fa_triton import METHODS, FAConv2d, FALinear, models
-from tests.oracle import activation_and_derivative
+from tests.oracle import assert_feedback_rule, assert_parity, conv2d_oracle, feedback_from_backward, layer_feedback
 
 GEOMETRIES = [  # (in, out, kernel, stride, padding, dilation, groups, bias, image H, W, batch)
     (3, 4, 3, 1, 1, 1, 1, True, 7, 5, 2),
@@ -20,31 +22,6 @@ GEOMETRIES = [  # (in, out, kernel, stride, padding, dilation, groups, bias, ima
     (2, 3, 3, 1, 2, 2, 1, True, 6, 7, 3),
     (4, 4, 1, 1, 0, 1, 4, True, 5, 5, 2),
 ]
-
-
-def _oracle(x, weight, bias, B, grad_y, stride, padding, dilation, groups, activation):
-    """y, grad_x, grad_W, grad_b of the FA conv in float64, from unfold/fold (im2col) matmuls."""
-    x, weight, B, grad_y = x.double(), weight.double(), B.double(), grad_y.double()
-    n, c_in, h, w = x.shape
-    c_out, c_group, kh, kw = weight.shape
-    geometry = dict(kernel_size=(kh, kw), dilation=dilation, padding=padding, stride=stride)
-    cols = F.unfold(x, **geometry)  # [N, C_in·kh·kw, L]
-    h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    out_g, rows = c_out // groups, c_group * kh * kw
-    z = torch.cat([weight[g * out_g:(g + 1) * out_g].reshape(out_g, rows) @ cols[:, g * rows:(g + 1) * rows]
-                   for g in range(groups)], dim=1)
-    if bias is not None:
-        z = z + bias.double()[None, :, None]
-    y, fprime = activation_and_derivative(z, activation, 0.01)
-    delta = grad_y.reshape(n, c_out, -1) * fprime
-    grad_cols = torch.cat([B[g * out_g:(g + 1) * out_g].reshape(out_g, rows).t() @ delta[:, g * out_g:(g + 1) * out_g]
-                           for g in range(groups)], dim=1)
-    grad_x = F.fold(grad_cols, (h, w), **geometry)
-    grad_w = torch.cat([(delta[:, g * out_g:(g + 1) * out_g] @ cols[:, g * rows:(g + 1) * rows].transpose(1, 2))
-                        .sum(0).reshape(out_g, c_group, kh, kw) for g in range(groups)])
-    grad_b = delta.sum((0, 2)) if bias is not None else None
-    return y.reshape(n, c_out, h_out, w_out), grad_x, grad_w, grad_b
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -58,14 +35,13 @@ def test_every_method_against_the_oracle(method, geometry):
     y = layer(x)
     grad_y = torch.randn_like(y)
     y.backward(grad_y)
-    expected = _oracle(x.detach(), layer.weight.detach(), layer.bias.detach() if bias else None,
-                       layer.feedback_matrix(), grad_y, layer.stride, layer.padding, layer.dilation, groups, "tanh")
-    for name, got, want in zip(("y", "grad_x", "grad_weight", "grad_bias"),
-                               (y, x.grad, layer.weight.grad, layer.bias.grad if bias else None), expected):
-        if want is None:
-            assert got is None
-            continue
-        assert (got.detach() - want).abs().max().item() <= 1e-10 * max(1, want.abs().max().item()), name
+    B = layer_feedback(layer)  # from the rule's equations (brsf: the draw this forward made)
+    expected = conv2d_oracle(x, layer.weight, layer.bias, B, grad_y, layer.stride, layer.padding, layer.dilation,
+                             groups, "tanh")
+    result = {"y": y, "grad_x": x.grad, "grad_weight": layer.weight.grad,
+              "grad_bias": layer.bias.grad if bias else None}
+    assert_parity(result, expected, torch.float64, name=f"FAConv2d({method})")
+    assert_feedback_rule(feedback_from_backward(layer), method, layer.weight, feedback=layer.feedback)
     if method == "kp":
         assert torch.equal(layer.feedback.grad, layer.weight.grad)
 

@@ -1,4 +1,6 @@
-"""Parity of the Triton kernels, through their launchers (kernels/launchers.py), with the float64 oracle.
+"""Parity of the Triton kernels, through their launchers (kernels/launchers.py), with the float64 oracle
+(``fa_triton.testing``), within the fixed bounds derived from rounding; the reference backend is held
+to the same bounds first.
 
 Without a GPU these run on CPU tensors through Triton's interpreter (see conftest.py), so
 every kernel is exercised in CI; the `cuda`-marked tests need real hardware.
@@ -12,7 +14,20 @@ from fa_triton import ACTIVATIONS, fa_linear, kernels
 from fa_triton.kernels import autotune, launchers, linear_plans, plans, tuning
 from fa_triton.kernels.tuning import LaunchConfig
 from tests.helpers import KERNEL_DEVICE
-from tests.oracle import FLOOR, assert_parity, assert_within_bounds, make_inputs, oracle, run_layer, tf32_bounds
+from tests.oracle import (
+    activation_and_derivative,
+    assert_backends_parity,
+    assert_parity,
+    assert_within_bounds,
+    layer_bounds,
+    local_error,
+    local_error_bounds,
+    make_inputs,
+    oracle,
+    oracle_feedback,
+    run_layer,
+    tf32_bounds,
+)
 
 # The interpreter has no bf16 arithmetic; bf16 is covered by the cuda-marked tests.
 INTERPRETER_DTYPES = [torch.float32, torch.float16]
@@ -60,10 +75,11 @@ def check_against_oracle(lead_shape, in_features, out_features, dtype, bias, act
         # The same view of grad_y keeps it aligned with x's rows (and non-contiguous too).
         x, grad_y = transform(x), transform(grad_y)
     expected = oracle(x, weight, b, feedback, grad_y, activation, negative_slope)
+    bounds = layer_bounds(x, weight, b, feedback, grad_y, activation, negative_slope, dtype=dtype)
     result = run_layer(triton_layer, x, weight, b, feedback, grad_y, activation, negative_slope=negative_slope)
     torch_result = run_layer(reference_layer, x, weight, b, feedback, grad_y, activation,
                              negative_slope=negative_slope)
-    assert_parity(result, torch_result, expected, dtype)
+    assert_backends_parity(result, torch_result, expected, dtype, bounds)
     return result
 
 
@@ -122,9 +138,9 @@ def test_expanded_upstream_gradient(kernel_device):
     x, weight, b, feedback, _ = make_inputs((5, 6), 11, 9, torch.float32, kernel_device, activation="tanh")
     result = run_layer(triton_layer, x, weight, b, feedback, torch.ones(()).expand(5, 6, 9).to(kernel_device),
                        "tanh")
-    expected = oracle(x, weight, b, feedback, torch.ones(5, 6, 9, device=kernel_device), "tanh")
-    for name in ("grad_x", "grad_weight", "grad_bias"):
-        torch.testing.assert_close(result[name].double(), expected[name], atol=1e-5, rtol=1e-5)
+    ones = torch.ones(5, 6, 9, device=kernel_device)
+    expected = oracle(x, weight, b, feedback, ones, "tanh")
+    assert_parity(result, expected, torch.float32, bounds=layer_bounds(x, weight, b, feedback, ones, "tanh"))
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "identity"])
@@ -162,12 +178,13 @@ def test_only_needed_gradients(kernel_device):
     # Frozen weight with trainable bias, and input-only gradients, take their own paths.
     x, weight, b, feedback, grad_y = make_inputs((9,), 12, 5, torch.float32, kernel_device, activation="tanh")
     expected = oracle(x, weight, b, feedback, grad_y, "tanh")
+    bounds = layer_bounds(x, weight, b, feedback, grad_y, "tanh")
     b_leaf = b.clone().requires_grad_(True)
     fa_linear(x, weight, b_leaf, feedback, "tanh", backend="triton").backward(grad_y)
-    torch.testing.assert_close(b_leaf.grad.double(), expected["grad_bias"], atol=1e-5, rtol=1e-5)
+    assert_parity(b_leaf.grad, expected["grad_bias"], torch.float32, bounds=bounds["grad_bias"], name="grad_bias")
     x_leaf = x.clone().requires_grad_(True)
     fa_linear(x_leaf, weight, b, feedback, "tanh", backend="triton").backward(grad_y)
-    torch.testing.assert_close(x_leaf.grad.double(), expected["grad_x"], atol=1e-5, rtol=1e-5)
+    assert_parity(x_leaf.grad, expected["grad_x"], torch.float32, bounds=bounds["grad_x"], name="grad_x")
 
 
 def test_fp32_dot_follows_pytorchs_tf32_switches(fp32_matmul_precision):
@@ -229,27 +246,21 @@ def test_cuda_int64_offsets():
 
 def _weight_grads_against_oracle(M, in_features, out_features, dtype, bias, activation, device, **launch_kwargs):
     """grad_W and grad_b from the backward-weight launcher, checked against the float64 oracle
-    with the suite's tolerance policy (<= 2x PyTorch's own error + floor). Returns them."""
-    from tests.oracle import FLOOR, max_error
-
+    with the suite's tolerance policy (the fixed bounds of ``layer_bounds``, the reference
+    held to them too). Returns them."""
     x, weight, b, feedback, grad_y = make_inputs((M,), in_features, out_features, dtype, device, bias=bias,
                                                  activation=activation)
-    expected = oracle(x, weight, b, feedback, grad_y, activation)
+    full = oracle(x, weight, b, feedback, grad_y, activation)
+    expected = {name: full[name] for name in ("grad_weight", "grad_bias")}
+    bounds = layer_bounds(x, weight, b, feedback, grad_y, activation, dtype=dtype)
     torch_result = run_layer(reference_layer, x, weight, b, feedback, grad_y, activation)
     store_extra = fa_triton.rules.activations.saves_extra(activation, 0.01)
     y, extra = kernels.fa_linear_forward(x, weight, b, activation, 0.01, store_extra)
     saved = None if activation == "identity" else (extra if store_extra else y)
     grad_w, grad_b = kernels.fa_linear_backward_weight(grad_y, saved, x, activation, 0.01, bias_grad=bias,
                                                        **launch_kwargs)
-    for name, value in (("grad_weight", grad_w), ("grad_bias", grad_b)):
-        if expected[name] is None:
-            assert value is None
-            continue
-        assert value.dtype == dtype and value.shape == expected[name].shape
-        scale = max(1.0, expected[name].abs().max().item())
-        bound = 2 * max_error(torch_result[name], expected[name]) + FLOOR[dtype] * scale
-        err = max_error(value, expected[name])
-        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g}"
+    assert_backends_parity({"grad_weight": grad_w, "grad_bias": grad_b}, torch_result, expected, dtype, bounds,
+                           name="backward-weight launcher")
     return grad_w, grad_b
 
 
@@ -323,13 +334,6 @@ def _layer_with_configs(x, weight, b, feedback, grad_y, activation, forward=None
     return {"y": y, "grad_x": grad_x, "grad_weight": grad_w, "grad_bias": grad_b}, delta
 
 
-def oracle_fprime(x, weight, bias, activation):
-    from tests.oracle import activation_and_derivative
-
-    z = x.double() @ weight.double().t() + bias.double()
-    return activation_and_derivative(z, activation, 0.01)[1]
-
-
 @pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
 @pytest.mark.parametrize("activation, store_delta", [("relu", False), ("gelu", True), ("sigmoid", True),
                                                      ("identity", False)])
@@ -339,20 +343,20 @@ def test_kernel_variants_against_the_oracle(tma, activation, store_delta, dtype,
     x, weight, b, feedback, grad_y = make_inputs((M,), in_features, out_features, dtype, kernel_device,
                                                  activation=activation)
     expected = oracle(x, weight, b, feedback, grad_y, activation)
+    bounds = layer_bounds(x, weight, b, feedback, grad_y, activation, dtype=dtype)
     torch_result = run_layer(reference_layer, x, weight, b, feedback, grad_y, activation)
     # Small tiles: several programs along every axis, partial tiles at every edge.
     config = LaunchConfig(32, 16, 16, tma=tma)
     result, delta = _layer_with_configs(x, weight, b, feedback, grad_y, activation, config, config,
                                         config.replace(split=2), store_delta)
-    assert_parity(result, torch_result, expected, dtype)
+    assert_backends_parity(result, torch_result, expected, dtype, bounds)
     names = [name for name, _ in launches]
     suffix = "_tma_kernel" if tma else "_kernel"
     assert {"forward" + suffix, "backward_input" + suffix, "backward_weight" + suffix, "split_sum_kernel"} <= set(names)
     if store_delta:
         # δ as the dot uses it: g ⊙ f'(z) rounded to the operand dtype (z itself was rounded too).
-        true_delta = grad_y.double() * oracle_fprime(x, weight, b, activation)
-        tol = FLOOR[dtype] * max(1.0, true_delta.abs().max().item())
-        torch.testing.assert_close(delta.double(), true_delta, rtol=0, atol=tol)
+        true_delta = local_error(x, weight, b, grad_y, activation)[1]
+        assert_parity(delta, true_delta, dtype, bounds=bounds["delta"], name="stored delta")
 
 
 @pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
@@ -363,10 +367,11 @@ def test_forward_split_k_parity(activation, dtype, kernel_device, launches):
     x, weight, b, feedback, grad_y = make_inputs((M,), in_features, out_features, dtype, kernel_device,
                                                  activation=activation)
     expected = oracle(x, weight, b, feedback, grad_y, activation)
+    bounds = layer_bounds(x, weight, b, feedback, grad_y, activation, dtype=dtype)
     torch_result = run_layer(reference_layer, x, weight, b, feedback, grad_y, activation)
     split = LaunchConfig(32, 16, 16, split=3)
     result, _ = _layer_with_configs(x, weight, b, feedback, grad_y, activation, forward=split)
-    assert_parity(result, torch_result, expected, dtype)
+    assert_backends_parity(result, torch_result, expected, dtype, bounds)
     forward_grids = [grid for name, grid in launches if name == "forward_kernel"]
     assert forward_grids[0][1] == 3 and "forward_split_epilogue_kernel" in [name for name, _ in launches]
     again, _ = _layer_with_configs(x, weight, b, feedback, grad_y, activation, forward=split)
@@ -380,7 +385,6 @@ def test_forward_epilogue_in_halves(tma, kernel_device):
     x, weight, b, _, _ = make_inputs((130,), 32, 300, torch.float32, kernel_device, activation="gelu")
     y, extra = kernels.fa_linear_forward(x, weight, b, "gelu", 0.01, True, config=LaunchConfig(128, 256, 16, tma=tma))
     z = x.double() @ weight.double().t() + b.double()
-    from tests.oracle import activation_and_derivative
     y_true, fprime = activation_and_derivative(z, "gelu", 0.01)
     torch.testing.assert_close(y.double(), y_true, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(extra.double(), fprime, rtol=1e-5, atol=1e-5)
@@ -460,7 +464,9 @@ def test_cuda_every_autotune_candidate(dtype):
     M, in_features, out_features = 1040, 784, 528
     x, weight, b, feedback, grad_y = make_inputs((M,), in_features, out_features, dtype, "cuda")
     expected = oracle(x, weight, b, feedback, grad_y, "relu")
+    bounds = layer_bounds(x, weight, b, feedback, grad_y, "relu", dtype=dtype)
     torch_result = run_layer(reference_layer, x, weight, b, feedback, grad_y, "relu")
+    assert_parity(torch_result, expected, dtype, bounds=bounds, name="reference (backend='torch')")
     sms = tuning.sm_count(torch.device("cuda"))
     tma = tuning.tma_supported(torch.device("cuda"))
     candidates = {
@@ -481,7 +487,7 @@ def test_cuda_every_autotune_candidate(dtype):
                 continue  # the tuner skips configs this GPU cannot hold
             raise
         result = {"y": y, "grad_x": grad_x, "grad_weight": grad_w, "grad_bias": grad_b}
-        assert_parity(result, torch_result, expected, dtype)
+        assert_parity(result, expected, dtype, bounds=bounds, name=f"candidate {pick}")
 
 
 @pytest.mark.cuda
@@ -544,7 +550,8 @@ def test_zero_in_features(kernel_device):
                          ids=["empty-K", "empty-M", "empty-both"])
 def test_empty_input_or_batch(M, in_features, out_features, activation, method, kernel_device):
     # in_features = 0 once gave garbage grad_b (0.78, 9.7e25) with relu: δ and grad_b must not
-    # depend on the GEMMs running. Checked against the equations in float64, every rule.
+    # depend on the GEMMs running. Checked against the float64 oracle (B from the rule's
+    # equations) within the fixed bounds, every rule.
     gen = torch.Generator().manual_seed(3)
     weight = torch.randn(out_features, in_features, generator=gen).to(kernel_device).requires_grad_(True)
     # |b| in [0.2, 1]: z = b stays away from relu's kink.
@@ -561,13 +568,12 @@ def test_empty_input_or_batch(M, in_features, out_features, activation, method, 
     feedback_arg = rule_args.pop("feedback")
     y = fa_linear(x, weight, bias, feedback_arg, activation, method=method, backend="triton", **rule_args)
     y.backward(grad_y)
-    from tests.oracle import activation_and_derivative
-
-    z = x.detach().double() @ weight.detach().double().t() + bias.detach().double()
-    y_true, fprime = activation_and_derivative(z, activation, 0.01)
-    delta = grad_y.double() * fprime
-    torch.testing.assert_close(y.double(), y_true, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(bias.grad.double(), delta.sum(0), rtol=1e-5, atol=1e-6)
+    B = oracle_feedback(method, weight, feedback, scale=rule_args.get("feedback_scale"), seed=rule_args.get("seed"),
+                        counter=rule_args.get("counter"))
+    expected = oracle(x, weight, bias, B, grad_y, activation)
+    bounds = layer_bounds(x, weight, bias, B, grad_y, activation, dtype=torch.float32, method=method)
+    result = {"y": y, "grad_x": x.grad, "grad_weight": weight.grad, "grad_bias": bias.grad}
+    assert_parity(result, expected, torch.float32, bounds=bounds, name=method)
     assert torch.isfinite(bias.grad).all()
     assert weight.grad.shape == (out_features, in_features) and not weight.grad.any()
     assert x.grad.shape == (M, in_features)
@@ -595,9 +601,8 @@ def test_launchers_refuse_an_unknown_activation(kernel_device):
 @pytest.mark.parametrize("split", [1, 2, 3, 7])
 def test_delta_pass_with_row_slices(split, activation, dtype, kernel_device, launches):
     # δ = g ⊙ f'(z) and grad_b = Σ_rows δ from the pass, its rows in `split` slices whose fp32
-    # partial sums split_sum_kernel adds in order: against the equations in float64.
-    from tests.oracle import activation_and_derivative
-
+    # partial sums split_sum_kernel adds in order: against the equations in float64, within the
+    # fixed bounds of a δ pass (local_error_bounds).
     gen = torch.Generator().manual_seed(split)
     z = torch.randn(53, 21, generator=gen, dtype=torch.float64)
     z = torch.where(z.abs() < 0.05, z + 0.1, z)  # away from relu's kink
@@ -606,12 +611,10 @@ def test_delta_pass_with_row_slices(split, activation, dtype, kernel_device, lau
     grad_y = torch.randn(53, 21, generator=gen, dtype=torch.float64).to(dtype).to(kernel_device)
     config = LaunchConfig(16, 16, 16, split=split)
     delta, grad_b = kernels.fa_linear_local_error(grad_y, saved, activation, 0.01, config=config)
-    _, fprime_rounded = activation_and_derivative(z.to(dtype).double(), activation, 0.01)
-    expected = grad_y.double() * (fprime_rounded if activation in ("relu", "leaky_relu") else fprime)
-    scale = max(1.0, expected.abs().max().item())
-    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
-    torch.testing.assert_close(delta.double(), expected, rtol=0, atol=tolerance * scale)
-    torch.testing.assert_close(grad_b.double(), expected.sum(0), rtol=0, atol=tolerance * scale * 53 ** 0.5)
+    expected = grad_y.double() * fprime
+    bounds = local_error_bounds(grad_y, z, activation, 0.01, dtype=dtype)
+    assert_parity({"delta": delta, "grad_bias": grad_b}, {"delta": expected, "grad_bias": expected.sum(0)}, dtype,
+                  bounds=bounds)
     names = [name for name, _ in launches]
     assert names.count("local_error_kernel") == 1 and names.count("split_sum_kernel") == (split > 1)
     again, again_b = kernels.fa_linear_local_error(grad_y, saved, activation, 0.01, config=config)

@@ -1,6 +1,8 @@
 """The feedback-alignment family (fa_triton/methods.py, FALinear(method=...)): every rule against
-the float64 oracle in both backends, backprop against nn.Linear, brsf's draws, kp's gradient,
-wm's mirror, init options, checkpoints, errors, and a short training run per method."""
+the float64 oracle in both backends (B built from the rule's equations by fa_triton.testing, never
+by the code under test; fixed bounds; B read back through the backward and checked against the
+rule), backprop against nn.Linear, brsf's draws, kp's gradient, wm's mirror, init options,
+checkpoints, errors, and a short training run per method."""
 
 import math
 
@@ -12,10 +14,21 @@ from torch import nn
 import fa_triton
 import fa_triton.metrics
 from fa_triton import METHODS, FALinear, fa_linear
-from fa_triton.rules.methods import FeedbackRule, feedback_matrix, init_std
+from fa_triton.rules.methods import FeedbackRule, feedback_matrix
 from fa_triton.rules.philox import philox_uniform
+from fa_triton.testing import rule_scale
 from tests.helpers import KERNEL_DEVICE, teacher_task, train_on
-from tests.oracle import FLOOR, max_error, oracle
+from tests.oracle import (
+    assert_backends_parity,
+    assert_feedback_rule,
+    assert_parity,
+    assert_uses_feedback,
+    feedback_from_backward,
+    layer_bounds,
+    layer_feedback,
+    local_error,
+    oracle,
+)
 
 ALL_METHODS = list(METHODS)
 
@@ -42,10 +55,12 @@ def _run(layer, x, grad_y):
 
 
 def _expected(layer, x, grad_y):
-    """The float64 oracle of the layer's equations with the B its method forms (after the forward)."""
-    B = layer.feedback_matrix().double()
+    """B from the layer's method's equations (``fa_triton.testing.layer_feedback``: its stored
+    state, the scale by formula, brsf's draw from Philox; after the forward: the draw it made),
+    and the float64 oracle of the layer's equations with that B."""
+    B = layer_feedback(layer)
     bias = layer.bias.detach() if layer.bias is not None else None
-    return oracle(x, layer.weight.detach(), bias, B, grad_y, layer.activation)
+    return B, oracle(x, layer.weight.detach(), bias, B, grad_y, layer.activation)
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
@@ -55,16 +70,23 @@ def test_every_method_against_the_oracle(method, backend, dtype):
     device = KERNEL_DEVICE if backend == "triton" else "cpu"
     layer, x, grad_y = _layer_and_inputs(method, backend, dtype, device)
     result = _run(layer, x, grad_y)
-    expected = _expected(layer, x, grad_y)  # brsf: B of the draw this forward made
+    B, expected = _expected(layer, x, grad_y)  # brsf: B of the draw this forward made
+    bounds = None if dtype == torch.float64 else layer_bounds(x, layer.weight, layer.bias, B, grad_y, "tanh",
+                                                              dtype=dtype, method=method)
     reference_layer = FALinear(21, 13, activation="tanh", method=method, backend="torch", device=device, dtype=dtype)
     reference_layer.load_state_dict(layer.state_dict())
     if method == "brsf":
         reference_layer.counter.sub_(1)  # its forward advances to the same draw
     torch_result = _run(reference_layer, x, grad_y)
-    for name in ("y", "grad_x", "grad_weight", "grad_bias"):
-        err, torch_err = max_error(result[name], expected[name]), max_error(torch_result[name], expected[name])
-        bound = 2 * torch_err + FLOOR[dtype] * max(1.0, expected[name].abs().max().item())
-        assert result[name].dtype == dtype and err <= bound, f"{name}: {err:.3g} > {bound:.3g}"
+    # The reference is held to the oracle first, then this backend: fixed bounds, so a bug they
+    # share fails both (the torch cases check the reference itself).
+    assert_backends_parity(result, torch_result, expected, dtype, bounds, name=f"{backend} backend")
+    # B as the backward really applies it, read back through it: the rule's magnitudes and signs.
+    assert_feedback_rule(feedback_from_backward(layer), method, layer.weight, feedback=layer.feedback)
+    if dtype == torch.float64 and method != "backprop":
+        # FA sends δ through B, not W: a layer that passed W as B (backprop) fails here by name.
+        delta = local_error(x, layer.weight, layer.bias, grad_y, "tanh")[1]
+        assert_uses_feedback(result["grad_x"], delta, B, layer.weight)
     if method == "kp":  # Kolen–Pollack: B's gradient is W's
         assert torch.equal(result["grad_feedback"], result["grad_weight"])
     else:
@@ -90,13 +112,13 @@ def test_backprop_equals_nn_linear_in_float64():
 def test_sign_methods_feed_back_through_the_sign_of_w(method):
     layer, x, grad_y = _layer_and_inputs(method, "torch", torch.float64, "cpu")
     result = _run(layer, x, grad_y)
-    B = layer.feedback_matrix()
-    nonzero = B != 0
-    assert torch.equal(torch.sign(B)[nonzero], torch.sign(layer.weight.detach())[nonzero])  # concordant with W
-    if method == "usf":  # B = s·sign(W): grad_x = s · δ sign(W), with s the init's std
-        assert torch.allclose(B.abs(), torch.full_like(B, init_std("kaiming", 21, 13)))
+    # B as the backward applies it: concordant with W, |B| = s (usf), |R| (frsf), <= b (brsf).
+    assert_feedback_rule(feedback_from_backward(layer), method, layer.weight, feedback=layer.feedback)
+    if method == "usf":  # B = s·sign(W): grad_x = s · δ sign(W), with s the init's std, by formula
         delta = grad_y * (1 - result["y"] ** 2)
-        torch.testing.assert_close(result["grad_x"], init_std("kaiming", 21, 13) * delta @ torch.sign(layer.weight))
+        s = rule_scale("usf", "kaiming", 21, 13)
+        assert s == pytest.approx(1 / math.sqrt(3 * 21))
+        assert_parity(result["grad_x"], s * delta @ torch.sign(layer.weight.detach()), torch.float64, name="grad_x")
     assert layer.state_dict().get("feedback") is None or method == "frsf"  # usf and brsf store no B
 
 

@@ -1,5 +1,6 @@
-"""The test helpers' own checks: the tf32 error bounds of oracle.py hold for tf32 arithmetic
-(emulated on the CPU) and are tight enough to catch coarser rounding."""
+"""The test helpers' own checks: the tf32 error bounds (``fa_triton.testing.tf32_bounds``,
+re-exported by oracle.py) hold for tf32 arithmetic (emulated on the CPU) and are tight enough to
+catch coarser rounding. ``tests/test_testing.py`` checks the rest of ``fa_triton.testing``."""
 
 import pytest
 import torch
@@ -52,7 +53,7 @@ def test_tf32_bounds_catch_coarser_rounding():
             assert_within_bounds({**expected, name: coarse[name]}, expected, bounds)
 
 
-def test_tf32_bounds_refuse_other_activations():
+def test_tf32_bounds_refuse_unknown_activations():
     x, weight, b, feedback, grad_y = make_inputs((4,), 8, 8, torch.float32, "cpu")
-    with pytest.raises(ValueError, match="relu and identity"):
-        tf32_bounds(x, weight, b, feedback, grad_y, "gelu")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        tf32_bounds(x, weight, b, feedback, grad_y, "rleu")
