@@ -22,15 +22,14 @@ stretch of wall time. An epoch's seconds are the sum of its chunks' wall times (
 time is printed beside it). Reported: the median over ``--rounds`` epochs per variant, and the
 ratio of medians to the baseline. ``--csv`` writes long-format rows (one per variant and epoch).
 
-    python3 bench/mnist_epoch_time.py --data-dir ../shared/data --rounds 5 --threads 1
-    python3 bench/mnist_epoch_time.py --data-dir ../shared/data --device cuda --train-epochs 10
+    python3 -m bench.mnist_epoch_time --data-dir ../shared/data --rounds 5 --threads 1
+    python3 -m bench.mnist_epoch_time --data-dir ../shared/data --device cuda --train-epochs 10
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import platform
 import statistics
 import time
 
@@ -47,6 +46,8 @@ from fa_triton.experiments.mnist import (
     train,
     train_epoch,
 )
+
+from .results import cpu_name
 
 
 def backprop_model() -> nn.Sequential:
@@ -82,16 +83,6 @@ VARIANTS = {
 }
 BASELINE = "backprop_plain_loop"
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _sync(device: torch.device) -> None:

@@ -12,11 +12,9 @@ could not run has ``metric="failed"``, the reason in ``unit`` and empty numbers.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import datetime as _dt
 import math
-import os
 import platform
 import re
 import subprocess
@@ -131,40 +129,6 @@ def append_rows(path: Path | str, rows: list[dict]) -> Path:
         for row in rows:
             writer.writerow({key: row[key] for key in COLUMNS})
     return path
-
-
-def replace_rows(path: Path, columns: tuple[str, ...], rows: list[dict], key: tuple[str, ...]) -> None:
-    """Rewrite a results CSV with ``rows`` in place of the old rows that share their ``key``
-    columns (the others are kept); atomic, so an interrupted run leaves the old file whole, and
-    serialized by a lock file, so runs of different methods can share one CSV."""
-    new_keys = {tuple(str(row[k]) for k in key) for row in rows}
-    with _locked(path.with_name(path.name + ".lock")):
-        kept = []
-        if path.exists():
-            with path.open(newline="") as f:
-                kept = [r for r in csv.DictReader(f) if tuple(r[k] for k in key) not in new_keys]
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(kept + rows)
-        os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def _locked(lock_path: Path):
-    """An exclusive lock on ``lock_path`` (POSIX flock; without fcntl, no lock)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: one writer at a time is the caller's job
-        yield
-        return
-    with lock_path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def read_rows(path: Path | str) -> list[dict]:

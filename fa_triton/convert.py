@@ -6,9 +6,9 @@ bias Parameters, fresh feedback), fusing a directly following activation module 
 ``nn.Sequential`` into the layer. :func:`load_linear_state_dict` loads a checkpoint of the
 original model into the converted one.
 
-State-dict keys: a fused activation module is replaced by ``nn.Identity`` in its slot (not
-removed), so every index of an ``nn.Sequential`` and every key of the original model stays
-as it was; a converted layer only adds ``<name>.feedback``.
+State-dict keys: a fused activation module is replaced by :class:`Fused` (an ``nn.Identity``
+that prints what it was) in its slot (not removed), so every index of an ``nn.Sequential`` and
+every key of the original model stays as it was; a converted layer only adds ``<name>.feedback``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from .layers.linear import FALinear
 from .ops.backends import check_backend
 from .rules.methods import INITS, check_method
 
-__all__ = ["ConvertedLayer", "ConversionSummary", "convert", "load_linear_state_dict"]
+__all__ = ["ConvertedLayer", "ConversionSummary", "Fused", "convert", "load_linear_state_dict"]
 
 _DEFAULT_SLOPE = 0.01
 
@@ -56,13 +56,25 @@ def fusable_activation(module: nn.Module) -> tuple[str, float] | None:
     return None
 
 
+class Fused(nn.Identity):
+    """The slot of an activation module fused into the layer before it: passes its input
+    through unchanged (an ``nn.Identity``) and prints as ``Fused(relu into 0)``."""
+
+    def __init__(self, activation: str = "identity", into: str = "") -> None:
+        super().__init__()
+        self.activation, self.into = activation, into
+
+    def extra_repr(self) -> str:
+        return f"{self.activation} into {self.into}" if self.into else self.activation
+
+
 @dataclass(frozen=True)
 class ConvertedLayer:
     """One ``nn.Linear`` that became an FALinear (or ``nn.Conv2d`` an FAConv2d)."""
 
     name: str  # qualified name of the layer (unchanged by the conversion)
     activation: str  # the new layer's activation ("identity" unless an activation was fused)
-    fused: str | None = None  # qualified name of the fused activation module, now nn.Identity
+    fused: str | None = None  # qualified name of the fused activation module, now Fused
     kind: str = "FALinear"  # the new layer's class
 
 
@@ -84,7 +96,7 @@ class ConversionSummary:
             f", {convs} nn.Conv2d -> FAConv2d" if convs else "")
         lines = [f"fa_triton.convert: {counts}, {len(self.kept)} kept"]
         for layer in self.converted:
-            fused = f" (fused {layer.fused}, now nn.Identity)" if layer.fused is not None else ""
+            fused = f" (fused {layer.fused}, now Fused)" if layer.fused is not None else ""
             lines.append(f"  {layer.name or '<root>'}: {layer.kind}, activation={layer.activation}{fused}")
         for name, reason in self.kept:
             lines.append(f"  {name or '<root>'}: kept ({reason})")
@@ -227,8 +239,8 @@ class _Converter:
                                                       [(next_qualified, next_child)]):
                     activation, negative_slope = found
                     fused = next_qualified
-                    # Identity in the activation's slot keeps the indices (and state_dict keys).
-                    module._modules[next_name] = nn.Identity()
+                    # A pass-through in the activation's slot keeps the indices (and state_dict keys).
+                    module._modules[next_name] = Fused(activation, name)
             module._modules[name] = self.falinear(child, activation, negative_slope)
             self.summary.converted.append(ConvertedLayer(qualified, activation, fused, _kind(child)))
 
@@ -261,7 +273,7 @@ def convert(
     With ``activation_fusion``, an ``nn.Linear`` directly followed, inside an ``nn.Sequential``,
     by ``nn.ReLU``, ``nn.LeakyReLU`` (its slope), ``nn.Tanh``, ``nn.Sigmoid``,
     ``nn.GELU(approximate="none")`` or ``nn.Identity`` becomes one FALinear with that activation
-    (the fused kernel), and the activation's slot becomes ``nn.Identity``: indices and
+    (the fused kernel), and the activation's slot becomes :class:`Fused` (a pass-through): indices and
     state_dict keys do not change. Other layers get ``activation="identity"``.
 
     Args:

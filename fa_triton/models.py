@@ -1,5 +1,7 @@
 """The networks of the published FA benchmarks, buildable with any rule of the family.
 
+- :func:`mlp` — an MLP of :class:`~fa_triton.FALinear` layers (the founding tutorial's
+  784-128-64-10, relu, relu, identity, by default).
 - :func:`lenet` — BioTorch's LeNet for MNIST and Fashion-MNIST (32×32 inputs): conv(1→6, 5),
   ReLU, max-pool 2, conv(6→16, 5), ReLU, max-pool 2, conv(16→120, 5), ReLU, fc 120→84, ReLU,
   fc 84→10.
@@ -19,8 +21,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from .convert import convert
+from .layers.dfa_network import DFANetwork
+from .layers.linear import FALinear
 from .ops.validation import check_int
 from .rules.methods import INITS, METHODS
+
+
+def mlp(sizes=(784, 128, 64, 10), activations=("relu", "relu", "identity"), *, bias: bool = True,
+        backend: str = "auto", method: str = "fa", init: str = "kaiming", device=None, dtype=None) -> nn.Module:
+    """One :class:`~fa_triton.FALinear` per layer, [..., sizes[0]] -> [..., sizes[-1]] logits;
+    ``activations[i]`` follows layer i (``len(activations) == len(sizes) - 1``). ``method`` and
+    ``init`` are every layer's; ``method="dfa"`` gives a :class:`~fa_triton.DFANetwork` of the
+    same layers (drawn as by backprop, B after them)."""
+    sizes, activations = list(sizes), list(activations)
+    if len(sizes) < 2:
+        raise ValueError(f"sizes needs at least an input and an output size, got {sizes}")
+    if len(activations) != len(sizes) - 1:
+        raise ValueError(
+            f"activations must have one entry per layer (len(sizes) - 1 = {len(sizes) - 1}), "
+            f"got {len(activations)}: {activations}"
+        )
+    if method == "dfa" and len(sizes) < 3:
+        raise ValueError(f"method='dfa' needs at least two layers, got sizes {sizes}")
+    layers = [FALinear(n_in, n_out, bias=bias, activation=act, backend=backend,
+                       method="backprop" if method == "dfa" else method, init=init, device=device, dtype=dtype)
+              for n_in, n_out, act in zip(sizes[:-1], sizes[1:], activations)]
+    if method == "dfa":
+        return DFANetwork(layers, backend=backend, init=init)
+    return nn.Sequential(*layers)
 
 
 def _init(model: nn.Module, init: str) -> nn.Module:
@@ -96,9 +124,9 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32×32 CIFAR images."""
 
-    def __init__(self, blocks_per_stage: int, num_classes: int = 10):
+    def __init__(self, blocks_per_stage: int, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
-        self.conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.conv = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.bn = nn.BatchNorm2d(16)
         layers, channels = [], 16
         for stage, width in enumerate((16, 32, 64)):
@@ -114,13 +142,15 @@ class CifarResNet(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
-def resnet20(method: str = "fa", *, init: str = "kaiming", num_classes: int = 10, backend: str = "auto") -> nn.Module:
-    """CIFAR ResNet-20 (3 blocks per stage): input [N, 3, 32, 32] -> logits [N, num_classes]."""
-    _check(method, init, num_classes)
-    return _build(CifarResNet(3, num_classes), method, init, backend)
+def resnet20(method: str = "fa", *, init: str = "kaiming", num_classes: int = 10, in_channels: int = 3,
+             backend: str = "auto") -> nn.Module:
+    """CIFAR ResNet-20 (3 blocks per stage): input [N, in_channels, 32, 32] -> logits [N, num_classes]."""
+    _check(method, init, num_classes, in_channels)
+    return _build(CifarResNet(3, num_classes, in_channels), method, init, backend)
 
 
-def resnet56(method: str = "fa", *, init: str = "kaiming", num_classes: int = 10, backend: str = "auto") -> nn.Module:
-    """CIFAR ResNet-56 (9 blocks per stage): input [N, 3, 32, 32] -> logits [N, num_classes]."""
-    _check(method, init, num_classes)
-    return _build(CifarResNet(9, num_classes), method, init, backend)
+def resnet56(method: str = "fa", *, init: str = "kaiming", num_classes: int = 10, in_channels: int = 3,
+             backend: str = "auto") -> nn.Module:
+    """CIFAR ResNet-56 (9 blocks per stage): input [N, in_channels, 32, 32] -> logits [N, num_classes]."""
+    _check(method, init, num_classes, in_channels)
+    return _build(CifarResNet(9, num_classes, in_channels), method, init, backend)

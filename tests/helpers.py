@@ -1,5 +1,7 @@
 """What the tests share besides the float64 oracle (``tests/oracle.py``)."""
 
+import contextlib
+
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
@@ -34,3 +36,24 @@ def train_on(model, x, target, steps: int, after_step=None, batch: int = 64, lr:
             after_step(model)
         losses.append(loss.item())
     return losses
+
+
+def write_fake_datasets(root, n_train: int = 256, n_test: int = 64):
+    """Small generated files of every dataset the runner reads, in each one's own format, under
+    ``root``; returns ``root`` (the real Fashion-MNIST and CIFAR-10 cannot be downloaded here)."""
+    from fa_triton.experiments import datasets
+
+    for name in datasets.DATASETS:
+        datasets.write_fake(name, root, n_train=n_train, n_test=n_test)
+    return root
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's intra-op threads set to ``count`` for the block (training runs bitwise alike)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

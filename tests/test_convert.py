@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fa_triton import FAConv2d, FALinear, convert, load_linear_state_dict
+from fa_triton.convert import Fused
 
 
 class SmallCNN(nn.Module):
@@ -46,10 +47,10 @@ def test_convert_small_cnn_replaces_linear_and_conv_layers():
     converted, summary = convert(model, return_summary=True)
 
     assert converted is not model and all(type(m) is nn.Linear for m in model.head[::2])  # model untouched
-    assert [type(m) for m in converted.features] == [FAConv2d, nn.Identity, nn.MaxPool2d, nn.Flatten]
+    assert [type(m) for m in converted.features] == [FAConv2d, Fused, nn.MaxPool2d, nn.Flatten]
     assert converted.features[0].activation == "relu"  # Conv2d + ReLU fused too
     head = converted.head
-    assert [type(m) for m in head] == [FALinear, nn.Identity, FALinear, nn.Identity, FALinear, nn.GELU, FALinear]
+    assert [type(m) for m in head] == [FALinear, Fused, FALinear, Fused, FALinear, nn.GELU, FALinear]
     assert [(m.activation, m.negative_slope) for m in head[::2]] == [
         ("relu", 0.01), ("leaky_relu", 0.2), ("identity", 0.01), ("identity", 0.01)
     ]
@@ -130,7 +131,7 @@ def test_convert_shared_modules_and_special_cases():
     converted, summary = convert(model, return_summary=True)
     # The same Linear in two slots stays one layer: one weight, one feedback.
     assert converted[0] is converted[2] and converted[0].activation == "tanh"
-    assert [type(m) for m in converted[:6]] == [FALinear, nn.Identity] * 3
+    assert [type(m) for m in converted[:6]] == [FALinear, Fused] * 3
     assert converted[4].bias is None and not converted[4].weight.requires_grad and not converted[4].training
     assert type(converted[6].out_proj) is not FALinear
     assert summary.kept[0][0] == "6.out_proj" and "MultiheadAttention" in summary.kept[0][1]
@@ -224,3 +225,12 @@ def test_load_linear_state_dict_mismatched_shapes():
     del checkpoint["head.6.bias"]
     with pytest.raises(RuntimeError, match="head.6.bias"):
         load_linear_state_dict(converted, checkpoint)
+
+
+def test_a_fused_activation_slot_prints_what_it_was():
+    model = convert(nn.Sequential(nn.Linear(4, 3), nn.LeakyReLU(0.2), nn.Linear(3, 2)))
+    assert isinstance(model[1], nn.Identity)  # passes its input through, keeps the index
+    assert repr(model[1]) == "Fused(leaky_relu into 0)"
+    assert "Identity()" not in repr(model)
+    x = torch.randn(5, 3)
+    assert model[1](x) is x

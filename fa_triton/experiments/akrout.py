@@ -1,7 +1,7 @@
 """Akrout et al. (2019)'s MNIST table with fa_triton's layers: BP, FA, WM and KP on 784-500-10.
 
-    python3 bench/akrout_mnist.py --data-dir ../shared/data                 # all four, 400 epochs
-    python3 bench/akrout_mnist.py --data-dir ../shared/data --methods fa --epochs 5   # a quick look
+    fa-triton reproduce akrout-mnist --data-dir DIR                   # all four, 400 epochs
+    fa-triton reproduce akrout-mnist --data-dir DIR --methods fa --quick   # a quick look
 
 Their protocol (``makrout/Deep-Learning-without-Weight-Transport``: ``main.py``,
 ``fcnn/FCNN_{BP,FA,WM,KP}.py``, ``run.sh``), as this script follows it:
@@ -26,16 +26,15 @@ Their protocol (``makrout/Deep-Learning-without-Weight-Transport``: ``main.py``,
 Their numbers (``experiments/mnist/*/results.json``, final epoch): test accuracy BP 98.50,
 FA 97.80, WM 98.49, KP 98.45 (%); output-layer angle FA 40.0°, WM 3.8°, KP 3.6°.
 
-Resumable: each method's state (model, optimizer, RNG, rows) is saved every ``--checkpoint-every``
-epochs under ``--state-dir``; a rerun continues from there. Rows go to ``--csv``.
+Resumable: each method's state (model, optimizer, RNG, rows) is saved every ``checkpoint_every``
+epochs under ``out/checkpoints``; a rerun with ``resume`` continues from there. Rows go to
+``out/akrout-mnist.csv`` (the committed 400-epoch results: ``bench/results/akrout-mnist.csv``).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -43,23 +42,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fa_triton import FALinear
-from fa_triton.experiments.mnist import load_mnist
-from fa_triton.metrics import angle_between
-
-from .checkpoint import load_run, save_run
-from .results import replace_rows
+from ..layers.linear import FALinear
+from ..metrics import angle_between
+from . import datasets
+from .files import load_run, replace_rows, save_run
 
 LEARNING_RATES = {"backprop": 0.2, "fa": 0.2, "wm": 0.05, "kp": 0.3}
-THEIRS = {"backprop": (98.50, None), "fa": (97.80, 40.0), "wm": (98.49, 3.8), "kp": (98.45, 3.6)}
+METHODS = tuple(LEARNING_RATES)
 BATCH = 128
+SEED = 1111
+EPOCHS = 400
 COLUMNS = ("method", "epoch", "loss_train", "acc_test", "angle_0", "angle_1", "seconds", "lr", "seed")
 
 
-def build(method: str) -> nn.Sequential:
+def build(method: str, backend: str = "torch", device=None) -> nn.Sequential:
     """784-500-10: sigmoid hidden layer; the output layer's sigmoid is in the loss (logits out)."""
-    model = nn.Sequential(FALinear(784, 500, activation="sigmoid", method=method, backend="torch"),
-                          FALinear(500, 10, activation="identity", method=method, backend="torch"))
+    model = nn.Sequential(FALinear(784, 500, activation="sigmoid", method=method, backend=backend, device=device),
+                          FALinear(500, 10, activation="identity", method=method, backend=backend, device=device))
     with torch.no_grad():
         for layer in model:
             std = math.sqrt(1.0 / (layer.in_features + layer.out_features))
@@ -85,24 +84,40 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return (model(x).argmax(1) == y).float().mean().item() * 100
 
 
-def run_method(method: str, data, epochs: int, state_dir: Path, csv_path: Path, checkpoint_every: int,
-               seed: int) -> list[dict]:
-    state_path = state_dir / f"akrout-{method}-seed{seed}.pt"
+def load(data_dir=None, *, download: bool = True, device="cpu", train_samples: int | None = None):
+    """MNIST as their code reads it: pixels / 255, flattened; the first ``train_samples`` training images."""
+    data = datasets.load("mnist", data_dir, download=download, device=device)
+    data = data._replace(x_train=data.x_train.flatten(1), x_test=data.x_test.flatten(1))
+    if train_samples:
+        data = data._replace(x_train=data.x_train[:train_samples], y_train=data.y_train[:train_samples])
+    return data
+
+
+def run_method(method: str, data, epochs: int, out: Path, *, seed: int = SEED, checkpoint_every: int = 5,
+               backend: str = "torch", resume: bool = False, progress: bool = True, echo=print) -> list[dict]:
+    """Train ``method`` by their protocol; rows (one per epoch) into ``out/akrout-mnist.csv``,
+    checkpoints into ``out/checkpoints``. ``resume``: continue from the checkpoint there."""
+    from tqdm.auto import tqdm
+
+    if method not in LEARNING_RATES:
+        raise ValueError(f"akrout-mnist has the rules {', '.join(METHODS)}; got {method!r}")
+    state_path = out / "checkpoints" / f"akrout-{method}-seed{seed}.pt"
+    csv_path = out / "akrout-mnist.csv"
     lr = LEARNING_RATES[method]
     run = {"method": method, "seed": seed, "lr": lr, "train_samples": len(data.x_train)}  # what a resume must match
     torch.manual_seed(seed)
-    model = build(method)
+    model = build(method, backend, data.x_train.device)
     weights = [p for name, p in model.named_parameters() if not name.endswith("bias")]  # W (and B for kp)
     biases = [p for name, p in model.named_parameters() if name.endswith("bias")]
     optimizer = torch.optim.SGD([{"params": weights, "lr": lr}, {"params": biases, "lr": lr / BATCH}], lr=lr)
     rows, start = [], 0
-    state = load_run(state_path, run)
+    state = load_run(state_path, run) if resume else None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         rows, start = state["rows"], state["epoch"]
-        print(f"{method}: resuming after epoch {start}", flush=True)
+        echo(f"{method}: resuming after epoch {start}")
     elif method == "wm":
         for _ in range(len(data.x_train) // BATCH):  # their 468 mirror steps before training
             mirror(model)
@@ -111,8 +126,8 @@ def run_method(method: str, data, epochs: int, state_dir: Path, csv_path: Path, 
     steps = len(x_train) // BATCH
     for epoch in range(start + 1, epochs + 1):
         began = time.perf_counter()
-        losses = torch.zeros(steps)
-        for i in range(steps):
+        losses = torch.zeros(steps, device=x_train.device)
+        for i in tqdm(range(steps), desc=f"{method} epoch {epoch}/{epochs}", leave=False, disable=not progress):
             rows_i = slice(i * BATCH, (i + 1) * BATCH)
             logits = model(x_train[rows_i])
             loss = F.binary_cross_entropy_with_logits(logits, onehot[rows_i], reduction="sum") / BATCH
@@ -123,13 +138,16 @@ def run_method(method: str, data, epochs: int, state_dir: Path, csv_path: Path, 
                 mirror(model)
             losses[i] = loss.detach()
         seconds = time.perf_counter() - began
+        if not torch.isfinite(losses).all():
+            step = int((~torch.isfinite(losses)).nonzero()[0]) + 1
+            raise RuntimeError(f"akrout-mnist {method}: the training loss is not finite at epoch {epoch}, step {step}")
         layer_angles = angles(model)
         row = {"method": method, "epoch": epoch, "loss_train": losses.mean().item(),
                "acc_test": accuracy(model, data.x_test, data.y_test), "angle_0": layer_angles[0],
                "angle_1": layer_angles[1], "seconds": seconds, "lr": lr, "seed": seed}
         rows.append(row)
-        print(f"{method} epoch {epoch}: loss {row['loss_train']:.4f} acc_test {row['acc_test']:.2f} "
-              f"angles {row['angle_0']:.1f} {row['angle_1']:.1f} ({seconds:.1f} s)", flush=True)
+        echo(f"{method} epoch {epoch}: loss {row['loss_train']:.4f} acc_test {row['acc_test']:.2f} "
+             f"angles {row['angle_0']:.1f} {row['angle_1']:.1f} ({seconds:.1f} s)")
         if epoch % checkpoint_every == 0 or epoch == epochs:
             replace_rows(csv_path, COLUMNS, rows, key=("method", "seed"))
             save_run(state_path, run, model=model.state_dict(), optimizer=optimizer.state_dict(),
@@ -137,49 +155,6 @@ def run_method(method: str, data, epochs: int, state_dir: Path, csv_path: Path, 
     return rows
 
 
-def summary(csv_path: Path) -> list[str]:
-    """Ours (final epoch) beside theirs, per method and seed."""
+def read_rows(csv_path: Path) -> list[dict]:
     with csv_path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    lines = ["method   seed  epochs  acc_test (theirs)   output-layer angle (theirs)"]
-    for method in LEARNING_RATES:
-        for seed in sorted({r["seed"] for r in rows if r["method"] == method}):
-            mine = [r for r in rows if r["method"] == method and r["seed"] == seed]
-            last = max(mine, key=lambda r: int(r["epoch"]))
-            acc, angle = THEIRS[method]
-            lines.append(f"{method:8s} {seed:>5s} {last['epoch']:>7s}  {float(last['acc_test']):6.2f} ({acc:.2f})"
-                         f"      {float(last['angle_1']):5.1f}° ({'-' if angle is None else f'{angle:.1f}°'})")
-    return lines
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default=None, help="torchvision MNIST root (holding MNIST/raw/)")
-    parser.add_argument("--methods", default="backprop,fa,wm,kp")
-    parser.add_argument("--epochs", type=int, default=400)
-    parser.add_argument("--seed", type=int, default=1111)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--csv", default="bench/results/akrout-mnist.csv")
-    parser.add_argument("--state-dir", default="runs/akrout-mnist", help="checkpoints for resuming")
-    parser.add_argument("--checkpoint-every", type=int, default=5)
-    parser.add_argument("--train-samples", type=int, default=None, help="first N training images (quick runs)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    methods = [m for m in args.methods.split(",") if m]
-    bad = [m for m in methods if m not in LEARNING_RATES]
-    if bad:
-        raise SystemExit(f"error: --methods got {bad}; choose from {list(LEARNING_RATES)}")
-    data = load_mnist(args.data_dir, download=False)
-    if args.train_samples:
-        data = data._replace(x_train=data.x_train[:args.train_samples], y_train=data.y_train[:args.train_samples])
-    state_dir, csv_path = Path(args.state_dir), Path(args.csv)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    for method in methods:
-        run_method(method, data, args.epochs, state_dir, csv_path, args.checkpoint_every, args.seed)
-    print("\n".join(summary(csv_path)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        return list(csv.DictReader(f))
