@@ -9,6 +9,7 @@
 #       128->64 relu, 64->10 identity) at batch 8192 and 64, then more as time allows
 #       (python -m bench.run --preset gpu-check);
 #   (d) peak memory of forward + backward against the reference (python -m bench.memory, heuristic configs);
+#   (e) torch.compile(fullgraph=True) of the tutorial MLP against eager (python -m bench.compile_overhead);
 # then every tuning choice made (fa_triton.kernels.autotune.tuning_report(), from the cache below)
 # and the report: the issue's targets (PASS / FAIL / unmeasured), each kernel, the layer table.
 #
@@ -16,7 +17,7 @@
 #
 # Outputs, all under GPU_CHECK_RESULTS (default bench/results), named by the GPU (<gpu> below,
 # e.g. nvidia-h200), for committing: <gpu>.csv (layer rows, appended) and its PNGs,
-# sweep-<gpu>.csv (per kernel, appended), memory-<gpu>.txt, tuning-<gpu>/ (FA_TRITON_CACHE_DIR:
+# sweep-<gpu>.csv (per kernel, appended), memory-<gpu>.txt, compile-<gpu>.txt, tuning-<gpu>/ (FA_TRITON_CACHE_DIR:
 # the tuner's and "auto"'s choices with their timings, JSON), tuning-<gpu>.txt (their report),
 # gpu_check-<gpu>.log (everything printed). The step-(b) sweep tunes the configs the layer
 # benchmarks then find in that cache.
@@ -42,11 +43,14 @@ TOTAL=${GPU_CHECK_SECONDS:-345}
 TEST_SECONDS=${GPU_CHECK_TEST_SECONDS:-100}
 KERNEL_SECONDS=${GPU_CHECK_KERNEL_SECONDS:-95}
 MEMORY_SECONDS=${GPU_CHECK_MEMORY_SECONDS:-25}
+COMPILE_SECONDS=${GPU_CHECK_COMPILE_SECONDS:-40}
+COMPILE_ARGS=()
 DRY=()
 SWEEP_MODE=(--preset gpu-check --same-tile bf16,fp16)
 if [ "$DEVICE" = "cpu" ]; then
     DRY=(--dry-run)
     SWEEP_MODE=(--same-tile --workers 0)  # the interpreter compiles nothing ahead
+    COMPILE_ARGS=(--steps 3 --repeats 2)
 fi
 start=$SECONDS
 since=$(date -u +%Y-%m-%dT%H:%M:%SZ)
@@ -103,6 +107,7 @@ fi
 csv=${GPU_CHECK_OUTPUT:-$RESULTS/$gpu.csv}
 sweep_csv=${GPU_CHECK_SWEEP_OUTPUT:-$RESULTS/sweep-$gpu.csv}
 memory_txt="$RESULTS/memory-$gpu.txt"
+compile_txt="$RESULTS/compile-$gpu.txt"
 choices_txt="$RESULTS/tuning-$gpu.txt"
 export FA_TRITON_CACHE_DIR=${GPU_CHECK_CACHE_DIR:-$RESULTS/tuning-$gpu}
 echo "outputs: $RESULTS (<name> = $gpu); tuning cache FA_TRITON_CACHE_DIR=$FA_TRITON_CACHE_DIR; log $log"
@@ -137,7 +142,7 @@ if [ "$kernel_status" -ne 0 ]; then
 fi
 
 left=$((TOTAL - (SECONDS - start)))
-budget=$((left - MEMORY_SECONDS - 45))
+budget=$((left - MEMORY_SECONDS - COMPILE_SECONDS - 45))
 if [ "$budget" -lt 20 ]; then
     budget=20
 fi
@@ -160,12 +165,20 @@ if [ "$memory_status" -ne 0 ]; then
     status=1
 fi
 
+section "(e) torch.compile(fullgraph=True) against eager, the tutorial MLP (python -m bench.compile_overhead; at most ${COMPILE_SECONDS} s)"
+timeout -s INT -k 10 "$COMPILE_SECONDS" \
+    "$PYTHON" -m bench.compile_overhead --device "$DEVICE" ${COMPILE_ARGS[@]+"${COMPILE_ARGS[@]}"} | tee "$compile_txt"
+compile_status=$?
+if [ "$compile_status" -ne 0 ]; then
+    status=1
+fi
+
 section "tuning choices (fa_triton.kernels.autotune.tuning_report(); the whole report: $choices_txt)"
 "$PYTHON" -m bench.choices --cache-dir "$FA_TRITON_CACHE_DIR" --output "$choices_txt" --brief
 
 section "summary"
-echo "tests: exit ${test_status}$(timed_out "$test_status") | kernels: exit ${kernel_status}$(timed_out "$kernel_status") | layer: exit ${bench_status}$(timed_out "$bench_status") | memory: exit ${memory_status} | total $((SECONDS - start)) s"
-echo "results: $csv (+ PNGs next to it), $sweep_csv, $memory_txt, $choices_txt, $FA_TRITON_CACHE_DIR/, $log"
+echo "tests: exit ${test_status}$(timed_out "$test_status") | kernels: exit ${kernel_status}$(timed_out "$kernel_status") | layer: exit ${bench_status}$(timed_out "$bench_status") | memory: exit ${memory_status} | compile: exit ${compile_status}$(timed_out "$compile_status") | total $((SECONDS - start)) s"
+echo "results: $csv (+ PNGs next to it), $sweep_csv, $memory_txt, $compile_txt, $choices_txt, $FA_TRITON_CACHE_DIR/, $log"
 echo
 "$PYTHON" -m bench.report "$csv" --since "$since" --sweep "$sweep_csv"
 exit "$status"

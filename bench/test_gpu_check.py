@@ -28,15 +28,18 @@ def test_gpu_check_dry_run(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     text = done.stdout
     sections = ["=== GPU", "=== (a) CUDA tests", "=== (b) each kernel beside cuBLAS and the tutorial GEMM",
-                "=== (c) the layer: auto and Triton-only vs the reference", "=== (d) memory", "=== tuning choices",
+                "=== (c) the layer: auto and Triton-only vs the reference", "=== (d) memory",
+                "=== (e) torch.compile(fullgraph=True) against eager", "=== tuning choices",
                 "=== summary"]
     assert [text.index(s) for s in sections] == sorted(text.index(s) for s in sections)  # in this order
-    assert "tests: exit 0 | kernels: exit 0 | layer: exit 0 | memory: exit 0" in text
+    assert "tests: exit 0 | kernels: exit 0 | layer: exit 0 | memory: exit 0 | compile: exit 0" in text
+    assert "compiled / eager = " in text
     assert "skipped" in text  # the cuda tests ran (and skipped without a GPU)
     # Every output under GPU_CHECK_RESULTS, named by the device; the tuning cache is printed.
     name = next(p.name for p in results.glob("gpu_check-*.log")).removeprefix("gpu_check-").removesuffix(".log")
     assert f"FA_TRITON_CACHE_DIR={results}/tuning-{name}" in text
-    for output in (f"{name}.csv", f"sweep-{name}.csv", f"memory-{name}.txt", f"{name}_square.png"):
+    for output in (f"{name}.csv", f"sweep-{name}.csv", f"memory-{name}.txt", f"compile-{name}.txt",
+                   f"{name}_square.png"):
         assert (results / output).exists(), output
     sweep_rows = (results / f"sweep-{name}.csv").read_text().splitlines()
     assert len(sweep_rows) == 1 + 4  # header + the four jobs of the fp16 target
