@@ -249,6 +249,8 @@ def test_too_few_steps_warns_with_the_number_of_steps(data_dir, tmp_path):
     long_enough = RunConfig(epochs=10, train_samples=60_000)  # the tutorial: 9,370 steps
     assert runner.warn_few_steps(long_enough, 60_000) is None
     assert runner.warn_few_steps(long_enough.replace(method="backprop", epochs=1), 6400) is None
+    backprop = runner.warn_few_steps(long_enough.replace(method="backprop", epochs=1), 3200)  # 50 steps
+    assert "backprop needs about 100 or more;" in backprop and "feedback alignment" not in backprop
 
 
 # -------------------------------------------------- what the loop must not get wrong (planted bugs)
