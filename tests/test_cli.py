@@ -72,6 +72,8 @@ def test_train_writes_the_table_csv_and_plot(tmp_path, capsys, restore_threads):
         (["train", "--dataset", "imagenet"], "--dataset: invalid choice: 'imagenet'"),
         (["train", "--nproc", "-2"], "--nproc: expected a positive integer"),
         (["fit"], "invalid choice: 'fit'"),
+        (["train", "--resume", "--overwrite"], "--overwrite: not allowed with argument --resume"),
+        (["reproduce", "tutorial", "--overwrite", "--resume"], "--resume: not allowed with argument --overwrite"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, match, capsys):
@@ -91,6 +93,12 @@ def test_missing_data_exits_1_with_one_line(tmp_path, capsys):
     assert err.count("\n") == 1
     assert err.startswith("fa-triton: error: MNIST not found")
     assert "--data-dir" in err and all(name in err for name in MNIST_FILES)
+
+
+def test_reproduce_with_an_empty_methods_list_exits_1_naming_the_rules(capsys):
+    assert cli.main(["reproduce", "tutorial", "--methods", ""]) == 1  # not "all of them"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fa-triton: error: --methods : tutorial has the rules fa")
 
 
 class _Stop(Exception):

@@ -206,6 +206,26 @@ def test_failed_download_gives_one_line(tmp_path, monkeypatch, name):
     assert str(folder(name, tmp_path)) in message and all(file in message for file in expected_files(name))
 
 
+@pytest.mark.parametrize("name", DATASETS)
+def test_a_failed_download_leaves_no_folders_behind(tmp_path, monkeypatch, name):
+    # torchvision makes the dataset's folders before it fetches: a failed fetch must not leave
+    # them behind (empty folders in the user's data folder), and must touch nothing else.
+    tv = pytest.importorskip("torchvision.datasets")
+
+    def offline(self):
+        folder(name, Path(self.root)).mkdir(parents=True, exist_ok=True)
+        raise OFFLINE
+
+    monkeypatch.setattr(tv.MNIST, "download", offline)
+    monkeypatch.setattr(tv.CIFAR10, "download", offline)
+    (tmp_path / "mine.txt").write_text("the user's")
+    root = tmp_path / "new" / "data"
+    with pytest.raises(MissingDataError, match="download failed") as err:
+        load(name, root, download=True)
+    assert "allow the download" not in single_line(err)  # it was allowed, and failed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
 def test_download_without_torchvision_gives_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", None)
     monkeypatch.setitem(sys.modules, "torchvision.datasets", None)
@@ -461,5 +481,5 @@ def test_module_level_code_imports_no_torchvision_and_calls_no_cuda():
             imported.add("." * node.level + (node.module or ""))
         elif not isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             assert "cuda" not in ast.unparse(node)
-    assert imported <= {"__future__", "gzip", "os", "pickle", "random", "struct", "pathlib", "typing", "numpy", "torch",
-                        "torch.nn.functional", "."}, imported
+    assert imported <= {"__future__", "contextlib", "gzip", "os", "pickle", "random", "struct", "pathlib", "typing",
+                        "numpy", "torch", "torch.nn.functional", "."}, imported

@@ -127,7 +127,7 @@ def test_seeds(data_dir, tmp_path):
     summary = pd.read_csv(tmp_path / "run" / "summary.csv").set_index("metric")
     last = df[df.epoch == 2]["loss_test"]
     assert summary.loc["loss_test", "mean"] == pytest.approx(last.mean())
-    assert summary.loc["loss_test", "std"] == pytest.approx(last.std(ddof=0)) and summary.loc["loss_test", "std"] > 0
+    assert summary.loc["loss_test", "std"] == pytest.approx(last.std(ddof=1)) and summary.loc["loss_test", "std"] > 0
     assert summary.loc["loss_test", "seeds"] == 2
 
 
@@ -182,6 +182,19 @@ def test_resume_refuses_another_experiment(data_dir, tmp_path):
     assert list(more["epoch"]) == [1, 2]
     with pytest.raises(FileNotFoundError, match="holds no checkpoints"):
         runner.run(cfg.replace(out=str(tmp_path / "empty")), resume=True)
+
+
+def test_a_new_run_replaces_only_what_a_run_wrote(data_dir, tmp_path):
+    cfg = config(data_dir, tmp_path, epochs=1, seeds=(0, 1))
+    out = tmp_path / "run"
+    run_quietly(cfg)
+    (out / "notes.txt").write_text("the user's")
+    (out / "checkpoints" / "my_model.ckpt").write_text("the user's")
+    with pytest.warns(UserWarning, match=r"replaced an earlier run's results in .*metrics\.csv.*checkpoints/seed1\.pt"):
+        run_quietly(cfg.replace(seeds=(0,)))
+    assert (out / "notes.txt").read_text() == (out / "checkpoints" / "my_model.ckpt").read_text() == "the user's"
+    assert sorted(p.name for p in (out / "checkpoints").glob("seed*.pt")) == ["seed0.pt"]  # seed 1's is gone
+    assert set(pd.read_csv(out / "metrics.csv")["seed"]) == {0}
 
 
 class ExplodingNet(nn.Module):

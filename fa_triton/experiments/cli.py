@@ -141,9 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--nproc", type=_positive_int,
                        help="processes for data-parallel training (starts torchrun; gloo on CPU, nccl on CUDA)")
     train.add_argument("--out", help="output folder (default: runs/mnist)")
-    train.add_argument("--resume", action="store_true",
+    again = train.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its last checkpoints (its config.toml is the base)")
-    train.add_argument("--overwrite", action="store_true", help="start again even if --out holds an unfinished run")
+    again.add_argument("--overwrite", action="store_true", help="start again even if --out holds an unfinished run")
     train.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
                        help="train eagerly on CUDA (default there, for the mlp with adam: the whole step captured "
                             "in one CUDA graph)")
@@ -160,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "and moves, not the published numbers")
     reproduce.add_argument("--methods", help="comma-separated subset of the protocol's rules")
     reproduce.add_argument("--out", help="output folder (default: runs/reproduce/NAME)")
-    reproduce.add_argument("--resume", action="store_true", help="continue an interrupted reproduction")
-    reproduce.add_argument("--overwrite", action="store_true", help="start again over an unfinished reproduction")
+    again = reproduce.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue an interrupted reproduction")
+    again.add_argument("--overwrite", action="store_true", help="start again over an unfinished reproduction")
     _add_machine_options(reproduce)
 
     commands.add_parser(
@@ -254,7 +256,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     _require("pandas", "tqdm", "matplotlib")
     machine = {name: getattr(args, name) for name in ("device", "backend", "data_dir", "download", "threads",
                                                       "progress") if getattr(args, name) is not None}
-    methods = [m for m in args.methods.split(",") if m] if args.methods else None
+    methods = None if args.methods is None else [m for m in args.methods.split(",") if m]  # "": an error
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = _one_line_warning

@@ -16,6 +16,7 @@ by 4) and :func:`validation_indices` (their CIFAR-10 benchmark's 5,000 held-out 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import pickle
@@ -122,8 +123,8 @@ def _missing_message(name: str, where: Path, reason: str) -> str:
     layout = "cifar-10-batches-py/" if name == "cifar10" else f"{_SUBFOLDER[name]}/raw/"
     return (
         f"{_TITLE[name]} not found: expected the files {', '.join(expected_files(name))} in {where} ({reason}); "
-        f"pass --data-dir DIR (load(name, DIR)) for a folder that holds {layout} with these files, "
-        "or allow the download (no --no-download; download=True) on a machine with network access"
+        f"pass --data-dir DIR for a folder that holds {layout} with these files"
+        + ("" if reason.startswith("download failed") else ", or allow the download on a machine with network access")
     )
 
 
@@ -139,11 +140,20 @@ def _one_line(text) -> str:
 
 
 def _download(name: str, root: Path) -> None:
-    """Fetch ``name`` into ``root`` with torchvision's downloader (imported here)."""
+    """Fetch ``name`` into ``root`` with torchvision's downloader (imported here). A failed
+    download removes the folders it made (empty ones only: nothing of the user's is touched)."""
     import torchvision.datasets
 
+    where = _folder_in(name, root)
+    made = [folder for folder in (where, *where.parents) if not folder.exists()]
     cls = getattr(torchvision.datasets, _TORCHVISION_CLASS[name])
-    cls(root=str(root), train=True, download=True)  # fetches the test set too
+    try:
+        cls(root=str(root), train=True, download=True)  # fetches the test set too
+    except BaseException:
+        for folder in made:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
+        raise
 
 
 # ------------------------------------------------------------------------------------ reading

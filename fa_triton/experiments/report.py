@@ -43,11 +43,17 @@ def format_table(df: "pandas.DataFrame", digits: int = 3) -> str:
     return table.set_index("epoch").to_string(float_format=lambda value: f"{value:.{digits}f}")
 
 
+def _std(values) -> float:
+    """The sample standard deviation (ddof=1); 0 for one value."""
+    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
 def summarize(df: "pandas.DataFrame") -> "pandas.DataFrame":
     """Mean and std over seeds of each metric at the last epoch, and, where the run holds out a
     validation set, the test metrics of each seed's best-validation epoch (``*_at_best_val``).
 
-    One row per metric: ``metric, mean, std, seeds``. std is 0 with one seed.
+    One row per metric: ``metric, mean, std, seeds``; std is the sample standard deviation over seeds
+    (ddof=1, as papers report it), 0 with one seed.
     """
     import pandas as pd
 
@@ -57,17 +63,17 @@ def summarize(df: "pandas.DataFrame") -> "pandas.DataFrame":
         if column == "seconds":
             continue
         values = last[column].astype(float)
-        rows.append({"metric": column, "mean": values.mean(), "std": values.std(ddof=0), "seeds": len(values)})
+        rows.append({"metric": column, "mean": values.mean(), "std": _std(values), "seeds": len(values)})
     if "acc_val" in df.columns and "seed" in df.columns:
         best = df.loc[df.groupby("seed")["acc_val"].idxmax()]
         for column in ("acc_test", "loss_test", "epoch"):
             values = best[column].astype(float)
-            rows.append({"metric": f"{column}_at_best_val", "mean": values.mean(), "std": values.std(ddof=0),
+            rows.append({"metric": f"{column}_at_best_val", "mean": values.mean(), "std": _std(values),
                          "seeds": len(values)})
     if "seconds" in df.columns:
         per_seed = df.groupby("seed")["seconds"].sum() if "seed" in df.columns else df["seconds"].sum()
         values = per_seed.astype(float) if hasattr(per_seed, "astype") else pd.Series([per_seed])
-        rows.append({"metric": "seconds_total", "mean": values.mean(), "std": values.std(ddof=0),
+        rows.append({"metric": "seconds_total", "mean": values.mean(), "std": _std(values),
                      "seeds": len(values)})
     return pd.DataFrame(rows, columns=["metric", "mean", "std", "seeds"])
 
@@ -96,7 +102,7 @@ def plot_training(df: "pandas.DataFrame", path) -> None:
 
     grouped = df.groupby("epoch")
     mean = grouped.mean(numeric_only=True)
-    std = grouped.std(ddof=0, numeric_only=True).fillna(0.0) if len(df) > len(mean) else mean * 0.0
+    std = grouped.std(ddof=1, numeric_only=True).fillna(0.0) if len(df) > len(mean) else mean * 0.0
     epochs = mean.index.to_numpy()
 
     def curve(ax, column, style, label):
@@ -118,7 +124,7 @@ def plot_training(df: "pandas.DataFrame", path) -> None:
                             grad_angle_mean=df[grad_angles[:-1]].mean(axis=1) if grad_angles else 0.0)
         grouped = per_run.groupby("epoch")
         mean = grouped.mean(numeric_only=True)
-        std = grouped.std(ddof=0, numeric_only=True).fillna(0.0) if len(df) > len(mean) else mean * 0.0
+        std = grouped.std(ddof=1, numeric_only=True).fillna(0.0) if len(df) > len(mean) else mean * 0.0
         if angles:
             curve(ax_angle, "angle_mean", "-o", f"W-B, mean of {len(angles)} layers")
         if grad_angles:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -423,7 +422,8 @@ def warn_few_steps(config: RunConfig, n_train: int) -> str | None:
            ": feedback alignment first turns W towards B, then learns (the tutorial's MLP is at 0.33 test accuracy "
            "after 100 steps, where backprop is at 0.73)")
     return (f"only {total} optimizer steps in all ({n_train} training images // batch {config.batch_size} = "
-            f"{per_epoch} per epoch, {config.epochs} epochs); {config.method} needs about {needed} or more{why}; "
+            f"{per_epoch} per epoch, {config.epochs} epoch{'s' if config.epochs != 1 else ''}); "
+            f"{config.method} needs about {needed} or more{why}; "
             "raise --epochs or --train-samples")
 
 
@@ -503,7 +503,10 @@ def run(config: RunConfig, *, model: nn.Module | None = None, write: bool = True
                     bar.close()
                 if talk and write:
                     if fresh:  # the first epoch of a new run replaces what an old one left in out
-                        _clear(out)
+                        replaced = _clear(out)
+                        if replaced and not overwrite:
+                            warnings.warn(f"replaced an earlier run's results in {out}: {', '.join(replaced)}",
+                                          stacklevel=2)
                         fresh = False
                     save_run(path, _identity(config, seed), **seed_run.state())
                     _write(out, config, rows + seed_run.rows, final=False)
@@ -535,12 +538,17 @@ def _resume_mismatch(recorded: dict, current: dict) -> str | None:
     return None
 
 
-def _clear(out: Path) -> None:
+def _clear(out: Path) -> list[str]:
+    """Remove what an earlier run wrote into ``out`` (its outputs and its seeds' checkpoints,
+    nothing else: other files stay); returns their names."""
     out.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUTS:
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    (out / "checkpoints").mkdir()
+    removed = []
+    for path in [out / name for name in OUTPUTS] + sorted((out / "checkpoints").glob("seed*.pt")):
+        if path.is_file():
+            path.unlink()
+            removed.append(str(path.relative_to(out)))
+    (out / "checkpoints").mkdir(exist_ok=True)
+    return removed
 
 
 def _epoch_line(row: dict, with_seed: bool) -> str:
