@@ -13,7 +13,7 @@ The package, by role: ``rules`` (the FA family and the activations), ``ops`` (au
 on top; ``kernels`` (the Triton kernels) beneath.
 """
 
-import importlib
+import importlib as _importlib
 
 from .convert import ConversionSummary, convert, load_linear_state_dict
 from .layers.conv import FAConv2d
@@ -36,7 +36,7 @@ _LAZY = {"models": ".models", "metrics": ".metrics", "mnist": ".experiments.mnis
 
 def __getattr__(name: str):
     if name in _LAZY:
-        module = importlib.import_module(_LAZY[name], __name__)
+        module = _importlib.import_module(_LAZY[name], __name__)
         globals()[name] = module
         return module
     raise AttributeError(f"module 'fa_triton' has no attribute {name!r}")

@@ -11,6 +11,7 @@ import torch
 
 from fa_triton.experiments import cli
 from fa_triton.experiments.mnist import MNIST_FILES
+from tests.helpers import write_fake_datasets
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -158,6 +159,7 @@ def test_resume_starts_from_the_runs_own_config(monkeypatch, tmp_path):
         ('method = "hebb"\n', "method must be one of"),
         ("seeds = [1, 1]\n", "seeds must be distinct"),
         ("lr = \n", "is not valid TOML"),
+        ("batch-size = 32\nbatch_size = 16\n", "'batch-size' and 'batch_size' both set batch_size: keep one"),
     ],
 )
 def test_a_bad_config_file_is_one_line_naming_the_setting(tmp_path, capsys, text, match):
@@ -165,7 +167,24 @@ def test_a_bad_config_file_is_one_line_naming_the_setting(tmp_path, capsys, text
     path.write_text(text)
     assert cli.main(["train", "--config", str(path)]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and match in err
+    assert err.count("\n") == 1 and match in err and str(path) in err  # the file is named too
+
+
+def test_a_config_folder_is_one_line(tmp_path, capsys):
+    assert cli.main(["train", "--config", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"fa-triton: error: config file {tmp_path} is a folder, not a TOML file\n"
+
+
+def test_the_written_config_reads_back_and_names_the_automatic_settings(tmp_path):
+    from fa_triton.experiments.config import RunConfig, load_toml
+
+    config = RunConfig(model="lenet", dataset="cifar10", seeds=(3, 4), milestones=(5, 8))
+    path = tmp_path / "config.toml"
+    path.write_text(config.to_toml())
+    assert load_toml(path) == config
+    text = path.read_text()
+    assert "# augment: automatic, here true" in text and "# test_samples: not set (its default)" in text
 
 
 def test_bare_command_prints_usage_and_version(capsys):
@@ -211,17 +230,30 @@ def test_console_script_is_registered():
     assert scripts["fa-triton"] == "fa_triton.experiments.cli:main"
 
 
-def test_nproc_starts_torchrun_with_the_same_arguments(monkeypatch):
+def test_nproc_starts_torchrun_with_the_same_arguments(monkeypatch, tmp_path):
     calls = []
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(cli.subprocess, "call", lambda command: calls.append(command) or 0)
-    argv = ["train", "--nproc", "2", "--epochs", "3", "--nproc=2", "--device", "cpu", "--out", "runs/x"]
+    data = str(write_fake_datasets(tmp_path, 64, 16))
+    argv = ["train", "--nproc", "2", "--epochs", "3", "--nproc=2", "--device", "cpu", "--out", "runs/x",
+            "--data-dir", data]
     assert cli.main(argv) == 0
     (command,) = calls
     assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--standalone" in command and "--nproc_per_node=2" in command
     assert command[command.index("-m", 3):] == ["-m", "fa_triton", "train", "--epochs", "3", "--device", "cpu",
-                                                "--out", "runs/x"]
+                                                "--out", "runs/x", "--data-dir", data]
+
+
+def test_nproc_with_missing_data_is_one_line_before_torchrun(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(cli.subprocess, "call", lambda command: pytest.fail("torchrun started"))
+    argv = ["train", "--nproc", "2", "--no-download", "--data-dir", str(tmp_path / "missing"), "--out",
+            str(tmp_path / "run")]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fa-triton: error: MNIST not found")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "missing").exists()
 
 
 def test_readme_commands_parse():

@@ -29,6 +29,8 @@ def _reproduce(capsys, data_dir, tmp_path, name, *extra):
     captured = capsys.readouterr()
     # Quick forms are short by design: the table's head says so, no few-steps warning per rule.
     assert "optimizer steps" not in captured.err and "QUICK RUN" in captured.out
+    if name != "akrout-mnist":  # --no-progress hides the bar, not the epoch lines a log needs
+        assert re.search(r"^epoch 1: loss_test \d\.\d{3} acc_test", captured.out, re.M)
     return captured.out
 
 

@@ -4,6 +4,7 @@ bugs a training loop can hide (test metrics from the training set, one batch ord
 epoch, training in eval mode)."""
 
 import math
+import sys
 
 import pandas as pd
 import pytest
@@ -180,8 +181,14 @@ def test_resume_refuses_another_experiment(data_dir, tmp_path):
         runner.run(cfg.replace(lr=1e-3), resume=True)
     more = run_quietly(cfg.replace(epochs=2), resume=True)  # more epochs: the same experiment, continued
     assert list(more["epoch"]) == [1, 2]
+    with pytest.raises(ValueError, match=r"planned for 2 epochs, and epochs=1 would end it early: resume with "
+                                         r"--epochs 2 or more"):
+        runner.run(cfg, resume=True)
     with pytest.raises(FileNotFoundError, match="holds no checkpoints"):
         runner.run(cfg.replace(out=str(tmp_path / "empty")), resume=True)
+    (tmp_path / "bare" / "checkpoints").mkdir(parents=True)  # a folder, but nothing to resume
+    with pytest.raises(FileNotFoundError, match="holds no checkpoints"):
+        runner.run(cfg.replace(out=str(tmp_path / "bare")), resume=True)
 
 
 def test_a_new_run_replaces_only_what_a_run_wrote(data_dir, tmp_path):
@@ -329,3 +336,23 @@ def test_factory_errors_name_the_model(data_dir, tmp_path):
                         ("tests.test_runner:nothing_here", "has no callable 'nothing_here'")):
         with pytest.raises(ValueError, match=match):
             runner.run(config(data_dir, tmp_path, model=spec), write=False)
+
+
+def broken_factory(num_classes):
+    raise RuntimeError("oops in the factory")
+
+
+def test_a_factory_that_raises_is_named_with_its_call(data_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"model 'tests.test_runner:broken_factory': the factory raised RuntimeError: "
+                                         r"oops in the factory, called as broken_factory\(num_classes=10\)"):
+        runner.run(config(data_dir, tmp_path, model="tests.test_runner:broken_factory"), write=False)
+
+
+def test_a_factory_module_in_the_current_folder_is_found(data_dir, tmp_path, monkeypatch):
+    (tmp_path / "my_models_xyz.py").write_text(
+        "from torch import nn\n\ndef plain(num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(784, num_classes))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    df = run_quietly(config(data_dir, tmp_path, model="my_models_xyz:plain", epochs=1), write=False)
+    assert list(df["epoch"]) == [1]

@@ -286,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             config = resolve_config(args)
             if config.nproc > 1 and "WORLD_SIZE" not in os.environ:
+                # What would fail on every rank fails here first, in one line (not N tracebacks).
+                from . import datasets
+
+                datasets.ensure_present(config.dataset, config.data_dir, download=config.download)
                 return _launch_torchrun(config.nproc, argv)
             return _train(config, args)
         if args.command == "reproduce":

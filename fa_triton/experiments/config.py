@@ -101,12 +101,17 @@ class RunConfig:
         return self.dataset == "cifar10" and self.model != "mlp" if self.augment is None else self.augment
 
     def to_toml(self) -> str:
-        """The resolved config as TOML (None fields left out), readable by :func:`load_toml`."""
+        """The resolved config as TOML, readable by :func:`load_toml`. A setting left to its
+        automatic default (None: TOML has no null) is written as a comment saying so."""
         lines = []
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)
             if value is not None:
                 lines.append(f"{item.name} = {_toml_value(value)}")
+            elif item.name == "augment":
+                lines.append(f"# augment: automatic, here {_toml_value(self.uses_augmentation)}")
+            else:
+                lines.append(f"# {item.name}: not set (its default)")
         return "\n".join(lines) + "\n"
 
 
@@ -222,15 +227,23 @@ def _coerce(name: str, value):
 
 def from_mapping(values: dict, base: RunConfig | None = None, *, source: str = "config") -> RunConfig:
     """``base`` (default: the defaults) with ``values`` applied; unknown keys are an error naming them."""
-    changes = {}
+    changes, keys = {}, {}
     for key, value in values.items():
         name = key.replace("-", "_")
         if name == "seed":  # one seed, as `fa-triton train --seed`
             name, value = "seeds", [value]
         if name not in FIELDS:
             raise ValueError(f"{source}: unknown setting {key!r}; the settings are {', '.join(FIELDS)}")
+        if name in keys:
+            raise ValueError(f"{source}: {keys[name]!r} and {key!r} both set {name}: keep one")
+        keys[name] = key
         changes[name] = _coerce(name, value)
-    return dataclasses.replace(base or RunConfig(), **changes)
+    try:
+        return dataclasses.replace(base or RunConfig(), **changes)
+    except ValueError as err:
+        if source == "the flags" or str(err).startswith(source):
+            raise
+        raise ValueError(f"{source}: {err}") from None
 
 
 def load_toml(path, base: RunConfig | None = None) -> RunConfig:
@@ -247,6 +260,10 @@ def load_toml(path, base: RunConfig | None = None) -> RunConfig:
         values = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"config file {path} is a folder, not a TOML file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"config file {path} cannot be read: {getattr(err, 'strerror', None) or err}") from None
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{path} is not valid TOML: {err}") from None
     return from_mapping(values, base, source=str(path))

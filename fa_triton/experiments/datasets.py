@@ -247,6 +247,15 @@ def load(name: str, data_dir=None, *, download: bool = True, device="cpu") -> Im
     Raises :class:`MissingDataError` (one line) when the files are absent and cannot be fetched, or
     one is damaged; ``ValueError`` for an unknown name.
     """
+    where = ensure_present(name, data_dir, download=download)
+    x_train, y_train, x_test, y_test = _read(_canonical(name), where)
+    return _as_image_data(name, x_train, y_train, x_test, y_test, device)
+
+
+def ensure_present(name: str, data_dir=None, *, download: bool = True) -> Path:
+    """The folder holding ``name``'s files, downloaded first where they are missing and
+    ``download`` is True; :class:`MissingDataError` (one line) as :func:`load` raises it. Cheap
+    when the files are there: it checks their presence, it does not read them."""
     name = _canonical(name)
     root = _resolve_root(name, data_dir)
     where = _folder_in(name, root)
@@ -267,8 +276,10 @@ def load(name: str, data_dir=None, *, download: bool = True, device="cpu") -> Im
         if missing:
             raise MissingDataError(_missing_message(name, where, f"still missing {', '.join(missing)} after "
                                                                  "the download"))
-    x_train, y_train, x_test, y_test = _read(name, where)
+    return where
 
+
+def _as_image_data(name, x_train, y_train, x_test, y_test, device) -> ImageData:
     def images(x):  # move the bytes, then scale in place: the same values as load_mnist's x.float() / 255
         return x.to(device).to(torch.float32).div_(255)
 

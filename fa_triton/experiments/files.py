@@ -33,7 +33,8 @@ def load_run(path: Path | None, run: dict, compare: Callable[[dict, dict], str |
     else:
         reason = compare(recorded, run)
     if reason:
-        raise ValueError(f"{path} is a checkpoint of another run ({reason}): delete it or choose another folder")
+        raise ValueError(f"{path} is a checkpoint of another run ({reason}): choose another folder, or start "
+                         "again over it (--overwrite)")
     return state
 
 

@@ -111,6 +111,8 @@ def plot_training(df: "pandas.DataFrame", path) -> None:
             ax.fill_between(epochs, mean[column] - std[column], mean[column] + std[column], alpha=0.2,
                             color=line.get_color())
 
+    from matplotlib.ticker import MaxNLocator
+
     fig = Figure(figsize=(13, 3.8))
     ax_loss, ax_acc, ax_angle = fig.subplots(1, 3)
     for split, style in (("train", "-o"), ("val", ":^"), ("test", "--s")):
@@ -140,6 +142,7 @@ def plot_training(df: "pandas.DataFrame", path) -> None:
     for ax, title in ((ax_loss, "cross-entropy loss"), (ax_acc, "accuracy"), (ax_angle, "angle [degrees]")):
         ax.set_title(title + band)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)

@@ -180,7 +180,7 @@ def reproduce(name: str, *, quick: bool = False, methods=None, out=None, resume:
 def _run_config(config: RunConfig, resume: bool, overwrite: bool, quick: bool) -> list[dict]:
     from .runner import run
 
-    has_checkpoints = (Path(config.out) / "checkpoints").is_dir()
+    has_checkpoints = any((Path(config.out) / "checkpoints").glob("seed*.pt"))
     with warnings.catch_warnings():
         if quick:  # short by design: the table's head says so once, not a warning per rule
             warnings.filterwarnings("ignore", message="only .* optimizer steps", category=UserWarning)

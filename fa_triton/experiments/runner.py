@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -168,6 +169,9 @@ def _load_on_all_ranks(config: RunConfig, rank: int, world_size: int) -> dataset
 
 def _factory(spec: str):
     module_name, _, name = spec.partition(":")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        # As `python -m` does: a module in the current folder is found without PYTHONPATH.
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -176,6 +180,11 @@ def _factory(spec: str):
     if not callable(factory):
         raise ValueError(f"model {spec!r}: {module_name} has no callable {name!r}")
     return factory
+
+
+def _factory_name(spec: str) -> str:
+    """The factory's name in ``package.module:factory``."""
+    return spec.partition(":")[2]
 
 
 def build_model(config: RunConfig, data: RunData) -> nn.Module:
@@ -199,7 +208,15 @@ def build_model(config: RunConfig, data: RunData) -> nn.Module:
     offered = {**options, "num_classes": data.num_classes, "in_channels": data.in_channels}
     parameters = inspect.signature(factory).parameters
     takes_all = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-    model = factory(**{k: v for k, v in offered.items() if takes_all or k in parameters})
+    given = {k: v for k, v in offered.items() if takes_all or k in parameters}
+    try:
+        model = factory(**given)
+    except Exception as err:  # the user's code: say which call failed, and with what
+        call = ", ".join(f"{k}={v!r}" for k, v in given.items())
+        hint = (" (method='dfa': return a model of FA layers, or plain nn.Linear/nn.Conv2d layers that "
+                "fa_triton.convert turns into DFA)" if config.method == "dfa" and "method" in given else "")
+        raise ValueError(f"model {config.model!r}: the factory raised {type(err).__name__}: {err}, called as "
+                         f"{_factory_name(config.model)}({call}){hint}") from err
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {config.model!r} returned a {type(model).__name__}, not an nn.Module")
     if not fa_layers(model) and not isinstance(model, DFANetwork):
@@ -458,8 +475,8 @@ def run(config: RunConfig, *, model: nn.Module | None = None, write: bool = True
     talk = rank == 0
     if write:
         _check_writable(out)
-        if resume and not (out / "checkpoints").is_dir():
-            raise FileNotFoundError(f"resume: {out} holds no checkpoints/ to resume from")
+        if resume and not any((out / "checkpoints").glob("seed*.pt")):
+            raise FileNotFoundError(f"resume: {out} holds no checkpoints/seed*.pt to resume from")
         if not resume and not overwrite:
             unfinished = _unfinished(out, config)
             if unfinished:
@@ -510,8 +527,8 @@ def run(config: RunConfig, *, model: nn.Module | None = None, write: bool = True
                         fresh = False
                     save_run(path, _identity(config, seed), **seed_run.state())
                     _write(out, config, rows + seed_run.rows, final=False)
-                if talk and config.progress:
-                    tqdm.write(_epoch_line(row, len(config.seeds) > 1))
+                if talk and (config.progress or write):  # without a bar the epoch lines still go to the log
+                    (tqdm.write if config.progress else echo)(_epoch_line(row, len(config.seeds) > 1))
             if world_size > 1:
                 check_ranks_agree(seed_run.model)
             rows += seed_run.rows
@@ -534,7 +551,9 @@ def _resume_mismatch(recorded: dict, current: dict) -> str | None:
     if changed:
         return "its experiment differs: " + "; ".join(changed)
     if recorded.get("epochs", 0) > current["epochs"]:
-        return f"it was planned for {recorded['epochs']} epochs, this run for {current['epochs']}"
+        raise ValueError(f"resume: the run in this folder was planned for {recorded['epochs']} epochs, and "
+                         f"epochs={current['epochs']} would end it early: resume with --epochs "
+                         f"{recorded['epochs']} or more")
     return None
 
 
