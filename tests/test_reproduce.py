@@ -22,6 +22,14 @@ def one_thread():
         yield
 
 
+def test_list_with_a_name_lists_that_protocol(capsys):
+    assert cli.main(["reproduce", "--list", "akrout-mnist"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("akrout-mnist: ") and "biotorch" not in out.split("published:")[0]
+    assert cli.main(["reproduce", "--list", "imagenet"]) == 1
+    assert "no protocol 'imagenet'" in capsys.readouterr().err
+
+
 def _reproduce(capsys, data_dir, tmp_path, name, *extra):
     argv = ["reproduce", name, "--quick", "--device", "cpu", "--backend", "torch", "--data-dir", str(data_dir),
             "--no-download", "--no-progress", "--out", str(tmp_path / name), *extra]

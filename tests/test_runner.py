@@ -334,8 +334,8 @@ def small_mlp_factory(num_classes):
 def test_factory_errors_name_the_model(data_dir, tmp_path):
     for spec, match in (("no_such_module_xyz:build", "cannot import 'no_such_module_xyz'"),
                         ("tests.test_runner:nothing_here", "has no callable 'nothing_here'")):
-        with pytest.raises(ValueError, match=match):
-            runner.run(config(data_dir, tmp_path, model=spec), write=False)
+        with pytest.raises(ValueError, match=match):  # before the data are read (none here)
+            runner.run(config(tmp_path / "no-data", tmp_path, model=spec), write=False)
 
 
 def broken_factory(num_classes):

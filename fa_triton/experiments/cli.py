@@ -249,7 +249,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     from . import reproduce
 
     if args.list:
-        print(reproduce.listing())
+        print(reproduce.listing(args.name))
         return 0
     if not args.name:
         raise ValueError(f"reproduce needs a protocol name or --list; the protocols: {', '.join(reproduce.NAMES)}")

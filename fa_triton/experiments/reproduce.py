@@ -132,10 +132,12 @@ PROTOCOLS = {p.name: p for p in (
 NAMES = tuple(PROTOCOLS)
 
 
-def listing() -> str:
-    """``fa-triton reproduce --list``."""
+def listing(name: str | None = None) -> str:
+    """``fa-triton reproduce --list [NAME]``: every protocol, or ``name``'s."""
+    if name is not None:
+        _check(name, None)
     lines = []
-    for p in PROTOCOLS.values():
+    for p in PROTOCOLS.values() if name is None else [PROTOCOLS[name]]:
         lines += [f"{p.name}: {p.title}", f"    protocol: {p.describe}", f"    rules: {', '.join(p.methods)}",
                   f"    --quick: {p.quick}", f"    published: {p.published.source}"]
     return "\n".join(lines)

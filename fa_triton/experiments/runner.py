@@ -38,7 +38,7 @@ from ..layers.dfa_network import DFANetwork
 from ..metrics import fa_layers, gradient_alignment, weight_alignment
 from ..ops.backends import resolve
 from . import datasets
-from .config import RunConfig
+from .config import MODELS, RunConfig
 from .files import load_run, save_run
 from .training import (
     GraphedTrainStep,
@@ -487,6 +487,8 @@ def run(config: RunConfig, *, model: nn.Module | None = None, write: bool = True
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         own_group = True
+    if config.model not in MODELS:
+        _factory(config.model)  # an import error now, before the data are read
     try:
         data = load_data(config, device, rank, world_size)
         warning = warn_few_steps(config, len(data.x_train))
