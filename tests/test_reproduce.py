@@ -39,6 +39,8 @@ def _reproduce(capsys, data_dir, tmp_path, name, *extra):
     assert "optimizer steps" not in captured.err and "QUICK RUN" in captured.out
     if name != "akrout-mnist":  # --no-progress hides the bar, not the epoch lines a log needs
         assert re.search(r"^epoch 1: loss_test \d\.\d{3} acc_test", captured.out, re.M)
+        rules = re.findall(rf"^{name}: (\S+)$", captured.out, re.M)  # each rule's epoch lines headed by it
+        assert len(rules) != 1 and len(set(rules)) == len(rules)
     return captured.out
 
 

@@ -171,6 +171,8 @@ def reproduce(name: str, *, quick: bool = False, methods=None, out=None, resume:
             results[method] = _run_akrout(method, quick, out, resume, echo, **machine)
         else:
             config = protocol.config(method, quick).replace(out=str(out / method), **machine)
+            if len(methods) > 1:
+                echo(f"{name}: {method}")  # the epoch lines that follow are this rule's
             results[method] = _run_config(config, resume, overwrite, quick)
     head = f"{protocol.name}: {protocol.title}" + ("  [QUICK RUN: not comparable with theirs]" if quick else "")
     lines = [head, f"protocol: {protocol.describe}" + (f"; quick: {protocol.quick}" if quick else ""), ""]
