@@ -6,7 +6,8 @@ backprop (B in place of W), so the two should take about the same time. Variants
 
 - ``backprop_plain_loop``: nn.Linear + nn.ReLU in a plain PyTorch training loop (the baseline).
 - ``fa_plain_loop``: ``fa_triton.mnist.build_model`` in the same plain loop.
-- ``fa_train_epoch``: ``fa_triton.mnist.train_epoch``, the eager loop of ``fa_triton.mnist.train``.
+- ``fa_train_epoch``: ``fa_triton.mnist.train_epoch``, whose step (``optimizer_step``) is the eager
+  step ``fa_triton.mnist.train`` takes.
 - on CUDA also ``backprop_graphed`` and ``fa_graphed``: each step captured whole in a CUDA graph
   (``fa_triton.mnist.GraphedTrainStep``, Adam with ``capturable=True``), the default of ``train``
   on CUDA.

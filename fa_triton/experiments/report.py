@@ -92,6 +92,14 @@ def format_summary(summary: "pandas.DataFrame", digits: int = 3) -> str:
     return "\n".join([head, *lines])
 
 
+def _by_epoch(frame):
+    """(mean, std) over seeds of every numeric column, per epoch (std: ddof=1; 0 with one seed)."""
+    grouped = frame.groupby("epoch")
+    mean = grouped.mean(numeric_only=True)
+    std = grouped.std(ddof=1, numeric_only=True).fillna(0.0) if len(frame) > len(mean) else mean * 0.0
+    return mean, std
+
+
 def plot_training(df: "pandas.DataFrame", path) -> None:
     """Write loss, accuracy and angles per epoch (three panels; a mean ± std band over seeds) to ``path`` (PNG).
 
@@ -100,9 +108,7 @@ def plot_training(df: "pandas.DataFrame", path) -> None:
     # A bare Figure rather than pyplot: no display needed, and the caller's backend is left alone.
     from matplotlib.figure import Figure
 
-    grouped = df.groupby("epoch")
-    mean = grouped.mean(numeric_only=True)
-    std = grouped.std(ddof=1, numeric_only=True).fillna(0.0) if len(df) > len(mean) else mean * 0.0
+    mean, std = _by_epoch(df)
     epochs = mean.index.to_numpy()
 
     def curve(ax, column, style, label):
@@ -124,9 +130,7 @@ def plot_training(df: "pandas.DataFrame", path) -> None:
     if _too_many_layers(mean.columns):  # a deep model: the mean over its layers (the output layer's 0 left out)
         per_run = df.assign(angle_mean=df[angles].mean(axis=1) if angles else 0.0,
                             grad_angle_mean=df[grad_angles[:-1]].mean(axis=1) if grad_angles else 0.0)
-        grouped = per_run.groupby("epoch")
-        mean = grouped.mean(numeric_only=True)
-        std = grouped.std(ddof=1, numeric_only=True).fillna(0.0) if len(df) > len(mean) else mean * 0.0
+        mean, std = _by_epoch(per_run)
         if angles:
             curve(ax_angle, "angle_mean", "-o", f"W-B, mean of {len(angles)} layers")
         if grad_angles:

@@ -46,6 +46,7 @@ from .training import (
     check_ranks_agree,
     distributed_env,
     evaluate,
+    optimizer_step,
     resolve_device,
     synchronize,
     use_cuda_graph,
@@ -314,11 +315,7 @@ class SeedRun:
                 loss = self.step(idx)
             else:
                 x = self._inputs(idx)[own] if config.uses_augmentation else data.x_train[idx[own]]
-                y = data.y_train[idx[own]]
-                loss = F.cross_entropy(self.train_model(x), y)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+                loss = optimizer_step(self.train_model, self.optimizer, x, data.y_train[idx[own]])
                 if config.method == "wm":  # weight mirroring: one mirror step after each update
                     for layer in self.layers:
                         layer.mirror()

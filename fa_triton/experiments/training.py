@@ -74,14 +74,20 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator, *, rank: 
     return perm.view(n_batches, world_size, batch_size // world_size)[:, rank]
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               idx: torch.Tensor) -> torch.Tensor:
-    """One optimizer step on the batch x[idx], y[idx] (cross-entropy); returns the loss (0-d)."""
-    loss = F.cross_entropy(model(x[idx]), y[idx])
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                   y: torch.Tensor) -> torch.Tensor:
+    """One optimizer step on the batch x [B, ...], y [B] (cross-entropy); returns the loss (0-d)."""
+    loss = F.cross_entropy(model(x), y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               idx: torch.Tensor) -> torch.Tensor:
+    """:func:`optimizer_step` on the batch x[idx], y[idx]."""
+    return optimizer_step(model, optimizer, x[idx], y[idx])
 
 
 class GraphedTrainStep:
