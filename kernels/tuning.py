@@ -123,7 +123,7 @@ TILES_HALF = (
 )
 TILES_FP32 = (
     (128, 128, 32, 8, 3),
-    (128, 64, 32, 4, 4),
+    (128, 64, 32, 8, 4),
     (64, 128, 32, 4, 4),
     (64, 64, 32, 4, 4),
     (32, 64, 32, 4, 4),
@@ -181,7 +181,10 @@ def heuristic_config(kernel: str, rows: int, cols: int, red: int, dtype: torch.d
             block_cols //= 2
         else:
             break
-    num_warps = 8 if block_rows * block_cols >= 128 * 128 else 4
+    # 8 warps from 128x128 up; and on a 128x64 fp32 tile, where 4 warps spill (backward_input,
+    # Triton 3.6, sm_90). A 64x128 fp32 tile spills with 8 warps: it keeps 4.
+    wide_fp32 = dtype == torch.float32 and block_rows >= 128 and block_cols >= 64
+    num_warps = 8 if block_rows * block_cols >= 128 * 128 or wide_fp32 else 4
     split = 1
     tiles = triton.cdiv(rows, block_rows) * triton.cdiv(cols, block_cols)
     steps = triton.cdiv(red, block_red)
@@ -205,9 +208,9 @@ def candidate_configs(kernel: str, rows: int, cols: int, red: int, dtype: torch.
               heuristic.num_stages)]
     for block_rows, block_cols, block_red, num_warps, num_stages in table:
         tile = (block(rows, block_rows), block(cols, block_cols), block(red, block_red), num_warps, num_stages)
-        if tile[0] * tile[1] < 128 * 128:
-            # A table tile clamped to a small problem keeps the heuristic's rule: 4 warps (8 warps
-            # on a 64x128x32 fp32 tile spill, sm_90).
+        if tile[:3] != (block_rows, block_cols, block_red) and tile[0] * tile[1] < 128 * 128:
+            # A table tile clamped to a small problem gets 4 warps (8 warps on a 64x128x32 fp32
+            # tile spill, sm_90); a table tile used as it is keeps its own.
             tile = tile[:3] + (min(num_warps, 4),) + tile[4:]
         if many_tiles and tile[0] * tile[1] < 128 * 128:
             continue
