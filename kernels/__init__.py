@@ -4,7 +4,7 @@
 - ``linear_kernels``: the GEMM kernels (forward, backward input, backward weight, DFA).
 - ``pass_kernels``: the memory passes (δ and grad_b, B of the sign rules, split sums).
 - ``tuning``: ``LaunchConfig``, tile tables, heuristic, autotuner; ``tuned_tables``: the sweep's table.
-- ``plans``, ``linear_plans``: the cached launch plans; ``launchers``: the launchers below.
+- ``plans``: the cached launch plans; ``launchers``: the launchers below.
 - ``tutorial_gemm``: the Triton tutorial's GEMM, the yardstick of the loop guard and the benchmarks.
 
 Importing this package compiles nothing and touches no GPU; set ``TRITON_INTERPRET=1``

@@ -26,8 +26,21 @@ import torch
 from . import linear_kernels as gemm
 from . import pass_kernels as passes
 from . import plans, tuning
-from .linear_plans import BackwardInputPlan, BackwardWeightPlan, DFAPlan, ForwardPlan, GemmKey, split_sum
-from .plans import PLANS, Launch, cdiv, check_out, clear_plans, on_device, remember
+from .plans import (
+    PLANS,
+    BackwardInputPlan,
+    BackwardWeightPlan,
+    DFAPlan,
+    ForwardPlan,
+    GemmKey,
+    Launch,
+    cdiv,
+    check_out,
+    clear_plans,
+    on_device,
+    remember,
+    split_sum,
+)
 from .tuning import LaunchConfig, as_config
 
 __all__ = [

@@ -11,7 +11,7 @@ import torch
 
 import fa_triton
 from fa_triton import ACTIVATIONS, fa_linear, kernels
-from fa_triton.kernels import autotune, launchers, linear_plans, plans, tuning
+from fa_triton.kernels import autotune, launchers, plans, tuning
 from fa_triton.kernels.tuning import LaunchConfig
 from tests.helpers import KERNEL_DEVICE
 from tests.oracle import (
@@ -423,8 +423,8 @@ def test_layer_backward_forms_delta_once(activation, bias, kernel_device, launch
 
 def test_launch_plans_are_cached_per_layout(kernel_device, monkeypatch):
     built = []
-    build = linear_plans.ForwardPlan.build
-    monkeypatch.setattr(linear_plans.ForwardPlan, "build", lambda key, args: built.append(key) or build(key, args))
+    build = plans.ForwardPlan.build
+    monkeypatch.setattr(plans.ForwardPlan, "build", lambda key, args: built.append(key) or build(key, args))
     x = torch.randn(9, 12, device=kernel_device)
     weight, bias = torch.randn(5, 12, device=kernel_device), torch.randn(5, device=kernel_device)
     first, _ = kernels.fa_linear_forward(x, weight, bias, "relu")

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.autograd import autocast_inputs
 from ..ops.backends import check_backend
 from ..ops.conv import FAConv2dFunction
-from ..ops.functional import autocast_inputs
 from ..ops.validation import check_dtype, check_generator, check_int, check_number, check_pair
 from ..rules.activations import apply_activation, check_activation
 from ..rules.methods import check_method

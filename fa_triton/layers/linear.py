@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops.autograd import apply_checked, autocast_inputs
 from ..ops.backends import check_backend
-from ..ops.functional import apply_checked, autocast_inputs
 from ..ops.validation import check_dtype, check_generator, check_inputs, check_int, check_number
 from ..rules.activations import apply_activation, check_activation
 from ..rules.methods import check_method

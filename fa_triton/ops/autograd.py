@@ -1,7 +1,8 @@
 """The FA layer's autograd: what every FA backward saves (the one home of that rule: the linear
 layer's Functions here and ``library.py``'s ops, FAConv2d's and DFA's Functions in ``conv.py`` and
 ``dfa.py``), the backward shared by every path, and the eager ``torch.autograd.Function`` of each
-backend (registered on it as ``backend.function``).
+backend (registered on it as ``backend.function``); and the entry the layers call once their
+arguments are checked, :func:`apply_checked` (with :func:`autocast_inputs` before it).
 
 Eager mode calls these Functions directly (they cost less per call than the ``torch.library``
 ops of ``library.py``, which ``torch.compile`` traces); both run :func:`fa_backward` with a
@@ -10,12 +11,29 @@ backend's steps (``fa_triton.ops.backends``), so they cannot drift apart.
 
 from __future__ import annotations
 
+import functools
+
 import torch
-from torch.autograd.function import once_differentiable
+from torch.autograd.function import once_differentiable as _torch_once_differentiable
 
 from ..rules.activations import saves_extra
 from ..rules.methods import FeedbackRule
-from .backends import AUTO, TORCH, TRITON, Backend
+from .backends import AUTO, TORCH, TRITON, Backend, resolve
+
+
+def once_differentiable(backward):
+    """torch's ``once_differentiable`` (a double backward through the result is an error),
+    without its ``no_grad`` context in an ordinary backward, where grad mode is already off:
+    the context costs about a microsecond a call, a tenth of the layer's own host cost."""
+    checked = _torch_once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():  # create_graph=True: torch's wrapper marks the double backward
+            return checked(ctx, *grads)
+        return backward(ctx, *grads)
+
+    return wrapper
 
 
 def needs_saved(ctx, activation: str, rule: FeedbackRule) -> bool:
@@ -164,3 +182,53 @@ class AutoFALinearFunction(torch.autograd.Function):
 TRITON.function = FALinearFunction
 TORCH.function = ReferenceFALinearFunction
 AUTO.function = AutoFALinearFunction
+
+
+# ------------------------------------------------------------------------- the entry
+
+@torch.compiler.assume_constant_result
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force for ``device_type``, or None outside an autocast region.
+
+    Dynamo cannot trace ``torch.amp.is_autocast_available`` on every torch version (torch 2.11
+    fails on it), so this is evaluated while tracing and its result kept as a constant; the
+    autocast state is part of Dynamo's global guards, so a change of it recompiles.
+    """
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def autocast_inputs(x, weight, bias, feedback):
+    """x, weight, bias, feedback cast as ``torch.autocast`` casts ``F.linear``'s arguments.
+
+    Inside an autocast region for x's device type, floating-point tensors other than float64
+    are cast to the autocast dtype (the casts are differentiable: fp32 master weights get fp32
+    gradients); outside one, they are returned unchanged.
+    """
+    # One C call when no autocast is on anywhere (the common case); Dynamo folds it to a constant.
+    if not torch._C._is_any_autocast_enabled() or not isinstance(x, torch.Tensor):
+        return x, weight, bias, feedback
+    dtype = _autocast_dtype(x.device.type)
+    if dtype is None:
+        return x, weight, bias, feedback
+
+    def cast(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+            return t.to(dtype)
+        return t
+
+    return cast(x), cast(weight), cast(bias), cast(feedback)
+
+
+def apply_checked(x, weight, bias, feedback, counter, activation: str, negative_slope: float, rule: FeedbackRule,
+                  backend: str) -> torch.Tensor:
+    """The layer on inputs already checked (and autocast): the resolved backend's autograd
+    Function in eager mode, its ``torch.library`` op while tracing."""
+    resolved = resolve(backend, x)
+    if torch.compiler.is_compiling() and resolved.name != "torch":
+        # torch.compile / torch.export trace the kernels' torch.library ops (one graph node
+        # each, no graph break). The reference's Function is traced through: its plain aten ops
+        # are what Inductor fuses. Eager mode keeps the autograd Functions: they cost less per call.
+        return resolved.layer_op(x, weight, bias, feedback, counter, activation, negative_slope, rule)
+    return resolved.function.apply(x, weight, bias, feedback, counter, activation, negative_slope, rule)

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from ..rules.activations import activation_backward, apply_activation, extra_for_backward, saves_extra
 from ..rules.methods import feedback_matrix
-from .autograd import needs_saved, save_for_fa_backward
+from .autograd import needs_saved, once_differentiable, save_for_fa_backward
 
 
 class FAConv2dFunction(torch.autograd.Function):

@@ -14,7 +14,8 @@ an in-place change of B (or of a saved activation) before backward is an error.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
+
+from .autograd import once_differentiable
 
 
 class DFANetworkFunction(torch.autograd.Function):

@@ -8,59 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from ..rules.methods import FA_RULE, FEEDBACK_METHODS, FeedbackRule, rule_for
-from .autograd import ReferenceFALinearFunction
-from .backends import resolve
-from .library import fa_linear_op
+from ..rules.methods import FA_RULE, FEEDBACK_METHODS, rule_for
+from .autograd import ReferenceFALinearFunction, apply_checked, autocast_inputs
 from .validation import check_inputs, check_method_arguments
-
-
-@torch.compiler.assume_constant_result
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype in force for ``device_type``, or None outside an autocast region.
-
-    Dynamo cannot trace ``torch.amp.is_autocast_available`` on every torch version (torch 2.11
-    fails on it), so this is evaluated while tracing and its result kept as a constant; the
-    autocast state is part of Dynamo's global guards, so a change of it recompiles.
-    """
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
-def autocast_inputs(x, weight, bias, feedback):
-    """x, weight, bias, feedback cast as ``torch.autocast`` casts ``F.linear``'s arguments.
-
-    Inside an autocast region for x's device type, floating-point tensors other than float64
-    are cast to the autocast dtype (the casts are differentiable: fp32 master weights get fp32
-    gradients); outside one, they are returned unchanged.
-    """
-    # One C call when no autocast is on anywhere (the common case); Dynamo folds it to a constant.
-    if not torch._C._is_any_autocast_enabled() or not isinstance(x, torch.Tensor):
-        return x, weight, bias, feedback
-    dtype = _autocast_dtype(x.device.type)
-    if dtype is None:
-        return x, weight, bias, feedback
-
-    def cast(t):
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
-            return t.to(dtype)
-        return t
-
-    return cast(x), cast(weight), cast(bias), cast(feedback)
-
-
-def apply_checked(x, weight, bias, feedback, counter, activation: str, negative_slope: float, rule: FeedbackRule,
-                  backend: str) -> torch.Tensor:
-    """The layer on inputs already checked (and autocast): the resolved backend's autograd
-    Function in eager mode, its ``torch.library`` op while tracing."""
-    resolved = resolve(backend, x)
-    if torch.compiler.is_compiling() and resolved.name != "torch":
-        # torch.compile / torch.export trace the kernels' torch.library ops (one graph node
-        # each, no graph break). The reference's Function is traced through: its plain aten ops
-        # are what Inductor fuses. Eager mode keeps the autograd Functions: they cost less per call.
-        return fa_linear_op(x, weight, bias, feedback, counter, activation, negative_slope, rule, resolved)
-    return resolved.function.apply(x, weight, bias, feedback, counter, activation, negative_slope, rule)
 
 
 def fa_linear(

@@ -33,6 +33,7 @@ directly. Opaque ops also keep ``backend="triton"`` on CPU tensors (Triton's int
 the reference on CUDA working under ``torch.compile``.
 """
 
+import functools
 from typing import Optional
 
 import torch
@@ -140,11 +141,6 @@ def _setup_context(ctx, inputs, output):
     save_for_fa_backward(ctx, x, weight, feedback, counter, saved, activation, negative_slope, rule)
 
 
-for _backend in (TRITON, TORCH, AUTO):
-    # (forward, local_error, backward_input, backward_weight) of each backend.
-    _backend.ops = _define(_backend)
-
-
 def fa_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], feedback: Optional[Tensor],
                  counter: Optional[Tensor], activation: str, negative_slope: float, rule: FeedbackRule,
                  backend: Backend) -> Tensor:
@@ -158,6 +154,12 @@ def fa_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], feedback: Op
     y, _ = forward(x.reshape(-1, x.shape[-1]), weight, bias, feedback, counter, activation, negative_slope,
                    rule.method, rule.scale, rule.seed)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+for _backend in (TRITON, TORCH, AUTO):
+    # (forward, local_error, backward_input, backward_weight) of each backend, and the layer over them.
+    _backend.ops = _define(_backend)
+    _backend.layer_op = functools.partial(fa_linear_op, backend=_backend)
 
 
 @torch.library.custom_op("fa_triton::next_draw", mutates_args=("counter",))

@@ -5,8 +5,8 @@ A backend is a :class:`Backend`: the same five steps of the layer in every imple
 pass); ``backward_input`` (grad_x = δ B, B as the rule forms it) and ``backward_weight``
 (grad_W = δᵀ x), both reading the δ that local_error formed once; ``dfa_delta`` (DFA's
 δ = (e B) ⊙ f' for every hidden layer at once) — and what the op layer registers on it: its eager
-``torch.autograd.Function`` (``fa_triton.ops.autograd``) and its ``torch.library`` ops
-(``fa_triton.ops.library``). Every caller — the layers, DFA, convert, the ops — finds a backend
+``torch.autograd.Function`` (``fa_triton.ops.autograd``), its ``torch.library`` ops and the
+layer through them (``fa_triton.ops.library``). Every caller — the layers, DFA, convert, the ops — finds a backend
 through :func:`resolve` (or :func:`get`).
 """
 
@@ -42,7 +42,7 @@ class Backend:
     ``ops`` are filled in by the op layer when it defines them."""
 
     __slots__ = ("name", "forward", "local_error", "backward_input", "backward_weight", "dfa_delta", "function",
-                 "ops")
+                 "ops", "layer_op")
 
     def __init__(self, name: str, forward: Callable, local_error: Callable, backward_input: Callable,
                  backward_weight: Callable, dfa_delta: Callable):
@@ -50,6 +50,7 @@ class Backend:
         self.backward_input, self.backward_weight, self.dfa_delta = backward_input, backward_weight, dfa_delta
         self.function = None  # the eager autograd Function (fa_triton.ops.autograd)
         self.ops = None  # the torch.library ops (fa_triton.ops.library)
+        self.layer_op = None  # the layer through those ops, which torch.compile traces (same module)
 
     def replace(self, **steps) -> "Backend":
         """A backend of the same name with some steps replaced (the custom ops' backward uses one)."""
