@@ -20,6 +20,7 @@ from .layers.conv import FAConv2d
 from .layers.dfa_model import DFAModel
 from .layers.dfa_network import DFANetwork
 from .layers.linear import FALinear
+from .layers.sequential import FASequential
 from .ops import library  # noqa: F401 - registers the torch.library ops (fa_triton::*)
 from .ops.autograd import FALinearFunction, ReferenceFALinearFunction
 from .ops.backends import BACKENDS
@@ -51,6 +52,7 @@ __all__ = [
     "FAConv2d",
     "FALinear",
     "FALinearFunction",
+    "FASequential",
     "INITS",
     "METHODS",
     "ReferenceFALinearFunction",

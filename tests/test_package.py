@@ -89,9 +89,9 @@ def test_no_module_imports_another_modules_private_name():
 
 @pytest.mark.parametrize("package, holds", [
     ("rules", {"methods", "philox", "activations"}),
-    ("ops", {"autograd", "library", "functional", "validation", "conv", "dfa", "backends"}),
+    ("ops", {"autograd", "library", "functional", "validation", "conv", "dfa", "sequential", "backends"}),
     ("ops.backends", {"registry", "reference", "triton", "auto"}),
-    ("layers", {"linear", "conv", "state", "dfa_network", "dfa_model"}),
+    ("layers", {"linear", "conv", "state", "dfa_network", "dfa_model", "sequential"}),
     ("experiments", {"cli", "config", "runner", "training", "datasets", "report", "files", "reproduce", "published",
                      "akrout", "mnist"}),
 ])

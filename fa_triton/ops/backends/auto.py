@@ -97,7 +97,8 @@ _BY_PUBLIC = {"triton": TRITON, "torch": TORCH}
 STEPS = (AutoStep("forward", _forward_key), AutoStep("local_error", _local_error_key),
          AutoStep("backward_input", _backward_input_key), AutoStep("backward_weight", _backward_weight_key),
          AutoStep("dfa_delta", _dfa_delta_key))
-AUTO = register(Backend("auto", *STEPS))
+# Forming B is one memory pass (no GEMM to choose for): auto runs on CUDA, where the kernels form it.
+AUTO = register(Backend("auto", *STEPS, TRITON.feedback_matrix))
 
 
 def clear_auto_choices() -> None:

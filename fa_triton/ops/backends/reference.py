@@ -1,7 +1,7 @@
 """The reference backend (``backend="torch"``): the FA layer's math in plain PyTorch ops, on any
 device and in any floating dtype (float64 included); the CPU path and the benchmarks' baseline.
 
-The five steps, with the signatures every backend shares (``registry.Backend``)::
+The six steps, with the signatures every backend shares (``registry.Backend``)::
 
     forward(x, weight, bias, activation, negative_slope, store_extra, out=None)
         x [..., K], weight [N, K], bias [N] -> (y [..., N] (into out if given), the extra tensor or None)
@@ -10,6 +10,7 @@ The five steps, with the signatures every backend shares (``registry.Backend``):
     backward_input(delta, feedback, weight, counter, rule)   δ [M, N], B from the rule -> grad_x [M, K]
     backward_weight(delta, x)                                 δ [M, N], x [M, K] -> grad_W [N, K]
     dfa_delta(error, feedback, saved, activations, widths)    e [M, n_out], B [n_out, Σ n_l] -> δ [M, Σ n_l]
+    feedback_matrix(weight, feedback, counter, rule)          B [N, K] as the rule forms it
 
 ``saved`` is y, or the extra tensor (z, or f'(z) for gelu) where f' cannot be read off y
 (``fa_triton.rules.activations.saves_extra``).
@@ -21,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from ...rules.activations import activation_backward, apply_activation, extra_for_backward
-from ...rules.methods import FeedbackRule, feedback_matrix
+from ...rules.methods import FeedbackRule
+from ...rules.methods import feedback_matrix as _rule_matrix
 from .registry import Backend, register
 
 
@@ -43,7 +45,7 @@ def local_error(grad_y, saved, activation: str, negative_slope: float, need_delt
 def backward_input(delta, feedback, weight, counter, rule: FeedbackRule):
     """grad_x = δ B: B in place of W, the only change from backprop, formed by ``rule`` from
     feedback, weight and counter (``fa_triton.rules.methods.feedback_matrix``)."""
-    return delta @ feedback_matrix(rule, weight, feedback, counter)
+    return delta @ _rule_matrix(rule, weight, feedback, counter)
 
 
 def backward_weight(delta, x):
@@ -56,6 +58,11 @@ def dfa_delta(error, feedback, saved, activations: tuple, widths: tuple):
     side by side [M, Σ n_l]; ``saved`` [M, Σ n_l] holds each layer's y (or extra tensor; None
     when every activation is the identity), ``activations`` each layer's (activation, negative_slope)."""
     projected = error.to(feedback.dtype) @ feedback
+    if len(widths) == 1:  # one layer (a chain's step): no split and concatenation
+        (activation, slope), = activations
+        if activation != "identity" and saved is None:
+            raise ValueError("dfa_delta needs saved (the layer's y or extra tensor) for f' other than the identity")
+        return activation_backward(projected, saved, activation, slope)
     if saved is None:
         if any(activation != "identity" for activation, _ in activations):
             raise ValueError("dfa_delta needs saved (each layer's y or extra tensor) for f' other than the identity")
@@ -64,4 +71,9 @@ def dfa_delta(error, feedback, saved, activations: tuple, widths: tuple):
     return torch.cat([activation_backward(p, s, activation, slope) for p, s, (activation, slope) in pieces], dim=1)
 
 
-TORCH = register(Backend("torch", forward, local_error, backward_input, backward_weight, dfa_delta))
+def feedback_matrix(weight, feedback, counter, rule: FeedbackRule):
+    """B [N, K] as ``rule`` forms it (``fa_triton.rules.methods.feedback_matrix``)."""
+    return _rule_matrix(rule, weight, feedback, counter)
+
+
+TORCH = register(Backend("torch", forward, local_error, backward_input, backward_weight, dfa_delta, feedback_matrix))

@@ -1,13 +1,15 @@
 """The registry of the FA layer's backends: the one table from a ``backend=`` name to code.
 
-A backend is a :class:`Backend`: the same five steps of the layer in every implementation
+A backend is a :class:`Backend`: the same six steps of the layer in every implementation
 (signatures in ``reference.py``) — ``forward``; ``local_error`` (δ = g ⊙ f'(z) and grad_b in one
 pass); ``backward_input`` (grad_x = δ B, B as the rule forms it) and ``backward_weight``
 (grad_W = δᵀ x), both reading the δ that local_error formed once; ``dfa_delta`` (DFA's
-δ = (e B) ⊙ f' for every hidden layer at once) — and what the op layer registers on it: its eager
-``torch.autograd.Function`` (``fa_triton.ops.autograd``), its ``torch.library`` ops and the
-layer through them (``fa_triton.ops.library``). Every caller — the layers, DFA, convert, the ops — finds a backend
-through :func:`resolve` (or :func:`get`).
+δ = (e B) ⊙ f' for every hidden layer at once; also a chain's δ_{l-1} = (δ_l B_l) ⊙ f'_{l-1},
+``fa_triton.ops.sequential``); ``feedback_matrix`` (B as the rule forms it, for dfa_delta) —
+and what the op layer registers on it: its eager ``torch.autograd.Function``
+(``fa_triton.ops.autograd``), its ``torch.library`` ops and the layer through them
+(``fa_triton.ops.library``). Every caller — the layers, DFA, convert, the ops — finds a
+backend through :func:`resolve` (or :func:`get`).
 """
 
 from __future__ import annotations
@@ -38,16 +40,17 @@ def kernels():
 
 
 class Backend:
-    """One backend: its name and its five steps (the module docstring); ``function`` and
-    ``ops`` are filled in by the op layer when it defines them."""
+    """One backend: its name and its six steps (the module docstring); ``function``, ``ops``
+    and ``layer_op`` are filled in by the op layer when it defines them."""
 
-    __slots__ = ("name", "forward", "local_error", "backward_input", "backward_weight", "dfa_delta", "function",
-                 "ops", "layer_op")
+    __slots__ = ("name", "forward", "local_error", "backward_input", "backward_weight", "dfa_delta",
+                 "feedback_matrix", "function", "ops", "layer_op")
 
     def __init__(self, name: str, forward: Callable, local_error: Callable, backward_input: Callable,
-                 backward_weight: Callable, dfa_delta: Callable):
+                 backward_weight: Callable, dfa_delta: Callable, feedback_matrix: Callable):
         self.name, self.forward, self.local_error = name, forward, local_error
         self.backward_input, self.backward_weight, self.dfa_delta = backward_input, backward_weight, dfa_delta
+        self.feedback_matrix = feedback_matrix
         self.function = None  # the eager autograd Function (fa_triton.ops.autograd)
         self.ops = None  # the torch.library ops (fa_triton.ops.library)
         self.layer_op = None  # the layer through those ops, which torch.compile traces (same module)
@@ -55,7 +58,7 @@ class Backend:
     def replace(self, **steps) -> "Backend":
         """A backend of the same name with some steps replaced (the custom ops' backward uses one)."""
         fields = {name: getattr(self, name) for name in ("forward", "local_error", "backward_input",
-                                                          "backward_weight", "dfa_delta")}
+                                                          "backward_weight", "dfa_delta", "feedback_matrix")}
         fields.update(steps)
         return Backend(self.name, **fields)
 

@@ -48,4 +48,15 @@ def dfa_delta(error, feedback, saved, activations, widths):
     return delta
 
 
-TRITON = register(Backend("triton", forward, local_error, backward_input, backward_weight, dfa_delta))
+def feedback_matrix(weight, feedback, counter, rule):
+    """B as the rule forms it: the sign methods' into a buffer for this backward only (one pass)."""
+    if rule.method == "backprop":
+        return weight
+    if not rule.forms_b:
+        return feedback
+    return kernels().fa_linear_feedback(weight, feedback, rule.method, feedback_scale=rule.scale, seed=rule.seed,
+                                        counter=counter)
+
+
+TRITON = register(Backend("triton", forward, local_error, backward_input, backward_weight, dfa_delta,
+                          feedback_matrix))

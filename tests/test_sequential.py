@@ -1,0 +1,255 @@
+"""FASequential (fa_triton/layers/sequential.py) and its Function (fa_triton/ops/sequential.py):
+a chain of FA layers as one autograd Function, against the float64 oracle of the chain's
+equations and against the same layers run one by one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fa_triton
+from fa_triton import FALinear, FASequential
+from fa_triton.testing import activation_and_derivative, layer_feedback
+from tests.helpers import KERNEL_DEVICE
+from tests.oracle import assert_parity
+
+ALL_METHODS = fa_triton.METHODS
+# (in, out, activation, negative_slope) per layer: every activation, a negative slope (its f'
+# reads z), a width of 1.
+LAYERS = ((7, 13, "gelu", 0.01), (13, 1, "leaky_relu", -0.2), (1, 9, "tanh", 0.01), (9, 6, "sigmoid", 0.01),
+          (6, 5, "relu", 0.01), (5, 4, "identity", 0.01))
+
+
+def _layers(method, backend="torch", dtype=torch.float64, device="cpu", layers=LAYERS, seed=0):
+    torch.manual_seed(seed)
+    return [FALinear(n_in, n_out, activation=activation, negative_slope=slope, method=method, backend=backend,
+                     dtype=dtype, device=device) for n_in, n_out, activation, slope in layers]
+
+
+def _counters(layers):
+    return [layer.counter.clone() if layer.method == "brsf" else None for layer in layers]
+
+
+def _restore(layers, counters):
+    for layer, counter in zip(layers, counters):
+        if counter is not None:
+            layer.counter.copy_(counter)
+
+
+def _run(model, x, grad_y):
+    """y and every gradient (x, then each parameter by name), on fresh gradients."""
+    x = x.detach().clone().requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    y = model(x)
+    y.backward(grad_y)
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    return {"y": y.detach(), "grad_x": x.grad, **grads}, y.grad_fn
+
+
+def chain_oracle(layers, x, grad_y) -> dict:
+    """The chain's y and gradients in float64 from the equations: z_l = h_{l-1} W_lᵀ + b_l,
+    h_l = f_l(z_l); δ_L = g ⊙ f_L'(z_L), δ_{l-1} = (δ_l B_l) ⊙ f_{l-1}'(z_{l-1}); grad_W_l =
+    δ_lᵀ h_{l-1}, grad_b_l = Σ_rows δ_l, grad_x = δ_1 B_1, with each B_l from its rule's
+    equations (``layer_feedback``: after the forward, brsf's draw). Keys as ``_run``'s."""
+    h = [x.double().reshape(-1, x.shape[-1])]
+    derivatives = []
+    for layer in layers:
+        z = h[-1] @ layer.weight.detach().double().t() + layer.bias.detach().double()
+        y, derivative = activation_and_derivative(z, layer.activation, layer.negative_slope)
+        h.append(y)
+        derivatives.append(derivative)
+    delta = grad_y.double().reshape(h[-1].shape) * derivatives[-1]
+    result = {"y": h[-1].reshape(*x.shape[:-1], -1)}
+    for index in range(len(layers) - 1, -1, -1):
+        B = layer_feedback(layers[index])
+        result[f"{index}.weight"] = delta.t() @ h[index]
+        result[f"{index}.bias"] = delta.sum(0)
+        if layers[index].method == "kp":
+            result[f"{index}.feedback"] = result[f"{index}.weight"]
+        delta = delta @ B
+        if index:
+            delta = delta * derivatives[index - 1]
+    result["grad_x"] = delta.reshape(x.shape)
+    return result
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_chain_matches_the_float64_oracle_and_the_layers_one_by_one(method):
+    layers = _layers(method)
+    x = torch.randn(2, 3, 7, dtype=torch.float64)
+    grad_y = torch.randn(2, 3, 4, dtype=torch.float64)
+    counters = _counters(layers)
+    fused, grad_fn = _run(FASequential(*layers), x, grad_y)
+    assert "FASequentialFunction" in grad_fn.name()
+    expected = chain_oracle(layers, x, grad_y)  # brsf: B of the draws this forward made
+    assert set(fused) == set(expected)
+    for name, want in expected.items():
+        assert_parity(fused[name], want, torch.float64, name=name)
+    _restore(layers, counters)
+    one_by_one, grad_fn = _run(nn.Sequential(*layers), x, grad_y)
+    assert "FASequentialFunction" not in grad_fn.name()
+    for name in expected:  # the reference backend: the same ops on the same values
+        assert torch.equal(fused[name], one_by_one[name]), name
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_kernels_chain_matches_the_layers_one_by_one(method):
+    """Triton kernels (the interpreter on the CPU): the chain's fused steps against each layer's
+    own, within torch.testing's fp32 tolerance (f' applied to the accumulator rounds once less)."""
+    sizes = ((7, 13, "gelu", 0.01), (13, 1, "leaky_relu", -0.2), (1, 6, "sigmoid", 0.01), (6, 5, "relu", 0.01),
+             (5, 4, "identity", 0.01))
+    layers = _layers(method, "triton", torch.float32, KERNEL_DEVICE, layers=sizes)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 7, generator=gen).to(KERNEL_DEVICE)
+    grad_y = torch.randn(7, 4, generator=gen).to(KERNEL_DEVICE)
+    counters = _counters(layers)
+    fused, grad_fn = _run(FASequential(*layers), x, grad_y)
+    assert "FASequentialFunction" in grad_fn.name()
+    _restore(layers, counters)
+    one_by_one, _ = _run(nn.Sequential(*layers), x, grad_y)
+    assert set(fused) == set(one_by_one)
+    for name, want in one_by_one.items():
+        torch.testing.assert_close(fused[name], want, msg=lambda text, name=name: f"{name}: {text}")
+
+
+def test_backprop_chain_equals_autograd_through_nn_linear():
+    layers = _layers("backprop")
+    model = FASequential(*layers)
+    plain = nn.Sequential(*[m for layer in layers for m in (
+        nn.Linear(layer.in_features, layer.out_features, dtype=torch.float64), _module_of(layer))])
+    for layer, linear in zip(layers, plain[::2]):
+        linear.load_state_dict({"weight": layer.weight.detach(), "bias": layer.bias.detach()})
+    x = torch.randn(5, 7, dtype=torch.float64)
+    grad_y = torch.randn(5, 4, dtype=torch.float64)
+    fused, _ = _run(model, x, grad_y)
+    exact, _ = _run(plain, x, grad_y)
+    assert_parity(fused["grad_x"], exact["grad_x"], torch.float64, name="grad_x")
+    for index in range(len(layers)):
+        assert_parity(fused[f"{index}.weight"], exact[f"{2 * index}.weight"], torch.float64, name=f"{index}.weight")
+        assert_parity(fused[f"{index}.bias"], exact[f"{2 * index}.bias"], torch.float64, name=f"{index}.bias")
+
+
+def _module_of(layer):
+    return {"gelu": nn.GELU(), "leaky_relu": nn.LeakyReLU(layer.negative_slope), "tanh": nn.Tanh(),
+            "sigmoid": nn.Sigmoid(), "relu": nn.ReLU(), "identity": nn.Identity()}[layer.activation]
+
+
+def test_only_the_gradients_asked_for():
+    layers = _layers("fa")
+    layers[2].weight.requires_grad_(False)
+    layers[0].bias.requires_grad_(False)
+    model = FASequential(*layers)
+    x = torch.randn(3, 7, dtype=torch.float64)
+    y = model(x)  # x needs no gradient: no grad_x
+    y.sum().backward()
+    assert layers[2].weight.grad is None and layers[0].bias.grad is None
+    assert layers[2].bias.grad is not None and layers[0].weight.grad is not None
+    expected = chain_oracle(layers, x, torch.ones_like(y))
+    assert_parity(layers[0].weight.grad, expected["0.weight"], torch.float64, name="0.weight")
+
+
+def test_an_empty_batch():
+    model = FASequential(*_layers("fa"))
+    x = torch.randn(0, 7, dtype=torch.float64, requires_grad=True)
+    y = model(x)
+    y.sum().backward()
+    assert y.shape == (0, 4) and x.grad.shape == (0, 7)
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+
+
+def test_brsf_draws_as_the_layers_one_by_one():
+    layers = _layers("brsf")
+    model = FASequential(*layers)
+    before = [layer.counter.item() for layer in layers]
+    model(torch.randn(2, 7, dtype=torch.float64)).sum().backward()
+    assert [layer.counter.item() for layer in layers] == [count + 1 for count in before]
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(2, 7, dtype=torch.float64))
+    assert [layer.counter.item() for layer in layers] == [count + 1 for count in before]
+
+
+def test_state_dict_keys_are_nn_sequential_s_and_load_either_way():
+    layers = _layers("kp")
+    model = FASequential(*layers)
+    plain = nn.Sequential(*_layers("kp", seed=1))
+    assert list(model.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(4, 7, dtype=torch.float64)
+    assert torch.equal(plain(x), model(x))
+    model.load_state_dict(nn.Sequential(*_layers("kp", seed=2)).state_dict())
+
+
+def test_widths_that_do_not_chain_are_an_error_naming_the_layers():
+    with pytest.raises(ValueError, match=r"layer 0 gives 13 features but layer 1 takes 9"):
+        FASequential(FALinear(7, 13), FALinear(9, 4))
+
+
+def test_other_children_run_on_their_own_and_the_printout_says_so():
+    model = FASequential(nn.Flatten(), FALinear(12, 8), nn.Identity(), FALinear(8, 6), nn.Dropout(0.0),
+                         FALinear(6, 5), FALinear(5, 3))
+    text = repr(model)
+    assert "fused=[(1, 3), (5, 6)]" in text
+    assert "4 (Dropout) is not an FALinear" in text
+    x = torch.randn(2, 3, 4)
+    assert model(x).shape == (2, 3)
+
+
+def test_a_lone_layer_and_another_backend_are_not_fused():
+    model = FASequential(FALinear(6, 5, backend="torch"), FALinear(5, 3, backend="auto"))
+    assert "fused=[]" in repr(model) and "1 has backend='auto'" in repr(model)
+    y = model(torch.randn(2, 6, requires_grad=True))
+    assert "FASequentialFunction" not in y.grad_fn.name()
+
+
+def test_autocast_hooks_and_mismatched_dtypes_take_the_per_layer_path():
+    layers = _layers("fa", dtype=torch.float32)
+    model = FASequential(*layers)
+    x = torch.randn(3, 7, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.bfloat16 and "FASequentialFunction" not in y.grad_fn.name()
+    handle = layers[1].register_forward_hook(lambda module, args, out: out * 2)
+    doubled = model(x)
+    handle.remove()
+    assert "FASequentialFunction" not in doubled.grad_fn.name()
+    assert not torch.equal(doubled, model(x))  # the hook ran
+    layers[1].double()
+    with pytest.raises(TypeError, match="dtype"):  # the layer's own clear error
+        model(x)
+
+
+def test_convert_makes_chains_with_the_same_keys_and_numbers():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3))
+    torch.manual_seed(1)
+    converted = fa_triton.convert(plain, backend="torch")
+    torch.manual_seed(1)
+    unchained = fa_triton.convert(plain, backend="torch", chains=False)
+    assert type(converted) is FASequential and type(unchained) is nn.Sequential
+    assert "fused=[(1, 3, 5)]" in repr(converted)
+    assert list(converted.state_dict()) == list(unchained.state_dict())
+    x = torch.randn(4, 3, 4)
+    fused, grad_fn = _run(converted, x, torch.ones(4, 3))
+    one_by_one, _ = _run(unchained, x, torch.ones(4, 3))
+    assert "FASequentialFunction" in grad_fn.name()
+    for name in one_by_one:
+        assert torch.equal(fused[name], one_by_one[name]), name
+    nested = fa_triton.convert(nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))))
+    assert type(nested) is nn.Sequential and type(nested[0]) is FASequential
+
+
+def test_models_mlp_is_a_chain():
+    model = fa_triton.models.mlp(backend="torch")
+    assert type(model) is FASequential and "fused=[(0, 1, 2)]" in repr(model)
+
+
+def test_compile_fullgraph_runs_each_layer_traced():
+    model = FASequential(*_layers("fa", dtype=torch.float32, layers=((7, 5, "relu", 0.01), (5, 3, "identity", 0.01))))
+    x = torch.randn(4, 7)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), eager)
+    compiled(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
