@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from .layers.conv import FAConv2d
 from .layers.dfa_model import DFAModel
 from .layers.dfa_network import DFANetwork
 from .layers.linear import FALinear
+from .layers.sequential import FASequential
 from .ops.backends import check_backend
 from .rules.methods import INITS, check_method
 
@@ -151,8 +153,9 @@ def _unconvertible(linear: nn.Linear | nn.Conv2d, parent: nn.Module | None) -> s
 
 
 class _Converter:
-    def __init__(self, activation_fusion, backend, include, exclude, method="fa", init="kaiming"):
+    def __init__(self, activation_fusion, backend, include, exclude, method="fa", init="kaiming", chains=True):
         self.activation_fusion = activation_fusion
+        self.chains = chains
         self.backend = backend
         self.method = method
         self.init = init
@@ -223,6 +226,9 @@ class _Converter:
             child_path = path + [(qualified, child)]
             if not isinstance(child, (nn.Linear, nn.Conv2d)):
                 self.visit(child, child_path)
+                chained = as_chain(child) if self.chains else child
+                if chained is not child:  # (a slot already made Fused is left alone)
+                    module._modules[name] = chained
                 continue
             reason = _unconvertible(child, module)
             if reason is None and not self.selected(child_path):
@@ -245,6 +251,26 @@ class _Converter:
             self.summary.converted.append(ConvertedLayer(qualified, activation, fused, _kind(child)))
 
 
+def as_chain(module: nn.Module) -> nn.Module:
+    """An exact ``nn.Sequential`` holding two or more consecutive FALinear (pass-through slots
+    between them) as an :class:`~fa_triton.FASequential` of the same children (same keys and
+    mode); any other module as it is. One with hooks of its own is kept (they would be lost)."""
+    if type(module) is not nn.Sequential or module._forward_hooks or module._forward_pre_hooks \
+            or module._backward_hooks:
+        return module
+    run = longest = 0
+    for child in module._modules.values():
+        if child is None or (isinstance(child, nn.Identity) and type(child).forward is nn.Identity.forward):
+            continue
+        run = run + 1 if type(child) is FALinear else 0
+        longest = max(longest, run)
+    if longest < 2:
+        return module
+    chain = FASequential(OrderedDict(module._modules))
+    chain.train(module.training)
+    return chain
+
+
 def convert(
     model: nn.Module,
     activation_fusion: bool = True,
@@ -257,6 +283,7 @@ def convert(
     return_summary: bool = False,
     method: str = "fa",
     init: str = "kaiming",
+    chains: bool = True,
 ):
     """Replace every ``nn.Linear`` of ``model`` by an :class:`~fa_triton.FALinear`, every
     ``nn.Conv2d`` by an :class:`~fa_triton.FAConv2d` (the same fusion applies to both).
@@ -281,6 +308,8 @@ def convert(
         activation_fusion: fuse following activation modules as described above.
         backend: the ``backend`` of the new layers (``fa_triton.BACKENDS``).
         inplace: modify ``model`` itself; otherwise a deep copy is converted and ``model`` is untouched.
+            (With ``chains``, a model that is itself such an ``nn.Sequential`` comes back as a new
+            FASequential holding its converted modules: use the returned model.)
         include: only convert layers matching these (default: all). Entries are qualified module
             names (``fnmatch`` patterns, e.g. ``"head.*"``) or ``nn.Module`` types; an entry
             matches a layer if it matches the layer or a module containing it.
@@ -290,6 +319,10 @@ def convert(
         return_summary: return ``(model, summary)`` instead of the model.
         method: the layers' rule, one of ``fa_triton.METHODS`` (``fa_triton.methods``), or "dfa".
         init: how new feedback is drawn ("kaiming" or "xavier"; weights are the Linear's own).
+        chains: turn each ``nn.Sequential`` (the model itself included) that holds two or more
+            consecutive converted layers into an :class:`~fa_triton.FASequential` of the same
+            children (same state_dict keys): the chain trains as one autograd Function, each
+            layer's f' in the epilogue of the input GEMM of the layer above.
     Returns:
         The converted model (and a :class:`ConversionSummary` if ``return_summary``). A model
         with no ``nn.Linear`` to convert is returned as it is (the same object), with a warning.
@@ -302,7 +335,7 @@ def convert(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     for argument, value in (("activation_fusion", activation_fusion), ("inplace", inplace),
-                            ("verbose", verbose), ("return_summary", return_summary)):
+                            ("verbose", verbose), ("return_summary", return_summary), ("chains", chains)):
         if not isinstance(value, bool):
             raise TypeError(f"{argument} must be a bool, got {type(value).__name__}")
     check_backend(backend)
@@ -310,14 +343,14 @@ def convert(
         return _convert_dfa(model, backend, init, inplace, include, exclude, verbose, return_summary)
     check_method(method, init)
     converter = _Converter(activation_fusion, backend, _selector(include, "include"), _selector(exclude, "exclude"),
-                           method, init)
+                           method, init, chains)
 
     target = model if inplace else copy.deepcopy(model)
     if isinstance(target, (nn.Linear, nn.Conv2d)):
         result = converter.convert_root(target)
     else:
         converter.visit(target, [("", target)])
-        result = target
+        result = as_chain(target) if chains else target
         unknown = [p for p in converter.include_names + converter.exclude_names
                    if not any(fnmatch.fnmatchcase(name, p) for name in converter.seen_names)]
         if unknown:

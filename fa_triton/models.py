@@ -23,13 +23,15 @@ from torch import nn
 from .convert import convert
 from .layers.dfa_network import DFANetwork
 from .layers.linear import FALinear
+from .layers.sequential import FASequential
 from .ops.validation import check_int
 from .rules.methods import INITS, METHODS
 
 
 def mlp(sizes=(784, 128, 64, 10), activations=("relu", "relu", "identity"), *, bias: bool = True,
         backend: str = "auto", method: str = "fa", init: str = "kaiming", device=None, dtype=None) -> nn.Module:
-    """One :class:`~fa_triton.FALinear` per layer, [..., sizes[0]] -> [..., sizes[-1]] logits;
+    """One :class:`~fa_triton.FALinear` per layer in an :class:`~fa_triton.FASequential` (the
+    chain trained as one autograd Function), [..., sizes[0]] -> [..., sizes[-1]] logits;
     ``activations[i]`` follows layer i (``len(activations) == len(sizes) - 1``). ``method`` and
     ``init`` are every layer's; ``method="dfa"`` gives a :class:`~fa_triton.DFANetwork` of the
     same layers (drawn as by backprop, B after them)."""
@@ -48,7 +50,7 @@ def mlp(sizes=(784, 128, 64, 10), activations=("relu", "relu", "identity"), *, b
               for n_in, n_out, act in zip(sizes[:-1], sizes[1:], activations)]
     if method == "dfa":
         return DFANetwork(layers, backend=backend, init=init)
-    return nn.Sequential(*layers)
+    return FASequential(*layers)
 
 
 def _init(model: nn.Module, init: str) -> nn.Module:
