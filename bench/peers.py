@@ -10,8 +10,9 @@ cross-entropy, backward, optimizer step (Adam lr 3e-4 as the tutorial; ``--optim
 torch thread by default. Providers, each with its own model and optimizer, for each method of
 (backprop, fa, usf, frsf, brsf) and for dfa:
 
-- ``fa_triton``: ``FALinear(..., method=m, backend="torch")`` layers (on the CPU ``"auto"`` is this
-  same reference path); dfa: ``fa_triton.convert(nn.Sequential(nn.Linear, nn.ReLU, ...),
+- ``fa_triton``: ``fa_triton.models.mlp(method=m, backend="torch")``, an ``FASequential`` of
+  ``FALinear`` layers (the chain as one autograd Function; on the CPU ``"auto"`` is this same
+  reference path); dfa: ``fa_triton.convert(nn.Sequential(nn.Linear, nn.ReLU, ...),
   method="dfa", backend="torch")``, a ``DFANetwork``;
 - ``biotorch``: BioTorch's layer of that method (``biotorch.layers.<m>.Linear(in, out, bias,
   layer_config)``; backprop: ``biotorch.layers.backpropagation.Linear``) in an ``nn.Sequential`` with
@@ -19,10 +20,12 @@ torch thread by default. Providers, each with its own model and optimizer, for e
   ``model(x, targets, loss_function)`` (it broadcasts ∂L/∂output to every layer's backward hook),
   then the loss and its backward as in BioTorch's training loop. Skipped, with the reason printed,
   when ``import biotorch`` fails (or a BioTorch model fails to build or step);
+- ``per_layer``: the same ``FALinear`` layers in a plain ``nn.Sequential`` (each layer its own
+  autograd Function; not for dfa): FASequential's ratio to it is the chain's gain;
 - ``nn``: the same MLP of ``nn.Linear`` + ``nn.ReLU`` under ordinary autograd: the baseline.
 
 Timing: one process, interleaved rounds. Each round times every (method, provider) in turn, ``--steps``
-steps each (the groups' order rotates from round to round; within a method's group fa_triton,
+steps each (the groups' order rotates from round to round; within a method's group fa_triton, per-layer,
 BioTorch and nn, so nn is timed once per group, beside each method). Round 0 warms up and is not
 counted. Reported per provider: the median and the min over rounds of ms per step; the ratios are
 the median over rounds of the per-round ratio of the two providers timed side by side (the same
@@ -47,7 +50,7 @@ import warnings
 from .results import cpu_name
 
 METHODS = ("backprop", "fa", "usf", "frsf", "brsf", "dfa")
-PROVIDERS = ("fa_triton", "biotorch", "nn")
+PROVIDERS = ("fa_triton", "per_layer", "biotorch", "nn")
 SIZES = (784, 128, 64, 10)  # the founding tutorial's MLP: relu, relu, identity
 BIOTORCH_LAYERS = {"backprop": "backpropagation", "fa": "fa", "usf": "usf", "frsf": "frsf", "brsf": "brsf"}
 
@@ -83,16 +86,15 @@ def _nn_mlp():
                          nn.Linear(SIZES[2], SIZES[3]))
 
 
-def _fa_triton_model(method: str):
+def _fa_triton_model(method: str, chain: bool = True):
     from torch import nn
 
     import fa_triton
 
     if method == "dfa":
         return fa_triton.convert(_nn_mlp(), method="dfa", backend="torch")
-    activations = ("relu", "relu", "identity")
-    return nn.Sequential(*(fa_triton.FALinear(n_in, n_out, activation=activation, method=method, backend="torch")
-                           for n_in, n_out, activation in zip(SIZES, SIZES[1:], activations)))
+    model = fa_triton.models.mlp(SIZES, method=method, backend="torch")  # an FASequential
+    return model if chain else nn.Sequential(*model)
 
 
 def _biotorch_model(biotorch, method: str):
@@ -171,6 +173,8 @@ def build_steps(methods=METHODS, optimizer: str = "adam", batch: int = 64, bioto
     add((None, "nn"), _nn_mlp)
     for method in methods:
         add((method, "fa_triton"), lambda method=method: _fa_triton_model(method))
+        if method != "dfa":
+            add((method, "per_layer"), lambda method=method: _fa_triton_model(method, chain=False))
         if biotorch is not None:
             add((method, "biotorch"), lambda method=method: _biotorch_model(biotorch, method), method == "dfa")
     return steps, skipped
@@ -185,7 +189,7 @@ def _time(step, n: int) -> float:
 
 
 def _round(methods, step_of, count: int) -> dict:
-    """{method: {provider: ms per step}}: each method's group in turn, fa_triton, BioTorch, nn."""
+    """{method: {provider: ms per step}}: each method's group in turn, fa_triton, per-layer, BioTorch, nn."""
     by_method = {}
     for method in methods:
         by_method[method] = times = {}
@@ -242,8 +246,9 @@ def summarize(samples, paired, methods=METHODS):
         return statistics.median(a / b for a, b in pairs) if pairs else None
 
     nn = stats((None, "nn"))
-    return [{"method": method, "fa_triton": stats((method, "fa_triton")), "biotorch": stats((method, "biotorch")),
-             "nn": nn, "x_biotorch": ratio(method, "biotorch"), "x_nn": ratio(method, "nn")} for method in methods]
+    return [{"method": method, "fa_triton": stats((method, "fa_triton")), "per_layer": stats((method, "per_layer")),
+             "biotorch": stats((method, "biotorch")), "nn": nn, "x_per_layer": ratio(method, "per_layer"),
+             "x_biotorch": ratio(method, "biotorch"), "x_nn": ratio(method, "nn")} for method in methods]
 
 
 def goals(rows) -> list[tuple[str, bool | None, str]]:
@@ -282,14 +287,17 @@ def _x(value) -> str:
 
 
 def format_table(rows, skipped=None, biotorch_reason=None) -> str:
-    lines = ["| method | fa_triton ms | BioTorch ms | nn backprop ms | fa_triton/BioTorch | fa_triton/backprop |",
-             "|--|--:|--:|--:|--:|--:|"]
+    lines = ["| method | fa_triton ms | per-layer ms | BioTorch ms | nn backprop ms | fa_triton/per-layer | "
+             "fa_triton/BioTorch | fa_triton/backprop |",
+             "|--|--:|--:|--:|--:|--:|--:|--:|"]
     for row in rows:
-        lines.append(f"| {row['method']} | {_ms(row['fa_triton'])} | {_ms(row['biotorch'])} | {_ms(row['nn'])} | "
+        lines.append(f"| {row['method']} | {_ms(row['fa_triton'])} | {_ms(row.get('per_layer'))} | "
+                     f"{_ms(row['biotorch'])} | {_ms(row['nn'])} | {_x(row.get('x_per_layer'))} | "
                      f"{_x(row['x_biotorch'])} | {_x(row['x_nn'])} |")
     lines.append("")
-    lines.append("ms: median (min) over rounds; ratios: median over rounds of the per-round ratio; "
-                 "the dfa row's fa_triton/backprop is DFA/backprop")
+    lines.append("ms: median (min) over rounds; ratios: median over rounds of the per-round ratio; fa_triton is "
+                 "the FASequential chain, per-layer the same FALinear layers in an nn.Sequential; the dfa row's "
+                 "fa_triton/backprop is DFA/backprop")
     if biotorch_reason:
         lines.append(f"BioTorch skipped: {biotorch_reason}")
     for (method, _), reason in sorted((skipped or {}).items()):

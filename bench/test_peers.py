@@ -13,15 +13,18 @@ def _biotorch_importable() -> bool:
 
 def test_measure_times_every_method_beside_nn_backprop():
     samples, paired, skipped = peers.measure(steps=1, rounds=2, warmup_steps=1, biotorch=None, threads=None)
-    assert set(samples) == {(None, "nn"), *((m, "fa_triton") for m in peers.METHODS)}
+    chains = [m for m in peers.METHODS if m != "dfa"]  # the per-layer chain: FA methods only
+    assert set(samples) == {(None, "nn"), *((m, "fa_triton") for m in peers.METHODS),
+                            *((m, "per_layer") for m in chains)}
     assert len(samples[(None, "nn")]) == 2 * len(peers.METHODS)  # once per method group and round
     assert all(len(samples[(m, "fa_triton")]) == 2 for m in peers.METHODS)
-    assert set(paired) == {(m, "nn") for m in peers.METHODS} and not skipped
+    assert set(paired) == {(m, "nn") for m in peers.METHODS} | {(m, "per_layer") for m in chains} and not skipped
     rows = peers.summarize(samples, paired)
     assert [row["method"] for row in rows] == list(peers.METHODS)
     for row in rows:
         assert row["biotorch"] is None and row["x_biotorch"] is None
         assert row["fa_triton"][0] >= row["fa_triton"][1] > 0 and row["x_nn"] > 0
+        assert (row["x_per_layer"] is None) == (row["method"] == "dfa")
     goals = peers.goals(rows)
     assert [met for _, met, _ in goals][0] is None  # BioTorch unmeasured
     assert all(met in (True, False) for _, met, _ in goals[1:])
@@ -54,10 +57,10 @@ def test_quick_run_with_whatever_biotorch_there_is(capsys):
     assert len(table) == len(peers.METHODS)
     if _biotorch_importable():
         assert "BioTorch not measured" not in out.splitlines()[0]
-        assert all(line.split("|")[3].strip() != "-" for line in table)
+        assert all(line.split("|")[4].strip() != "-" for line in table)
     else:
         assert "BioTorch skipped: import biotorch failed" in out
-        assert all(line.split("|")[3].strip() == "-" for line in table)
+        assert all(line.split("|")[4].strip() == "-" for line in table)
 
 
 def test_a_missing_biotorch_path_is_a_skip_with_its_reason(tmp_path, monkeypatch):
