@@ -73,9 +73,11 @@ def describe(cfg: LaunchConfig) -> str:
             + (f"-split{cfg.split}" if cfg.split > 1 else "") + ("-tma" if cfg.tma else ""))
 
 
-def _jobs(M, K, N, dt: str, activation="relu", bias=True):
+def _jobs(M, K, N, dt: str, activation="relu", bias=True, chain=None):
     """The layer's three GEMM jobs as the autograd runs them (the δ pass apart): kernel -> (the
-    launcher call for a config, its problem as the tuner sees it). x [M, K], W [N, K]."""
+    launcher call for a config, its problem as the tuner sees it). x [M, K], W [N, K]. With
+    ``chain`` (the activation of the layer below), also FASequential's step through this layer:
+    δ_below = (δ B) ⊙ f'(y_below), DFA's projection kernel."""
     d = DTYPES[dt]
     precision = "ieee" if dt == "ieee" else "tf32"
     x, weight, delta = _meta(M, K, dtype=d), _meta(N, K, dtype=d), _meta(M, N, dtype=d)
@@ -90,23 +92,28 @@ def _jobs(M, K, N, dt: str, activation="relu", bias=True):
         "backward_weight": (lambda cfg: launchers.fa_linear_backward_weight(delta, None, x, "identity", 0.0, False,
                                                                            config=cfg),
                             Problem("backward_weight", N, K, M, "red", d, precision, "", False, aligned)),
-    }
+    } | ({} if chain is None else {
+        "chain": (lambda cfg: launchers.fa_linear_dfa_delta(delta, weight, x, chain, 0.01, config=cfg),
+                  Problem("dfa", M, K, N, "rows", d, precision, chain, False, False)),
+    })
 
 
 def _dims(problem: Problem) -> tuple:
     return problem.rows, problem.cols, problem.red
 
 
-def _add_jobs(v: dict, prefix: str, M, K, N, dt, which, archs=(90,), activation="relu", seen=None):
-    """Variants of the three jobs: ``which`` is "candidates" (every autotuning candidate),
-    "heuristic", or a list of configs (TMA ones only where the layout allows them). With
-    ``seen``, a set, a config whose compiled kernel another variant already has is skipped."""
-    for kernel, (call, problem) in _jobs(M, K, N, dt, activation).items():
+def _add_jobs(v: dict, prefix: str, M, K, N, dt, which, archs=(90,), activation="relu", seen=None, chain=None):
+    """Variants of the three jobs (four with ``chain``): ``which`` is "candidates" (every
+    autotuning candidate), "heuristic", or a list of configs (TMA ones only where the layout
+    allows them). With ``seen``, a set, a config whose compiled kernel another variant already
+    has is skipped."""
+    for kernel, (call, problem) in _jobs(M, K, N, dt, activation, chain=chain).items():
+        name = problem.kernel
         if which == "candidates":
-            configs = tuning.candidate_configs(kernel, problem.rows, problem.cols, problem.red, problem.dtype, SMS,
-                                               tuning.tma_fits(problem))
+            configs = tuning.candidate_configs(name, problem.rows, problem.cols, problem.red, problem.dtype, SMS,
+                                               tuning.tma_fits(problem) and name != "dfa")
         elif which == "heuristic":
-            configs = [tuning.heuristic_config(kernel, problem.rows, problem.cols, problem.red, problem.dtype, SMS)]
+            configs = [tuning.heuristic_config(name, problem.rows, problem.cols, problem.red, problem.dtype, SMS)]
         else:
             configs = [c for c in which if not c.tma or tuning.tma_fits(problem)]
         for cfg in configs:
@@ -131,12 +138,15 @@ def variants() -> dict[str, Variant]:
     # The founding tutorial's layers at batch 64 to 8192: every candidate the tuner may time, in
     # every dtype, each distinct compiled kernel once (the same tile and flags at another batch
     # size compile to the same code).
+    # FASequential's step through each layer above the first (f' of the layer below, relu, in the
+    # epilogue of DFA's projection kernel).
     seen = set()
-    for K, N, activation in TUTORIAL_LAYERS:
+    for index, (K, N, activation) in enumerate(TUTORIAL_LAYERS):
+        chain = TUTORIAL_LAYERS[index - 1][2] if index else None
         for M in (64, 128, 1024, 8192):
             for dt in ("bf16", "tf32", "ieee"):
                 _add_jobs(v, f"tutorial-{M}x{K}x{N}-{dt}", M, K, N, dt, "candidates", activation=activation,
-                          seen=seen)
+                          seen=seen, chain=chain)
         # What an A100 gets there (no TMA; the heuristic's tiles).
         for M in (64, 8192):
             _add_jobs(v, f"tutorial-sm80-{M}x{K}x{N}-bf16", M, K, N, "bf16", "heuristic", archs=(80,),
