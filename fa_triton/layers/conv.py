@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.autograd import autocast_inputs
+from ..ops.autograd import autocast_inputs, transformable
 from ..ops.backends import check_backend
 from ..ops.conv import FAConv2dFunction
 from ..ops.validation import check_dtype, check_generator, check_int, check_number, check_pair
@@ -168,8 +168,14 @@ class FAConv2d(FeedbackState, FusedActivation, nn.Module):
             feedback = feedback.to(weight.dtype)
         counter = self._draw()  # brsf: a new R for each training step
         x, padding = self._pad(x)
-        y = FAConv2dFunction.apply(x, weight, bias, feedback, counter, self.stride, padding, self.dilation,
-                                   self.groups, self.activation, self.negative_slope, self.rule)
+        if torch._C._are_functorch_transforms_active():  # vmap, grad: aten ops (no vmap rule on the Function)
+            def conv(x, weight, bias):
+                return F.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+            y = transformable(conv, x, weight, bias, feedback, counter, self.activation, self.negative_slope,
+                              self.rule)
+        else:
+            y = FAConv2dFunction.apply(x, weight, bias, feedback, counter, self.stride, padding, self.dilation,
+                                       self.groups, self.activation, self.negative_slope, self.rule)
         return y.squeeze(0) if unbatched else y
 
     @classmethod

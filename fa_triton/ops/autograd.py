@@ -14,10 +14,11 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable as _torch_once_differentiable
 
-from ..rules.activations import saves_extra
-from ..rules.methods import FeedbackRule
+from ..rules.activations import apply_activation, saves_extra
+from ..rules.methods import FeedbackRule, feedback_matrix
 from .backends import AUTO, TORCH, TRITON, Backend, resolve
 
 
@@ -221,10 +222,46 @@ def autocast_inputs(x, weight, bias, feedback):
     return cast(x), cast(weight), cast(bias), cast(feedback)
 
 
+def _stacked(t) -> bool:
+    """Whether ``t`` is batched by an enclosing vmap (under any grad wrappers)."""
+    functorch = torch._C._functorch
+    while t is not None and functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
+def transformable(op, x, weight, bias, feedback, counter, activation: str, negative_slope: float,
+                  rule: FeedbackRule) -> torch.Tensor:
+    """The layer in differentiable PyTorch ops, for ``torch.func`` transforms (vmap, grad,
+    jacrev: ``torch.func.stack_module_state`` + ``functional_call`` trains many seeds in one
+    pass), where the autograd Functions cannot run. ``op(x, weight, bias)`` is ``F.linear`` (or
+    a convolution); z = op(x, W, b) with x's gradient sent through B instead of W by the term
+    op(x, B) - op(x, B).detach() (0 in value: y is the Functions' y for finite x), so autograd
+    gives grad_x = δ B, grad_W = δᵀ x, grad_b = Σ δ and, for kp, B's gradient = W's. One more
+    GEMM (or convolution) than the Functions; y = f(z)."""
+    if rule.method == "brsf" and _stacked(counter):
+        raise ValueError(
+            "method='brsf' under torch.func.vmap over stacked models: each model's Philox seed is a Python int "
+            "(feedback_seed), which stack_module_state cannot stack, so every member would draw the first model's R; "
+            "train brsf models one by one (vmap over the data alone works)")
+    if rule.method == "backprop":
+        z = op(x, weight, bias)
+    else:
+        feedback = feedback_matrix(rule, weight.detach(), feedback, counter)
+        through_feedback = op(x, feedback, None)
+        z = op(x.detach(), weight, bias) + (through_feedback - through_feedback.detach())
+    return apply_activation(z, activation, negative_slope)
+
+
 def apply_checked(x, weight, bias, feedback, counter, activation: str, negative_slope: float, rule: FeedbackRule,
                   backend: str) -> torch.Tensor:
     """The layer on inputs already checked (and autocast): the resolved backend's autograd
     Function in eager mode, its ``torch.library`` op while tracing."""
+    if torch._C._are_functorch_transforms_active():
+        # vmap, grad, jacrev: the Functions have no vmap rule; the same layer in aten ops does.
+        return transformable(F.linear, x, weight, bias, feedback, counter, activation, negative_slope, rule)
     resolved = resolve(backend, x)
     if torch.compiler.is_compiling() and resolved.name != "torch":
         # torch.compile / torch.export trace the kernels' torch.library ops (one graph node
