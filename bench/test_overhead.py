@@ -63,3 +63,16 @@ def test_compile_overhead_times_both():
 
     result = compile_overhead.measure(batch=4, steps=2, repeats=1)
     assert set(result) == {"eager", "compiled"} and all(ms > 0 for ms in result.values())
+
+
+def test_ensemble_trains_every_seed_both_ways(capsys):
+    import torch
+
+    from bench import ensemble
+
+    one_by_one, together = ensemble.build(seeds=2, method="fa", batch=4)
+    one_by_one()
+    together()  # both ways step (a failing vmap or optimizer would raise here)
+    assert ensemble.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "one by one" in out and "one pass" in out and "one pass / one by one:" in out
