@@ -66,7 +66,6 @@ def test_compile_overhead_times_both():
 
 
 def test_ensemble_trains_every_seed_both_ways(capsys):
-    import torch
 
     from bench import ensemble
 
