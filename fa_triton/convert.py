@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import fnmatch
 import warnings
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -226,9 +225,8 @@ class _Converter:
             child_path = path + [(qualified, child)]
             if not isinstance(child, (nn.Linear, nn.Conv2d)):
                 self.visit(child, child_path)
-                chained = as_chain(child) if self.chains else child
-                if chained is not child:  # (a slot already made Fused is left alone)
-                    module._modules[name] = chained
+                if self.chains:
+                    as_chain(child)
                 continue
             reason = _unconvertible(child, module)
             if reason is None and not self.selected(child_path):
@@ -252,23 +250,16 @@ class _Converter:
 
 
 def as_chain(module: nn.Module) -> nn.Module:
-    """An exact ``nn.Sequential`` holding two or more consecutive FALinear (pass-through slots
-    between them) as an :class:`~fa_triton.FASequential` of the same children (same keys and
-    mode); any other module as it is. One with hooks of its own is kept (they would be lost)."""
-    if type(module) is not nn.Sequential or module._forward_hooks or module._forward_pre_hooks \
-            or module._backward_hooks:
+    """An exact ``nn.Sequential`` whose children fuse into at least one chain of FALinear
+    (``FASequential``'s rules) made an :class:`~fa_triton.FASequential` in place (its class
+    changed: the same object, children, keys, mode, hooks and attributes); any other module as it is."""
+    if type(module) is not nn.Sequential:
         return module
-    run = longest = 0
-    for child in module._modules.values():
-        if child is None or (isinstance(child, nn.Identity) and type(child).forward is nn.Identity.forward):
-            continue
-        run = run + 1 if type(child) is FALinear else 0
-        longest = max(longest, run)
-    if longest < 2:
-        return module
-    chain = FASequential(OrderedDict(module._modules))
-    chain.train(module.training)
-    return chain
+    module.__class__ = FASequential
+    if not any(isinstance(step, list) for step in module._plan()[0]):
+        module.__class__ = nn.Sequential
+        del module._plan_cache
+    return module
 
 
 def convert(
@@ -308,8 +299,6 @@ def convert(
         activation_fusion: fuse following activation modules as described above.
         backend: the ``backend`` of the new layers (``fa_triton.BACKENDS``).
         inplace: modify ``model`` itself; otherwise a deep copy is converted and ``model`` is untouched.
-            (With ``chains``, a model that is itself such an ``nn.Sequential`` comes back as a new
-            FASequential holding its converted modules: use the returned model.)
         include: only convert layers matching these (default: all). Entries are qualified module
             names (``fnmatch`` patterns, e.g. ``"head.*"``) or ``nn.Module`` types; an entry
             matches a layer if it matches the layer or a module containing it.
@@ -319,10 +308,11 @@ def convert(
         return_summary: return ``(model, summary)`` instead of the model.
         method: the layers' rule, one of ``fa_triton.METHODS`` (``fa_triton.methods``), or "dfa".
         init: how new feedback is drawn ("kaiming" or "xavier"; weights are the Linear's own).
-        chains: turn each ``nn.Sequential`` (the model itself included) that holds two or more
-            consecutive converted layers into an :class:`~fa_triton.FASequential` of the same
-            children (same state_dict keys): the chain trains as one autograd Function, each
-            layer's f' in the epilogue of the input GEMM of the layer above.
+        chains: make each ``nn.Sequential`` (the model itself included) that holds two or more
+            consecutive converted layers of chaining widths an :class:`~fa_triton.FASequential`,
+            in place (the same object, children, state_dict keys, mode and hooks): the chain
+            trains as one autograd Function, each layer's f' in the epilogue of the input GEMM
+            of the layer above.
     Returns:
         The converted model (and a :class:`ConversionSummary` if ``return_summary``). A model
         with no ``nn.Linear`` to convert is returned as it is (the same object), with a warning.

@@ -135,7 +135,18 @@ def _module_of(layer):
             "sigmoid": nn.Sigmoid(), "relu": nn.ReLU(), "identity": nn.Identity()}[layer.activation]
 
 
-def test_only_the_gradients_asked_for():
+def test_only_the_gradients_asked_for(monkeypatch):
+    """Frozen parameters get no gradient and cost no GEMM; x without a gradient costs no grad_x."""
+    from fa_triton.ops.backends import TORCH
+
+    calls = {"backward_input": 0, "backward_weight": 0}
+    for step in calls:
+        original = getattr(TORCH, step)
+
+        def counted(*args, _step=step, _original=original):
+            calls[_step] += 1
+            return _original(*args)
+        monkeypatch.setattr(TORCH, step, counted)
     layers = _layers("fa")
     layers[2].weight.requires_grad_(False)
     layers[0].bias.requires_grad_(False)
@@ -143,10 +154,26 @@ def test_only_the_gradients_asked_for():
     x = torch.randn(3, 7, dtype=torch.float64)
     y = model(x)  # x needs no gradient: no grad_x
     y.sum().backward()
+    assert calls == {"backward_input": 0, "backward_weight": len(layers) - 1}
     assert layers[2].weight.grad is None and layers[0].bias.grad is None
     assert layers[2].bias.grad is not None and layers[0].weight.grad is not None
     expected = chain_oracle(layers, x, torch.ones_like(y))
     assert_parity(layers[0].weight.grad, expected["0.weight"], torch.float64, name="0.weight")
+    model(x.requires_grad_(True)).sum().backward()
+    assert calls["backward_input"] == 1
+
+
+def test_the_first_layer_s_feedback_may_change_before_backward_when_x_needs_no_gradient():
+    layers = _layers("wm")
+    model = FASequential(*layers)
+    x = torch.randn(3, 7, dtype=torch.float64)
+    y = model(x)
+    layers[0].mirror()  # B_1 is not read without grad_x: no error, as layer by layer
+    y.sum().backward()
+    y = model(x)
+    layers[1].mirror()  # B_2 is read by the chain step: the in-place change is caught
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
 
 
 def test_an_empty_batch():
@@ -181,9 +208,15 @@ def test_state_dict_keys_are_nn_sequential_s_and_load_either_way():
     model.load_state_dict(nn.Sequential(*_layers("kp", seed=2)).state_dict())
 
 
-def test_widths_that_do_not_chain_are_an_error_naming_the_layers():
-    with pytest.raises(ValueError, match=r"layer 0 gives 13 features but layer 1 takes 9"):
-        FASequential(FALinear(7, 13), FALinear(9, 4))
+def test_widths_that_do_not_chain_are_not_fused_and_fail_clearly_in_forward():
+    model = FASequential(FALinear(7, 13), FALinear(9, 4))
+    assert "fused=[]" in repr(model) and "0 gives 13 features but 1 takes 9: not fused" in repr(model)
+    with pytest.raises(ValueError, match=r"in_features=9.*got x of shape \(2, 13\)"):
+        model(torch.randn(2, 7))
+    model = fa_triton.models.mlp((7, 6, 5, 3), backend="torch")
+    assert type(model[::2]) is FASequential and "fused=[]" in repr(model[::2])  # slicing works
+    model.append(FALinear(7, 2))  # printing never raises
+    assert "2 gives 3 features but 3 takes 7" in repr(model)
 
 
 def test_other_children_run_on_their_own_and_the_printout_says_so():
@@ -212,8 +245,9 @@ def test_autocast_hooks_and_mismatched_dtypes_take_the_per_layer_path():
     assert y.dtype == torch.bfloat16 and "FASequentialFunction" not in y.grad_fn.name()
     handle = layers[1].register_forward_hook(lambda module, args, out: out * 2)
     doubled = model(x)
+    assert "1 has hooks: it runs on its own" in repr(model) and "fused=[(2, 3, 4, 5)]" in repr(model)
     handle.remove()
-    assert "FASequentialFunction" not in doubled.grad_fn.name()
+    assert "fused=[(0, 1, 2, 3, 4, 5)]" in repr(model)
     assert not torch.equal(doubled, model(x))  # the hook ran
     layers[1].double()
     with pytest.raises(TypeError, match="dtype"):  # the layer's own clear error
@@ -284,3 +318,59 @@ def test_cuda_graph_replays_the_chain():
     model(x).sum().backward()
     for got, want in zip(replayed, (p.grad for p in model.parameters())):
         torch.testing.assert_close(got, want)
+
+
+def test_hooks_identity_taps_and_a_keyword_input_behave_as_in_nn_sequential():
+    layers = _layers("fa", layers=((7, 5, "relu", 0.01), (5, 4, "tanh", 0.01), (4, 3, "identity", 0.01)))
+    tap = nn.Identity()
+    model = FASequential(layers[0], tap, layers[1], layers[2])
+    x = torch.randn(2, 7, dtype=torch.float64)
+    seen = []
+    handle = tap.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    assert torch.equal(model(input=x), nn.Sequential(*model)(x)) and seen == [(2, 5), (2, 5)]
+    assert "fused=[(2, 3)]" in repr(model) and "1 has hooks" in repr(model)
+    handle.remove()
+    assert "fused=[(0, 2, 3)]" in repr(model)  # the tap without hooks is skipped
+    pre = []
+    layers[1].register_full_backward_pre_hook(lambda module, grad: pre.append(1))
+    model(x.requires_grad_(True)).sum().backward()
+    assert pre == [1] and "fused=[]" in repr(model)
+
+
+def test_a_backend_changed_after_construction_is_honoured():
+    layers = _layers("fa", dtype=torch.float32)
+    model = FASequential(*layers)
+    layers[1].backend = "auto"
+    assert "1 has backend='auto'" in repr(model)
+    y = model(torch.randn(3, 7))
+    assert "FASequentialFunction" in y.grad_fn.name()  # layers 2-5 still share "torch"
+
+
+def test_forward_mode_is_refused_as_by_the_layers():
+    model = FASequential(*_layers("fa"))
+    x = torch.randn(2, 7, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="no forward-mode derivative"):
+        torch.func.jvp(model, (x,), (x,))
+
+
+def test_convert_keeps_the_sequential_itself_and_a_container_of_heads():
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    model[1].eval()
+    model.register_buffer("scale", torch.ones(1))
+    model.tag = "mine"
+    converted = fa_triton.convert(model, backend="torch", inplace=True)
+    assert converted is model and type(model) is FASequential and model.tag == "mine"
+    assert "scale" in model.state_dict() and not model[1].training and model.training
+    assert "fused=[(3, 5)]" in repr(model)
+
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = nn.Sequential(nn.Linear(8, 3), nn.Linear(8, 5))
+
+        def forward(self, x):
+            return [head(x) for head in self.heads]
+
+    heads = fa_triton.convert(Heads(), backend="torch")
+    assert type(heads.heads) is nn.Sequential  # widths that do not chain: no FASequential
+    assert [tuple(y.shape) for y in heads(torch.randn(2, 8))] == [(2, 3), (2, 5)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 
 from ..ops.backends import resolve
 from ..ops.sequential import FASequentialFunction
@@ -11,79 +12,103 @@ from ..ops.validation import check_inputs
 from .linear import FALinear
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether the module has hooks of its own that a fused call would skip."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or getattr(module, "_backward_pre_hooks", None))
+
+
+def _global_hooks() -> bool:
+    """Whether module hooks are registered for every module (``register_module_forward_hook``...)."""
+    return any(getattr(_module, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
+
+
 def _passes_through(module: nn.Module) -> bool:
-    """nn.Identity or a subclass that keeps its forward (``convert``'s ``Fused`` slots)."""
-    return isinstance(module, nn.Identity) and type(module).forward is nn.Identity.forward
+    """nn.Identity, or a subclass that keeps its forward (``convert``'s ``Fused`` slots), without hooks."""
+    return isinstance(module, nn.Identity) and type(module).forward is nn.Identity.forward and not _hooked(module)
 
 
 def _plain_falinear(module: nn.Module) -> bool:
-    return isinstance(module, FALinear) and type(module).forward is FALinear.forward
+    return isinstance(module, FALinear) and type(module).forward is FALinear.forward and not _hooked(module)
 
 
 class FASequential(nn.Sequential):
     """``nn.Sequential`` in which every chain of two or more consecutive :class:`FALinear`
-    children (pass-through children between them, such as ``convert``'s ``Fused`` slots and
-    ``nn.Identity``, are skipped) with one ``backend`` runs as one autograd Function
-    (``fa_triton.ops.sequential``): activations in the forward GEMMs' epilogues, and in the
-    backward each layer's f' in the epilogue of the input GEMM of the layer above, so no pass
-    between layers forms δ. Gradients equal the per-layer chain's (the reference backend's
-    bitwise; the kernels' within rounding, f' being applied to the fp32 accumulator).
+    children with one ``backend`` runs as one autograd Function (``fa_triton.ops.sequential``):
+    activations in the forward GEMMs' epilogues, and in the backward each layer's f' in the
+    epilogue of the input GEMM of the layer above, so no pass between layers forms δ. Gradients
+    equal the per-layer chain's (the reference backend's bitwise; the kernels' within rounding,
+    f' being applied to the fp32 accumulator). Pass-through children between chained layers
+    (``convert``'s ``Fused`` slots, ``nn.Identity``) are skipped.
 
-    Any other child runs as in ``nn.Sequential``; so does a chain under ``torch.autocast``,
-    ``torch.compile``/``torch.export`` (each layer's traced ops), ``torch.func`` transforms, or
-    with hooks on its layers. The printout says which children are fused and why others are not.
-    state_dict keys are ``nn.Sequential``'s: a checkpoint of the same children loads either way.
-
-    Raises ``ValueError`` when two consecutive FA layers' widths do not chain.
+    Any other child runs as in ``nn.Sequential``, and so does a child with hooks of its own. A
+    chain runs layer by layer under ``torch.autocast``, ``torch.compile``/``torch.export`` (each
+    layer's traced ops), ``torch.func`` transforms, with module hooks registered globally, or
+    when its layers' dtypes, devices or widths do not fit (each layer then raises its own clear
+    error). The printout says which children are fused and why others are not. state_dict keys
+    are ``nn.Sequential``'s: a checkpoint of the same children loads either way.
     """
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
         self._plan_cache = None
-        self._plan()
 
     def _plan(self) -> tuple[list, list[str]]:
-        """(steps, notes): each step a child module or a list of FALinear (a fused chain);
-        notes: why children next to FA layers are not fused. Cached per set of children."""
-        key = tuple((name, id(module)) for name, module in self._modules.items())
-        if self._plan_cache is not None and self._plan_cache[0] == key:
-            return self._plan_cache[1]
-        steps, notes, chain, names = [], [], [], []
+        """(steps, notes): each step a child module or a list of (name, FALinear) (a fused
+        chain); notes: why children next to FA layers are not fused. Cached per children, their
+        hooks and backends."""
+        key = tuple((name, id(module), _hooked(module), getattr(module, "backend", None))
+                    for name, module in self._modules.items() if module is not None)
+        cache = getattr(self, "_plan_cache", None)
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        steps, notes, pending = [], [], []  # pending: (name, module) of the chain being built
 
         def close():
+            chain = [(name, module) for name, module in pending if isinstance(module, FALinear)]
             if len(chain) >= 2:
-                steps.append(list(chain))
+                steps.append(chain)
             else:
-                steps.extend(chain)
-            chain.clear()
+                steps.extend(module for _, module in pending)
+            pending.clear()
+
+        def last_layer():
+            return next(((name, m) for name, m in reversed(pending) if isinstance(m, FALinear)), None)
 
         for name, module in self._modules.items():
-            if module is None or _passes_through(module):
+            if module is None:
+                continue
+            if _passes_through(module) and pending:
+                pending.append((name, module))
                 continue
             if not _plain_falinear(module):
-                if chain:
-                    notes.append(f"{name} ({type(module).__name__}) is not an FALinear: it runs on its own")
+                if pending or isinstance(module, FALinear):
+                    why = "has hooks" if _hooked(module) else f"({type(module).__name__}) is not an FALinear"
+                    notes.append(f"{name} {why}: it runs on its own")
                 close()
                 steps.append(module)
                 continue
-            if chain:
-                above = chain[-1]
-                if above.out_features != module.in_features:
-                    raise ValueError(
-                        f"FASequential: layer {names[-1]} gives {above.out_features} features but layer {name} "
-                        f"takes {module.in_features} (in_features={module.in_features}): the widths must chain")
-                if above.backend != module.backend:
-                    notes.append(f"{name} has backend={module.backend!r}, {names[-1]} {above.backend!r}: a new chain")
+            above = last_layer()
+            if above is not None:
+                above_name, above_layer = above
+                if above_layer.out_features != module.in_features:
+                    notes.append(f"{above_name} gives {above_layer.out_features} features but {name} takes "
+                                 f"{module.in_features}: not fused")
                     close()
-            chain.append(module)
-            names.append(name)
+                elif above_layer.backend != module.backend:
+                    notes.append(f"{name} has backend={module.backend!r}, {above_name} {above_layer.backend!r}: "
+                                 "a new chain")
+                    close()
+            pending.append((name, module))
         close()
         self._plan_cache = (key, (steps, notes))
         return steps, notes
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Sequential's name
+        x = input
         for step in self._plan()[0]:
-            x = self._chain(step, x) if isinstance(step, list) else step(x)
+            x = self._chain([layer for _, layer in step], x) if isinstance(step, list) else step(x)
         return x
 
     @staticmethod
@@ -104,8 +129,7 @@ class FASequential(nn.Sequential):
 
     def extra_repr(self) -> str:
         steps, notes = self._plan()
-        index = {id(module): name for name, module in self._modules.items() if module is not None}
-        fused = [f"({', '.join(index[id(layer)] for layer in step)})" for step in steps if isinstance(step, list)]
+        fused = [f"({', '.join(name for name, _ in step)})" for step in steps if isinstance(step, list)]
         text = f"fused=[{', '.join(fused)}]"
         return text + (f", not fused: {'; '.join(notes)}" if notes else "")
 
@@ -114,12 +138,10 @@ def _fusable_now(layers: list[FALinear], x) -> bool:
     """Whether this call can take the fused path: otherwise each layer runs on its own (and
     raises its own clear error for a bad input)."""
     if (torch.compiler.is_compiling() or torch._C._is_any_autocast_enabled()
-            or torch._C._are_functorch_transforms_active() or not isinstance(x, torch.Tensor)):
+            or torch._C._are_functorch_transforms_active() or not isinstance(x, torch.Tensor) or _global_hooks()):
         return False
     first = layers[0].weight
     for layer in layers:
-        if layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks:
-            return False
         weight, bias, feedback = layer.weight, layer.bias, layer.feedback
         if weight.dtype != first.dtype or weight.device != first.device or weight.dim() != 2:
             return False

@@ -232,15 +232,27 @@ def _stacked(t) -> bool:
     return False
 
 
+def _forward_mode() -> bool:
+    """Whether a forward-mode transform (jvp, jacfwd) encloses this call."""
+    functorch = torch._C._functorch
+    return any(level.key() == functorch.TransformType.Jvp for level in functorch.get_interpreter_stack() or ())
+
+
 def transformable(op, x, weight, bias, feedback, counter, activation: str, negative_slope: float,
                   rule: FeedbackRule) -> torch.Tensor:
     """The layer in differentiable PyTorch ops, for ``torch.func`` transforms (vmap, grad,
     jacrev: ``torch.func.stack_module_state`` + ``functional_call`` trains many seeds in one
     pass), where the autograd Functions cannot run. ``op(x, weight, bias)`` is ``F.linear`` (or
     a convolution); z = op(x, W, b) with x's gradient sent through B instead of W by the term
-    op(x, B) - op(x, B).detach() (0 in value: y is the Functions' y for finite x), so autograd
-    gives grad_x = δ B, grad_W = δᵀ x, grad_b = Σ δ and, for kp, B's gradient = W's. One more
-    GEMM (or convolution) than the Functions; y = f(z)."""
+    op(x, B) - op(x, B).detach() (0 in value wherever op(x, B) is finite: then y is the
+    Functions' y), so autograd gives grad_x = δ B, grad_W = δᵀ x, grad_b = Σ δ and, for kp, B's
+    gradient = W's. One more GEMM (or convolution) than the Functions; y = f(z). Forward mode
+    (jvp) is refused, as the Functions refuse it."""
+    if _forward_mode():
+        raise NotImplementedError(
+            "fa_triton's layers define no forward-mode derivative (torch.func.jvp, jacfwd): feedback alignment "
+            "replaces only the backward pass's W by B, so a tangent would be neither the true one (through W) "
+            "nor FA's; use reverse mode (grad, vjp, jacrev)")
     if rule.method == "brsf" and _stacked(counter):
         raise ValueError(
             "method='brsf' under torch.func.vmap over stacked models: each model's Philox seed is a Python int "

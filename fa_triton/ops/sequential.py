@@ -56,9 +56,13 @@ class FASequentialFunction(torch.autograd.Function):
         last_activation, last_slope, _ = specs[-1]
         if last_activation == "identity" or saves_extra(last_activation, last_slope):
             outputs[-1] = None
-        weights = [params[PER_LAYER * i] if specs[i][2].reads_weight else None for i in range(count)]
-        feedbacks = [params[PER_LAYER * i + 2] if specs[i][2].reads_feedback else None for i in range(count)]
-        counters = [params[PER_LAYER * i + 3] for i in range(count)]
+        # B_l's sources: for every layer above the first, and for the first only when x needs
+        # a gradient (so an in-place change of its W or B before backward is not an error then).
+        first = 0 if ctx.needs_input_grad[0] else 1
+        weights = [params[PER_LAYER * i] if i >= first and specs[i][2].reads_weight else None for i in range(count)]
+        feedbacks = [params[PER_LAYER * i + 2] if i >= first and specs[i][2].reads_feedback else None
+                     for i in range(count)]
+        counters = [params[PER_LAYER * i + 3] if i >= first else None for i in range(count)]
         ctx.save_for_backward(x, *outputs, *extras, *weights, *feedbacks, *counters)
         ctx.backend, ctx.specs = backend, specs
         return h
