@@ -10,13 +10,11 @@ _MASK32 = 0xFFFFFFFF
 
 
 def _mul32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(high, low) 32 bits of a·b for a, b < 2³², in int64 without overflow: b is split in
-    16-bit halves, so each partial product stays below 2⁴⁸."""
-    low_part = a * (b & 0xFFFF)
-    high_part = a * (b >> 16)
-    high = ((low_part >> 16) + high_part) >> 16
-    low = (low_part + ((high_part & 0xFFFF) << 16)) & _MASK32
-    return high, low
+    """(high, low) 32 bits of a·b for a, b < 2³²: the int64 product wraps modulo 2⁶⁴ (two's
+    complement), which keeps both halves exact; the high half is masked after the arithmetic
+    shift."""
+    product = a * b
+    return (product >> 32) & _MASK32, product & _MASK32
 
 
 def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
