@@ -356,3 +356,40 @@ def test_a_factory_module_in_the_current_folder_is_found(data_dir, tmp_path, mon
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     df = run_quietly(config(data_dir, tmp_path, model="my_models_xyz:plain", epochs=1), write=False)
     assert list(df["epoch"]) == [1]
+
+
+@pytest.mark.parametrize("method, model", [("fa", "mlp"), ("kp", "mlp"), ("backprop", "mlp"), ("fa", "lenet")])
+def test_seeds_together_match_the_seeds_one_by_one(data_dir, tmp_path, method, model):
+    """One torch.func pass per step for every seed: each seed's rows as its own run's, within
+    fp32 rounding (the stacked GEMMs round differently); outputs and checkpoints as usual."""
+    cfg = config(data_dir, tmp_path, seeds=(0, 1, 2), method=method, model=model)
+    separate = run_quietly(cfg, write=False)
+    together = run_quietly(cfg.replace(together=True))
+    assert list(together["seed"]) == list(separate["seed"]) and list(together["epoch"]) == list(separate["epoch"])
+    for column in [c for c in separate.columns if c.startswith(("loss_", "acc_", "angle_", "grad_angle_"))]:
+        torch.testing.assert_close(torch.tensor(together[column].to_numpy()), torch.tensor(separate[column].to_numpy()),
+                                   rtol=1e-4, atol=1e-4, msg=lambda text, column=column: f"{column}: {text}")
+    out = tmp_path / "run"
+    assert {p.name for p in (out / "checkpoints").iterdir()} == {"seed0.pt", "seed1.pt", "seed2.pt"}
+    assert (out / "metrics.csv").exists() and (out / "summary.csv").exists()
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({"method": "brsf"}, "Philox seed is a Python int"),
+    ({"method": "wm"}, "global random stream"),
+    ({"method": "dfa"}, "no torch.func form"),
+    ({"model": "resnet20"}, "batch norm or dropout"),
+])
+def test_seeds_together_refuse_what_one_pass_cannot_keep_per_seed(data_dir, tmp_path, changes, reason):
+    cfg = config(data_dir, tmp_path, seeds=(0, 1), together=True, **changes)
+    with pytest.raises(ValueError, match=f"together: the seeds cannot train in one pass: .*{reason}"):
+        runner.run(cfg, write=False)
+
+
+def test_seeds_together_resume_as_if_never_stopped(data_dir, tmp_path):
+    cfg = config(data_dir, tmp_path, seeds=(0, 1), together=True)
+    whole = run_quietly(cfg.replace(out=str(tmp_path / "whole")))
+    run_quietly(cfg.replace(epochs=1))
+    resumed = run_quietly(cfg, resume=True)
+    columns = [c for c in whole.columns if c != "seconds"]
+    assert whole[columns].equals(resumed[columns])

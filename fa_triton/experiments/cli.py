@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its last checkpoints (its config.toml is the base)")
     again.add_argument("--overwrite", action="store_true", help="start again even if --out holds an unfinished run")
+    train.add_argument("--together", action="store_true", default=None,
+                       help="train the --seeds in one pass (torch.func: stacked models, one vmapped step; "
+                            "MLPs without batch norm or dropout, one process, not brsf, wm or dfa)")
     train.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
                        help="train eagerly on CUDA (default there, for the mlp with adam: the whole step captured "
                             "in one CUDA graph)")
@@ -177,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 SETTING_FLAGS = ("model", "method", "dataset", "optimizer", "lr", "momentum", "weight_decay", "milestones", "gamma",
                  "epochs", "batch_size", "seeds", "init", "validation", "augment", "train_samples", "test_samples",
-                 "device", "backend", "data_dir", "download", "threads", "progress", "nproc", "out", "cuda_graph")
+                 "device", "backend", "data_dir", "download", "threads", "progress", "nproc", "out", "cuda_graph",
+                 "together")
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:

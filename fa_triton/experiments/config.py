@@ -78,6 +78,10 @@ class RunConfig:
     data_dir: str | None = None
     download: bool = True
     cuda_graph: bool | None = None
+    together: bool = False
+    """Train the seeds in one pass (``torch.func``: the models stacked, one vmapped forward and
+    backward per step, each seed its own optimizer, data order and metrics): MLPs without batch
+    norm or dropout, one process, every method but brsf, wm and dfa."""
     out: str = "runs/mnist"
     progress: bool = True
 
@@ -186,7 +190,7 @@ def check(config: RunConfig) -> None:
     if not (config.validation in VALIDATION or (_is_int(config.validation) and config.validation > 0)):
         raise ValueError(f"validation must be 'auto', 'none' or a positive number of training images, "
                          f"got {config.validation!r}")
-    for name in ("download", "progress"):
+    for name in ("download", "progress", "together"):
         if not isinstance(getattr(config, name), bool):
             raise ValueError(f"{name} must be true or false, got {getattr(config, name)!r}")
     for name in ("augment", "cuda_graph"):

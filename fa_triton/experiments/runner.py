@@ -298,27 +298,40 @@ class SeedRun:
         # The padding is black before normalization, as BioTorch pads the raw image.
         return datasets.augment(self.data.x_train[idx], self.crops, fill=self.black)
 
+    def begin_epoch(self) -> tuple[torch.Tensor, float]:
+        """(this epoch's batches [steps, batch_size] on the device, its learning rate); the
+        model in training mode."""
+        batches = self._batches().to(self.device)
+        self.model.train()
+        return batches, self.optimizer.param_groups[0]["lr"]
+
+    def batch(self, idx: torch.Tensor, own: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (augmented) inputs and the labels of a global batch's share ``own``."""
+        config, data = self.config, self.data
+        x = self._inputs(idx)[own] if config.uses_augmentation else data.x_train[idx[own]]
+        return x, data.y_train[idx[own]]
+
+    def after_step(self) -> None:
+        if self.config.method == "wm":  # weight mirroring: one mirror step after each update
+            for layer in self.layers:
+                layer.mirror()
+
     def train_epoch(self, progress=None) -> dict:
         """One epoch of optimizer steps, then the epoch's row; raises :class:`NonFiniteLoss`."""
-        config, data, device = self.config, self.data, self.device
+        config, device = self.config, self.device
         epoch = self.epoch + 1
-        batches = self._batches().to(device)
+        batches, lr = self.begin_epoch()
         steps, share = len(batches), config.batch_size // self.world_size
         own = slice(self.rank * share, (self.rank + 1) * share)
         losses = torch.zeros(steps, device=device)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.model.train()
         synchronize(device)
         start = time.perf_counter()
         for i, idx in enumerate(batches):
             if self.step is not None:
                 loss = self.step(idx)
             else:
-                x = self._inputs(idx)[own] if config.uses_augmentation else data.x_train[idx[own]]
-                loss = optimizer_step(self.train_model, self.optimizer, x, data.y_train[idx[own]])
-                if config.method == "wm":  # weight mirroring: one mirror step after each update
-                    for layer in self.layers:
-                        layer.mirror()
+                loss = optimizer_step(self.train_model, self.optimizer, *self.batch(idx, own))
+                self.after_step()
             losses[i] = loss.detach()
             if device.type == "cpu" or (i + 1) % CHECK_EVERY == 0 or i + 1 == steps:
                 self._check_finite(losses, i, epoch, steps)
@@ -327,7 +340,10 @@ class SeedRun:
                 if i % CHECK_EVERY == 0:
                     progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         synchronize(device)
-        seconds = time.perf_counter() - start
+        return self.end_epoch(epoch, lr, time.perf_counter() - start)
+
+    def end_epoch(self, epoch: int, lr: float, seconds: float) -> dict:
+        """After an epoch's steps: the schedule's step and the epoch's row (kept in ``rows``)."""
         if self.world_size > 1:
             # Batch norm's running statistics: each rank updated them from its own half batch
             # in the last step; every rank evaluates with rank 0's.
@@ -379,6 +395,77 @@ class SeedRun:
             for i, angle in enumerate(angles, start=1):
                 row[f"grad_angle_{i}"] = angle
         return row
+
+
+# ------------------------------------------------------------------------------ seeds together
+
+def together_reason(config: RunConfig, model: nn.Module | None = None, world_size: int = 1) -> str | None:
+    """Why ``config``'s seeds cannot train in one pass (``RunConfig.together``), or None."""
+    why = {"brsf": "each layer's Philox seed is a Python int, which torch.func cannot stack",
+           "dfa": "DFANetwork's autograd Function has no torch.func form",
+           "wm": "its mirror steps draw noise from the global random stream, which one pass would interleave "
+                 "across the seeds"}
+    if config.method in why:
+        return f"method {config.method!r} cannot: {why[config.method]}"
+    if world_size > 1 or config.nproc > 1:
+        return "it runs in one process (nproc=1)"
+    if model is not None and any(isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout)) for m in model.modules()):
+        return f"model {config.model!r} has batch norm or dropout, whose state or randomness vmap cannot keep per seed"
+    return None
+
+
+class Together:
+    """Several seeds' runs trained in one pass per step: their models' parameters and buffers
+    stacked, one ``vmap(grad)`` of the loss over ``functional_call`` (PyTorch's ensembling
+    recipe; the layers' torch.func form), then each seed's own optimizer step. Each seed keeps
+    its own data order, augmentation, optimizer, schedule, rows and checkpoint."""
+
+    def __init__(self, runs: list[SeedRun]) -> None:
+        import copy
+
+        from torch.func import functional_call, grad_and_value, vmap
+
+        self.runs = runs
+        self.params = [dict(run.model.named_parameters()) for run in runs]
+        self.buffers = [dict(run.model.named_buffers()) for run in runs]
+        base = copy.deepcopy(runs[0].model).to("meta")
+
+        def loss(params, buffers, x, y):
+            return F.cross_entropy(functional_call(base, (params, buffers), (x,)), y)
+
+        self.step = vmap(grad_and_value(loss))
+
+    def train_epoch(self, progress=None) -> list[dict]:
+        """One epoch of every seed; their rows. Raises :class:`NonFiniteLoss` naming the seed."""
+        runs, device = self.runs, self.runs[0].device
+        epoch = runs[0].epoch + 1
+        begun = [run.begin_epoch() for run in runs]
+        steps = len(begun[0][0])
+        losses = torch.zeros(len(runs), steps, device=device)
+        synchronize(device)
+        start = time.perf_counter()
+        for i in range(steps):
+            pairs = [run.batch(batches[i]) for run, (batches, _) in zip(runs, begun)]
+            x, y = torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])
+            params = {name: torch.stack([p[name].detach() for p in self.params]) for name in self.params[0]}
+            buffers = {name: torch.stack([b[name] for b in self.buffers]) for name in self.buffers[0]}
+            grads, loss = self.step(params, buffers, x, y)
+            for k, run in enumerate(runs):
+                run.optimizer.zero_grad(set_to_none=True)
+                for name, p in self.params[k].items():
+                    if p.requires_grad:
+                        p.grad = grads[name][k]
+                run.optimizer.step()
+                run.after_step()
+            losses[:, i] = loss.detach()
+            if device.type == "cpu" or (i + 1) % CHECK_EVERY == 0 or i + 1 == steps:
+                for k, run in enumerate(runs):
+                    run._check_finite(losses[k], i, epoch, steps)
+            if progress is not None:
+                progress.update(1)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        return [run.end_epoch(epoch, lr, seconds) for run, (_, lr) in zip(runs, begun)]
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -492,6 +579,15 @@ def run(config: RunConfig, *, model: nn.Module | None = None, write: bool = True
         if warning and talk:
             warnings.warn(warning, stacklevel=2)
         rows, fresh = [], write and not resume
+        if config.together and len(config.seeds) > 1:
+            reason = together_reason(config, world_size=world_size)
+            if reason is not None:
+                raise ValueError(f"together: the seeds cannot train in one pass: {reason}")
+            rows = _train_together(config, data, device, out, write=write, resume=resume, overwrite=overwrite,
+                                   echo=echo)
+            if write:
+                _write(out, config, rows, final=True)
+            return pd.DataFrame(rows)
         for seed in config.seeds:
             seed_run = SeedRun(config, data, seed, device, rank=rank, world_size=world_size, model=model,
                                graphed=graphed)
@@ -537,6 +633,59 @@ def run(config: RunConfig, *, model: nn.Module | None = None, write: bool = True
         if own_group:
             dist.destroy_process_group()
     return pd.DataFrame(rows)
+
+
+def _train_together(config: RunConfig, data: RunData, device: torch.device, out: Path, *, write: bool,
+                    resume: bool, overwrite: bool, echo) -> list[dict]:
+    """:func:`run`'s loop with the seeds trained in one pass (:class:`Together`): epoch by
+    epoch, every seed's checkpoint and the outputs written after each; the rows seed by seed."""
+    from tqdm.auto import tqdm
+
+    runs = [SeedRun(config, data, seed, device) for seed in config.seeds]
+    reason = together_reason(config, runs[0].model)
+    if reason is not None:
+        raise ValueError(f"together: the seeds cannot train in one pass: {reason}")
+    if resume and write:
+        for run_ in runs:
+            state = load_run(checkpoint_path(out, run_.seed), _identity(config, run_.seed), compare=_resume_mismatch)
+            if state is not None:
+                run_.restore(state)
+        if len({run_.epoch for run_ in runs}) > 1:
+            raise ValueError(f"together: the checkpoints in {out} stop at different epochs "
+                             f"({', '.join(f'seed {r.seed}: {r.epoch}' for r in runs)}); resume without together")
+        if runs[0].epoch < config.epochs:
+            echo(f"seeds {', '.join(map(str, config.seeds))}: resuming after epoch {runs[0].epoch}")
+    together, fresh = Together(runs), write and not resume
+
+    def all_rows():
+        return [row for run_ in runs for row in run_.rows]
+
+    for _ in range(runs[0].epoch, config.epochs):
+        bar = tqdm(total=len(data.x_train) // config.batch_size, unit="batch", leave=False,
+                   desc=f"seeds together epoch {runs[0].epoch + 1}/{config.epochs}", disable=not config.progress)
+        try:
+            epoch_rows = together.train_epoch(bar)
+        except NonFiniteLoss as err:
+            if write and all_rows():
+                _write(out, config, all_rows(), final=True)
+            raise NonFiniteLoss(f"{err}; the last good checkpoints are in {out / 'checkpoints'} (epoch "
+                                f"{runs[0].epoch})" if write and runs[0].epoch else f"{err}; no checkpoint was written"
+                                ) from None
+        finally:
+            bar.close()
+        if write:
+            if fresh:
+                replaced = _clear(out)
+                if replaced and not overwrite:
+                    warnings.warn(f"replaced an earlier run's results in {out}: {', '.join(replaced)}", stacklevel=3)
+                fresh = False
+            for run_ in runs:
+                save_run(checkpoint_path(out, run_.seed), _identity(config, run_.seed), **run_.state())
+            _write(out, config, all_rows(), final=False)
+        if config.progress or write:
+            for row in epoch_rows:
+                (tqdm.write if config.progress else echo)(_epoch_line(row, True))
+    return all_rows()
 
 
 def _identity(config: RunConfig, seed: int) -> dict:
