@@ -378,7 +378,9 @@ def test_seeds_together_match_the_seeds_one_by_one(data_dir, tmp_path, method, m
     ({"method": "brsf"}, "Philox seed is a Python int"),
     ({"method": "wm"}, "global random stream"),
     ({"method": "dfa"}, "no torch.func form"),
-    ({"model": "resnet20"}, "batch norm or dropout"),
+    ({"model": "resnet20"}, "buffers a forward may update .*cannot keep per seed"),
+    ({"model": "tests.test_runner:instance_norm_model"}, "buffers a forward may update"),
+    ({"model": "tests.test_runner:dropout2d_model"}, r"random modules \(Dropout2d\)"),
 ])
 def test_seeds_together_refuse_what_one_pass_cannot_keep_per_seed(data_dir, tmp_path, changes, reason):
     cfg = config(data_dir, tmp_path, seeds=(0, 1), together=True, **changes)
@@ -393,3 +395,21 @@ def test_seeds_together_resume_as_if_never_stopped(data_dir, tmp_path):
     resumed = run_quietly(cfg, resume=True)
     columns = [c for c in whole.columns if c != "seconds"]
     assert whole[columns].equals(resumed[columns])
+
+
+def instance_norm_model(num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.ReLU(), nn.Unflatten(1, (2, 4)),
+                         nn.InstanceNorm1d(2, track_running_stats=True), nn.Flatten(), nn.Linear(8, num_classes))
+
+
+def dropout2d_model(num_classes):
+    return nn.Sequential(nn.Dropout2d(0.1), nn.Flatten(), nn.Linear(784, num_classes))
+
+
+def test_together_is_one_process_and_can_be_turned_off_for_a_resume(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="together trains the seeds in one process, got nproc=2"):
+        config(data_dir, tmp_path, seeds=(0, 1), together=True, nproc=2)
+    from fa_triton.experiments import cli
+
+    args = cli.build_parser().parse_args(["train", "--seeds", "0,1", "--no-together", "--resume"])
+    assert args.together is False

@@ -145,9 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its last checkpoints (its config.toml is the base)")
     again.add_argument("--overwrite", action="store_true", help="start again even if --out holds an unfinished run")
-    train.add_argument("--together", action="store_true", default=None,
-                       help="train the --seeds in one pass (torch.func: stacked models, one vmapped step; "
-                            "MLPs without batch norm or dropout, one process, not brsf, wm or dfa)")
+    train.add_argument("--together", action=argparse.BooleanOptionalAction, default=None,
+                       help="train the --seeds in one pass (torch.func: stacked models, one vmapped step; models "
+                            "without batch norm, dropout or updated buffers such as the mlp and lenet, one "
+                            "process, not brsf, wm or dfa; no CUDA graph)")
     train.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
                        help="train eagerly on CUDA (default there, for the mlp with adam: the whole step captured "
                             "in one CUDA graph)")

@@ -80,8 +80,9 @@ class RunConfig:
     cuda_graph: bool | None = None
     together: bool = False
     """Train the seeds in one pass (``torch.func``: the models stacked, one vmapped forward and
-    backward per step, each seed its own optimizer, data order and metrics): MLPs without batch
-    norm or dropout, one process, every method but brsf, wm and dfa."""
+    backward per step, each seed its own optimizer, data order and metrics): models without
+    batch norm, dropout or other buffers a forward updates (the mlp, lenet), one process, every
+    method but brsf, wm and dfa; no CUDA graph."""
     out: str = "runs/mnist"
     progress: bool = True
 
@@ -178,6 +179,8 @@ def check(config: RunConfig) -> None:
     _positive_int("epochs", config.epochs)
     _positive_int("batch_size", config.batch_size)
     _positive_int("nproc", config.nproc)
+    if config.together is True and config.nproc > 1:
+        raise ValueError(f"together trains the seeds in one process, got nproc={config.nproc}: pass one of them")
     _positive_int("threads", config.threads, optional=True)
     _positive_int("train_samples", config.train_samples, optional=True)
     _positive_int("test_samples", config.test_samples, optional=True)

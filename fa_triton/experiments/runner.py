@@ -408,9 +408,17 @@ def together_reason(config: RunConfig, model: nn.Module | None = None, world_siz
     if config.method in why:
         return f"method {config.method!r} cannot: {why[config.method]}"
     if world_size > 1 or config.nproc > 1:
-        return "it runs in one process (nproc=1)"
-    if model is not None and any(isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout)) for m in model.modules()):
-        return f"model {config.model!r} has batch norm or dropout, whose state or randomness vmap cannot keep per seed"
+        return f"it trains the seeds in one process, got nproc={max(world_size, config.nproc)}"
+    if model is not None:
+        random = [type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+        # Buffers are stacked afresh each step: any a forward updates (batch norm's statistics...)
+        # would be lost. The FA layers' feedback is read only.
+        stateful = [name for name, _ in model.named_buffers() if name.rsplit(".", 1)[-1] != "feedback"]
+        if random or stateful:
+            what = f"random modules ({', '.join(sorted(set(random)))})" if random else \
+                f"buffers a forward may update ({', '.join(stateful[:3])}{', ...' if len(stateful) > 3 else ''})"
+            return (f"model {config.model!r} has {what}, which one vmapped pass cannot keep per seed: "
+                    "batch norm, dropout and the like")
     return None
 
 
@@ -428,7 +436,7 @@ class Together:
         self.runs = runs
         self.params = [dict(run.model.named_parameters()) for run in runs]
         self.buffers = [dict(run.model.named_buffers()) for run in runs]
-        base = copy.deepcopy(runs[0].model).to("meta")
+        base = self.base = copy.deepcopy(runs[0].model).to("meta")
 
         def loss(params, buffers, x, y):
             return F.cross_entropy(functional_call(base, (params, buffers), (x,)), y)
@@ -440,6 +448,7 @@ class Together:
         runs, device = self.runs, self.runs[0].device
         epoch = runs[0].epoch + 1
         begun = [run.begin_epoch() for run in runs]
+        self.base.train()  # the stacked forward's modules in training mode, as each seed's
         steps = len(begun[0][0])
         losses = torch.zeros(len(runs), steps, device=device)
         synchronize(device)
@@ -652,7 +661,7 @@ def _train_together(config: RunConfig, data: RunData, device: torch.device, out:
                 run_.restore(state)
         if len({run_.epoch for run_ in runs}) > 1:
             raise ValueError(f"together: the checkpoints in {out} stop at different epochs "
-                             f"({', '.join(f'seed {r.seed}: {r.epoch}' for r in runs)}); resume without together")
+                             f"({', '.join(f'seed {r.seed}: {r.epoch}' for r in runs)}); resume with --no-together")
         if runs[0].epoch < config.epochs:
             echo(f"seeds {', '.join(map(str, config.seeds))}: resuming after epoch {runs[0].epoch}")
     together, fresh = Together(runs), write and not resume
