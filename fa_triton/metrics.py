@@ -75,18 +75,23 @@ def gradient_alignment(
     model's ``.grad`` fields, feedback matrices and brsf draw counters are left as they were.
     The last layer's angle is 0 up to rounding: its weight gradient does not pass through any
     feedback matrix. DFA models (``DFAModel``, ``DFANetwork``) are compared with backprop through
-    the same network (its ``plain_forward``). Pass a plain module, not a
+    the same network (its ``plain_forward``). A layer whose weight is frozen
+    (``requires_grad=False``) gets NaN. Pass a plain module, not a
     ``DistributedDataParallel`` wrapper (its reducer expects ``backward()``): ``ddp.module``.
     """
     layers = fa_layers(model)
     if not layers:
         raise ValueError(f"model has no FALinear or FAConv2d layer: {type(model).__name__}")
     weights = [layer.weight for layer in layers]
+    trained = [weight for weight in weights if weight.requires_grad]
+    if not trained:
+        return [float("nan")] * len(layers)
 
-    def weight_grads(forward) -> tuple[torch.Tensor, ...]:
+    def weight_grads(forward) -> tuple[torch.Tensor | None, ...]:
         # autograd.grad, not backward(): the model's accumulated .grad stay untouched.
         loss = loss_fn(forward(x), y)
-        return torch.autograd.grad(loss, weights, allow_unused=True)
+        grads = iter(torch.autograd.grad(loss, trained, allow_unused=True))
+        return tuple(next(grads) if weight.requires_grad else None for weight in weights)
 
     with contextlib.ExitStack() as stack:
         for layer in layers:  # brsf's draws are left as they were
@@ -98,6 +103,9 @@ def gradient_alignment(
         bp_grads = weight_grads(getattr(model, "plain_forward", model))
     angles = []
     for layer, fa, bp in zip(layers, fa_grads, bp_grads):
+        if not layer.weight.requires_grad:
+            angles.append(float("nan"))  # a frozen weight has no gradient to compare
+            continue
         if fa is None or bp is None:
             raise ValueError(f"the loss does not depend on the weight of layer {layer!r}")
         angles.append(angle_between(fa, bp))

@@ -1,6 +1,8 @@
 """Alignment metrics: angles between W and B, and between FA's and backprop's weight gradients."""
 
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,3 +123,16 @@ def test_fa_layers_order():
     model = _mlp()
     assert [layer.out_features for layer in fa_layers(model)] == [16, 12, 5]
     assert fa_layers(nn.Sequential(nn.ReLU())) == []
+
+
+def test_gradient_alignment_of_a_frozen_layer_is_nan():
+    torch.manual_seed(0)
+    model = nn.Sequential(FALinear(6, 5), FALinear(5, 4), FALinear(4, 3, activation="identity"))
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    angles = gradient_alignment(model, x, y, F.cross_entropy)
+    model[1].weight.requires_grad_(False)
+    frozen = gradient_alignment(model, x, y, F.cross_entropy)
+    assert math.isnan(frozen[1]) and frozen[0] == pytest.approx(angles[0]) and frozen[2] == pytest.approx(angles[2])
+    for layer in model:
+        layer.weight.requires_grad_(False)
+    assert all(math.isnan(angle) for angle in gradient_alignment(model, x, y, F.cross_entropy))

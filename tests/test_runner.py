@@ -241,6 +241,40 @@ def test_a_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoin
     assert torch.load(out / "checkpoints" / "seed0.pt", weights_only=False)["epoch"] == 1
 
 
+class SecondExplodes(nn.Module):
+    """Every second model built gives an infinite loss in training."""
+
+    built = 0
+
+    def __init__(self):
+        super().__init__()
+        SecondExplodes.built += 1
+        self.explodes = SecondExplodes.built % 2 == 0
+        self.flat, self.out = nn.Flatten(), nn.Linear(784, 10)
+
+    def forward(self, x):
+        y = self.out(self.flat(x))
+        return y * float("inf") if self.explodes and self.training else y
+
+
+def second_explodes_factory():
+    return SecondExplodes()
+
+
+def test_a_non_finite_loss_of_a_later_seed_says_whose_checkpoint_is_missing(data_dir, tmp_path, capsys):
+    from fa_triton.experiments import cli
+
+    SecondExplodes.built = 0
+    out = tmp_path / "run"
+    code = cli.main(["train", "--model", "tests.test_runner:second_explodes_factory", "--device", "cpu", "--backend",
+                     "torch", "--data-dir", str(data_dir), "--no-download", "--no-progress", "--batch-size", "32",
+                     "--epochs", "1", "--seeds", "0,1", "--out", str(out)])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "(seed 1, fa" in err and err.endswith("no checkpoint of seed 1 was written")
+    assert (out / "checkpoints" / "seed0.pt").exists() and not (out / "checkpoints" / "seed1.pt").exists()
+
+
 def test_a_run_that_fails_before_its_first_epoch_leaves_nothing(data_dir, tmp_path, capsys):
     from fa_triton.experiments import cli
 

@@ -618,7 +618,9 @@ def run(config: RunConfig, *, model: nn.Module | None = None, write: bool = True
                     if talk and write and (rows or seed_run.rows):
                         _write(out, config, rows + seed_run.rows, final=True)
                     kept = (f"the last good checkpoint is {path} (epoch {seed_run.epoch})"
-                            if write and seed_run.epoch else "no checkpoint was written")
+                            if write and seed_run.epoch else
+                            f"no checkpoint of seed {seed} was written" if len(config.seeds) > 1
+                            else "no checkpoint was written")
                     raise NonFiniteLoss(f"{err}; {kept}") from None
                 finally:
                     bar.close()
