@@ -453,11 +453,13 @@ class Together:
         losses = torch.zeros(len(runs), steps, device=device)
         synchronize(device)
         start = time.perf_counter()
+        # Buffers stay as they are during an epoch (those a forward updates are refused; the
+        # optimizers step parameters only): stacked once.
+        buffers = {name: torch.stack([b[name] for b in self.buffers]) for name in self.buffers[0]}
         for i in range(steps):
             pairs = [run.batch(batches[i]) for run, (batches, _) in zip(runs, begun)]
             x, y = torch.stack([x for x, _ in pairs]), torch.stack([y for _, y in pairs])
             params = {name: torch.stack([p[name].detach() for p in self.params]) for name in self.params[0]}
-            buffers = {name: torch.stack([b[name] for b in self.buffers]) for name in self.buffers[0]}
             grads, loss = self.step(params, buffers, x, y)
             for k, run in enumerate(runs):
                 run.optimizer.zero_grad(set_to_none=True)
@@ -625,14 +627,8 @@ def run(config: RunConfig, *, model: nn.Module | None = None, write: bool = True
                 finally:
                     bar.close()
                 if talk and write:
-                    if fresh:  # the first epoch of a new run replaces what an old one left in out
-                        replaced = _clear(out)
-                        if replaced and not overwrite:
-                            warnings.warn(f"replaced an earlier run's results in {out}: {', '.join(replaced)}",
-                                          stacklevel=2)
-                        fresh = False
-                    save_run(path, _identity(config, seed), **seed_run.state())
-                    _write(out, config, rows + seed_run.rows, final=False)
+                    _save_epoch(out, config, [seed_run], rows + seed_run.rows, fresh=fresh, overwrite=overwrite)
+                    fresh = False
                 if talk and (config.progress or write):  # without a bar the epoch lines still go to the log
                     (tqdm.write if config.progress else echo)(_epoch_line(row, len(config.seeds) > 1))
             if world_size > 1:
@@ -644,6 +640,19 @@ def run(config: RunConfig, *, model: nn.Module | None = None, write: bool = True
         if own_group:
             dist.destroy_process_group()
     return pd.DataFrame(rows)
+
+
+def _save_epoch(out: Path, config: RunConfig, runs: list[SeedRun], rows: list[dict], *, fresh: bool,
+                overwrite: bool) -> None:
+    """After an epoch: each run's checkpoint and the outputs so far (``rows``). ``fresh``: the
+    first epoch of a new run, which replaces what an old one left in ``out``."""
+    if fresh:
+        replaced = _clear(out)
+        if replaced and not overwrite:
+            warnings.warn(f"replaced an earlier run's results in {out}: {', '.join(replaced)}", stacklevel=3)
+    for run_ in runs:
+        save_run(checkpoint_path(out, run_.seed), _identity(config, run_.seed), **run_.state())
+    _write(out, config, rows, final=False)
 
 
 def _train_together(config: RunConfig, data: RunData, device: torch.device, out: Path, *, write: bool,
@@ -685,14 +694,8 @@ def _train_together(config: RunConfig, data: RunData, device: torch.device, out:
         finally:
             bar.close()
         if write:
-            if fresh:
-                replaced = _clear(out)
-                if replaced and not overwrite:
-                    warnings.warn(f"replaced an earlier run's results in {out}: {', '.join(replaced)}", stacklevel=3)
-                fresh = False
-            for run_ in runs:
-                save_run(checkpoint_path(out, run_.seed), _identity(config, run_.seed), **run_.state())
-            _write(out, config, all_rows(), final=False)
+            _save_epoch(out, config, runs, all_rows(), fresh=fresh, overwrite=overwrite)
+            fresh = False
         if config.progress or write:
             for row in epoch_rows:
                 (tqdm.write if config.progress else echo)(_epoch_line(row, True))

@@ -45,7 +45,7 @@ def local_error(grad_y, saved, activation: str, negative_slope: float, need_delt
 def backward_input(delta, feedback, weight, counter, rule: FeedbackRule):
     """grad_x = δ B: B in place of W, the only change from backprop, formed by ``rule`` from
     feedback, weight and counter (``fa_triton.rules.methods.feedback_matrix``)."""
-    return delta @ _rule_matrix(rule, weight, feedback, counter)
+    return delta @ feedback_matrix(weight, feedback, counter, rule)
 
 
 def backward_weight(delta, x):
@@ -58,15 +58,13 @@ def dfa_delta(error, feedback, saved, activations: tuple, widths: tuple):
     side by side [M, Σ n_l]; ``saved`` [M, Σ n_l] holds each layer's y (or extra tensor; None
     when every activation is the identity), ``activations`` each layer's (activation, negative_slope)."""
     projected = error.to(feedback.dtype) @ feedback
-    if len(widths) == 1:  # one layer (a chain's step): no split and concatenation
-        (activation, slope), = activations
-        if activation != "identity" and saved is None:
-            raise ValueError("dfa_delta needs saved (the layer's y or extra tensor) for f' other than the identity")
-        return activation_backward(projected, saved, activation, slope)
     if saved is None:
         if any(activation != "identity" for activation, _ in activations):
             raise ValueError("dfa_delta needs saved (each layer's y or extra tensor) for f' other than the identity")
         return projected
+    if len(widths) == 1:  # one layer (a chain's step): no split and concatenation
+        (activation, slope), = activations
+        return activation_backward(projected, saved, activation, slope)
     pieces = zip(torch.split(projected, widths, dim=1), torch.split(saved, widths, dim=1), activations)
     return torch.cat([activation_backward(p, s, activation, slope) for p, s, (activation, slope) in pieces], dim=1)
 
