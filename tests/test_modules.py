@@ -147,3 +147,100 @@ def test_any_leading_shape():
     layer = FALinear(5, 2)
     assert layer(torch.randn(5)).shape == (2,)
     assert layer(torch.randn(2, 3, 4, 5)).shape == (2, 3, 4, 2)
+
+
+# ------------------------------------------------------------- forward's fast path (``_fit``)
+# A call like the last checked one skips the argument checks; these show that nothing a user can
+# change between calls slips past them.
+
+def _fitted(**kwargs) -> FALinear:
+    layer = FALinear(4, 3, backend="torch", **kwargs)
+    layer(torch.randn(2, 4))  # records the fit
+    assert layer._fit is not None
+    return layer
+
+
+def test_fast_path_is_taken_and_gives_the_checked_result(monkeypatch):
+    import fa_triton.layers.linear as linear_module
+
+    layer = _fitted()
+    x = torch.randn(5, 4, requires_grad=True)
+    expected = layer._checked_forward(x)
+    calls = []
+    monkeypatch.setattr(linear_module, "check_inputs", lambda *args, **kwargs: calls.append(args))
+    y = layer(x)
+    assert calls == [] and torch.equal(y, expected)
+    y.sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("bad_x, error, message", [
+    (torch.randn(2, 5), ValueError, r"x must have shape \[..., in_features=4\]"),
+    (torch.randn(2, 4, dtype=torch.float64), TypeError, "weight has dtype torch.float32 but x has dtype torch.float64"),
+    (torch.zeros(2, 4, dtype=torch.int64), TypeError, "x must be a floating-point tensor"),
+    (torch.tensor(1.0), ValueError, "x must have shape"),
+    ([[1.0] * 4], TypeError, "x must be a torch.Tensor"),
+])
+def test_bad_input_after_a_good_call_is_still_named(bad_x, error, message):
+    layer = _fitted()
+    with pytest.raises(error, match=message):
+        layer(bad_x)
+    layer(torch.randn(3, 4))  # and the layer still works
+
+
+def test_replaced_parameters_and_feedback_are_checked_again():
+    layer = _fitted()
+    layer.weight = nn.Parameter(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="feedback must have the shape of weight"):
+        layer(torch.randn(2, 5))
+    layer = _fitted()
+    layer.bias = nn.Parameter(torch.randn(2))
+    with pytest.raises(ValueError, match=r"bias must have shape \(3,\)"):
+        layer(torch.randn(2, 4))
+    layer = _fitted()
+    layer.feedback = torch.randn(3, 5)
+    with pytest.raises(ValueError, match="feedback must have the shape of weight"):
+        layer(torch.randn(2, 4))
+
+
+def test_moves_and_casts_reset_the_fit():
+    layer = _fitted()
+    layer.to(torch.float64)  # changes the tensors in place: the same objects
+    assert layer._fit is None
+    y = layer(torch.randn(2, 4, dtype=torch.float64))
+    assert y.dtype == torch.float64
+    with pytest.raises(TypeError, match="weight has dtype torch.float64 but x has dtype torch.float32"):
+        layer(torch.randn(2, 4))
+
+
+def test_backend_change_resets_the_fit():
+    layer = _fitted()
+    layer.backend = "auto"
+    assert layer._fit is None
+    layer(torch.randn(2, 4))
+    assert layer._fit is not None
+
+
+def test_parametrized_weight_is_applied_at_every_call():
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    layer = _fitted(activation="identity")
+    parametrize.register_parametrization(layer, "weight", Double())
+    x = torch.randn(2, 4)
+    for _ in range(2):
+        expected = x @ (2 * layer.parametrizations.weight.original).t() + layer.bias
+        torch.testing.assert_close(layer(x), expected)
+    with torch.no_grad():
+        layer.parametrizations.weight.original.mul_(3)
+    torch.testing.assert_close(layer(x), x @ (2 * layer.parametrizations.weight.original).t() + layer.bias)
+
+
+def test_autocast_after_eager_calls_still_casts():
+    layer = _fitted()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(torch.randn(2, 4))
+    assert y.dtype == torch.bfloat16

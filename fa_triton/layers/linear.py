@@ -5,12 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.autograd import apply_checked, autocast_inputs
-from ..ops.backends import check_backend
+from ..ops.autograd import apply_checked, autocast_inputs, eager_runner
+from ..ops.backends import check_backend, resolve
 from ..ops.validation import check_dtype, check_generator, check_inputs, check_int, check_number
 from ..rules.activations import apply_activation, check_activation
 from ..rules.methods import check_method
 from .state import FeedbackState, FusedActivation
+
+_MISSING = object()
+_any_autocast = torch._C._is_any_autocast_enabled
+_transforms_active = torch._C._are_functorch_transforms_active
 
 
 class FALinear(FeedbackState, FusedActivation, nn.Module):
@@ -69,6 +73,7 @@ class FALinear(FeedbackState, FusedActivation, nn.Module):
         self.out_features = out_features
         self._set_activation(activation, negative_slope)
         self._backend = backend
+        self._fit = None  # the last checked call's tensors and Function (forward's fast path)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
         if bias:
@@ -111,16 +116,68 @@ class FALinear(FeedbackState, FusedActivation, nn.Module):
     @backend.setter
     def backend(self, value: str) -> None:
         check_backend(value)
-        self._backend = value
+        self._backend, self._fit = value, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The fast path, for a call like the last checked one (see _current_fit): an x of the
+        # same dtype, width and device, in plain eager mode. It skips the argument checks and
+        # the backend's resolution, which cost as much as the rest of the layer's Python.
+        # Anything else (a first call, new or moved tensors, parametrizations, autocast,
+        # torch.compile, torch.func) takes _checked_forward, which checks everything and
+        # records the fit.
+        if not torch.compiler.is_compiling():
+            fit = self._current_fit()
+            if (fit is not None and type(x) is torch.Tensor and x.dtype is fit[4] and x.dim() != 0
+                    and x.shape[-1] == fit[5] and x.device == fit[6] and not _any_autocast()
+                    and not _transforms_active()):
+                weight, bias, feedback, _, _, _, _, rule, run = fit
+                return run(x, weight, bias, feedback, self._draw() if rule.draws else None, self._activation,
+                           self._negative_slope, rule)
+        return self._checked_forward(x)
+
+    def _checked_forward(self, x: torch.Tensor) -> torch.Tensor:
         counter = self._draw()  # brsf: a new R for each training step
         x, weight, bias, feedback = autocast_inputs(x, self.weight, self.bias, self.feedback)
         # feedback is None for backprop (B = W), usf and brsf (B from W's sign).
         check_inputs(x, weight, bias, feedback, self._activation, self._negative_slope,
                      needs_feedback=feedback is not None)
+        self._fit = None
+        if (type(x) is torch.Tensor and not torch.compiler.is_compiling() and not _any_autocast()
+                and not _transforms_active()):
+            self._record_fit(weight, bias, feedback)
         return apply_checked(x, weight, bias, feedback, counter, self._activation, self._negative_slope, self.rule,
                              self._backend)
+
+    def _record_fit(self, weight, bias, feedback) -> None:
+        """Remember a checked call for the fast path: weight, bias and feedback (checked to fit
+        together, and to fit the input: its dtype, width and device are the weight's), where
+        each was found, the rule, and what runs the layer for them (``eager_runner``). Nothing
+        is recorded for tensors not held in the module's own dicts (a parametrization computes
+        them at every call)."""
+        parameters = self._parameters
+        holder = next((d for d in (parameters, self._buffers, self.__dict__)
+                       if d.get("feedback", _MISSING) is feedback), None)
+        if holder is None or parameters.get("weight") is not weight or parameters.get("bias", _MISSING) is not bias:
+            return
+        rule = self.rule
+        run = eager_runner(resolve(self._backend, weight), rule)  # resolve raises if the backend cannot run there
+        self._fit = (weight, bias, feedback, holder, weight.dtype, weight.shape[1], weight.device, rule, run)
+
+    def _current_fit(self) -> tuple | None:
+        """The recorded fit, if the layer still holds the same weight, bias and feedback objects
+        (read from the dicts where they were found: nn.Module's __getattr__ costs more than the
+        rest of this check) and the same rule; else None. Moves and casts clear it (_apply)."""
+        fit = self._fit
+        if fit is not None:
+            parameters = self._parameters
+            if (parameters.get("weight") is fit[0] and parameters.get("bias", _MISSING) is fit[1]
+                    and fit[3].get("feedback", _MISSING) is fit[2] and self.rule is fit[7]):
+                return fit
+        return None
+
+    def _apply(self, fn, recurse=True):
+        self._fit = None  # .to(), .cuda(), .half() may change the tensors in place
+        return super()._apply(fn, recurse)
 
     @classmethod
     def from_linear(

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable as _torch_once_differentiable
 
-from ..rules.activations import apply_activation, saves_extra
+from ..rules.activations import MAY_SAVE_EXTRA, apply_activation, saves_extra
 from ..rules.methods import FeedbackRule, feedback_matrix
 from .backends import AUTO, TORCH, TRITON, Backend, resolve
 
@@ -53,18 +53,16 @@ def save_for_fa_backward(ctx, x, weight, feedback, counter, saved, activation: s
     :func:`needs_saved`. Every tensor goes through ``ctx.save_for_backward``, so an in-place
     change of any of them before backward is an error, not a silently wrong gradient.
     """
-    need_x, need_w = ctx.needs_input_grad[:2]
-    need_feedback = rule.trains_feedback and ctx.needs_input_grad[3]
+    need_x, need_w, need_b, need_feedback = ctx.needs_input_grad[:4]
+    need_feedback = need_feedback and rule.trains_feedback
     ctx.save_for_backward(
         x if need_w or need_feedback else None,
         weight if need_x and rule.reads_weight else None,
         feedback if need_x and rule.reads_feedback else None,
-        counter if need_x and rule.method == "brsf" else None,
-        saved if needs_saved(ctx, activation, rule) else None,
+        counter if need_x and rule.draws else None,
+        saved if activation != "identity" and (need_x or need_w or need_b or need_feedback) else None,
     )
-    ctx.activation = activation
-    ctx.negative_slope = negative_slope
-    ctx.rule = rule
+    ctx.layer = (activation, negative_slope, rule)  # one attribute: each costs a fraction of a µs
 
 
 def fa_backward(ctx, grad_y, x, weight, feedback, counter, saved, backend: Backend):
@@ -74,12 +72,11 @@ def fa_backward(ctx, grad_y, x, weight, feedback, counter, saved, backend: Backe
     2-D throughout: grad_y and saved [M, N], x [M, K], weight and feedback [N, K]. δ = g ⊙ f'(z)
     and grad_b are formed once, in one pass (``backend.local_error``); both GEMMs read that δ.
     """
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    rule = ctx.rule
-    need_feedback = rule.trains_feedback and ctx.needs_input_grad[3]
+    need_x, need_w, need_b, need_feedback = ctx.needs_input_grad[:4]
+    activation, negative_slope, rule = ctx.layer
+    need_feedback = need_feedback and rule.trains_feedback
     need_grad_w = need_w or need_feedback
-    delta, grad_b = backend.local_error(grad_y, saved, ctx.activation, ctx.negative_slope, need_x or need_grad_w,
-                                        need_b)
+    delta, grad_b = backend.local_error(grad_y, saved, activation, negative_slope, need_x or need_grad_w, need_b)
     grad_x = backend.backward_input(delta, feedback, weight, counter, rule) if need_x else None
     grad_w = backend.backward_weight(delta, x) if need_grad_w else None
     # Autograd accumulates each returned tensor into its own .grad (copying a shared one).
@@ -87,18 +84,24 @@ def fa_backward(ctx, grad_y, x, weight, feedback, counter, saved, backend: Backe
 
 
 def _backward_2d(ctx, grad_y, backend: Backend):
-    """fa_backward on the flattened batch; grad_x back in x's shape."""
+    """fa_backward on the flattened batch; grad_x back in x's shape (``ctx.x_shape``, set by the
+    forward for an x of more than 2 dimensions)."""
     x, weight, feedback, counter, saved = ctx.saved_tensors
-    batched = grad_y.dim() != 2
-    if batched:
-        out_features = grad_y.shape[-1]
-        grad_y = grad_y.reshape(-1, out_features)
-        saved = None if saved is None else saved.reshape(-1, out_features)
-        x = None if x is None else x.reshape(-1, x.shape[-1])
+    if grad_y.dim() == 2:
+        return (*fa_backward(ctx, grad_y, x, weight, feedback, counter, saved, backend), None, None, None, None)
+    out_features = grad_y.shape[-1]
+    grad_y = grad_y.reshape(-1, out_features)
+    saved = None if saved is None else saved.reshape(-1, out_features)
+    x = None if x is None else x.reshape(-1, x.shape[-1])
     grad_x, grad_w, grad_b, grad_feedback = fa_backward(ctx, grad_y, x, weight, feedback, counter, saved, backend)
-    if batched and grad_x is not None:
+    if grad_x is not None:
         grad_x = grad_x.view(ctx.x_shape)
     return grad_x, grad_w, grad_b, grad_feedback, None, None, None, None
+
+
+def _store_extra(ctx, activation: str, negative_slope: float, rule: FeedbackRule) -> bool:
+    """Whether the forward stores the extra tensor (``saves_extra``) because backward reads it."""
+    return saves_extra(activation, negative_slope) and needs_saved(ctx, activation, rule)
 
 
 def _forward_2d(ctx, backend: Backend, x, weight, bias, feedback, counter, activation, negative_slope, rule):
@@ -108,23 +111,25 @@ def _forward_2d(ctx, backend: Backend, x, weight, bias, feedback, counter, activ
     (the kernels take any strides, so only un-viewable layouts are copied)."""
     out_features = weight.shape[0]
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    store_extra = saves_extra(activation, negative_slope) and needs_saved(ctx, activation, rule)
-    y = torch.empty((*x.shape[:-1], out_features), device=x.device, dtype=x.dtype)
+    store_extra = activation in MAY_SAVE_EXTRA and _store_extra(ctx, activation, negative_slope, rule)
+    y = x.new_empty((*x.shape[:-1], out_features))
     _, extra = backend.forward(x2d, weight, bias, activation, negative_slope, store_extra,
                                y if y.dim() == 2 else y.view(-1, out_features))
     save_for_fa_backward(ctx, x2d, weight, feedback, counter, y if extra is None else extra, activation,
                          negative_slope, rule)
-    ctx.x_shape = x.shape
+    if x.dim() != 2:
+        ctx.x_shape = x.shape
     return y
 
 
 def _forward_nd(ctx, backend: Backend, x, weight, bias, feedback, counter, activation, negative_slope, rule):
     """The forward of a backend that takes x [..., K] as it is (the reference: F.linear)."""
-    store_extra = saves_extra(activation, negative_slope) and needs_saved(ctx, activation, rule)
+    store_extra = activation in MAY_SAVE_EXTRA and _store_extra(ctx, activation, negative_slope, rule)
     y, extra = backend.forward(x, weight, bias, activation, negative_slope, store_extra)
     save_for_fa_backward(ctx, x, weight, feedback, counter, y if extra is None else extra, activation, negative_slope,
                          rule)
-    ctx.x_shape = x.shape
+    if x.dim() != 2:
+        ctx.x_shape = x.shape
     return y
 
 
@@ -267,10 +272,26 @@ def transformable(op, x, weight, bias, feedback, counter, activation: str, negat
     return apply_activation(z, activation, negative_slope)
 
 
+def _plain_backprop(x, weight, bias, feedback, counter, activation: str, negative_slope: float,
+                    rule: FeedbackRule) -> torch.Tensor:
+    """Backprop (B = W) on the reference backend: ``F.linear`` and the activation under
+    PyTorch's own autograd, which is that rule exactly and costs less per call than any Python
+    Function (the nn.Linear a user compares with)."""
+    return apply_activation(F.linear(x, weight, bias), activation, negative_slope)
+
+
+def eager_runner(backend: Backend, rule: FeedbackRule):
+    """What runs the layer in eager mode on a resolved backend, with the Function's arguments:
+    the backend's autograd Function, or for backprop on the reference :func:`_plain_backprop`."""
+    if rule.method == "backprop" and backend is TORCH:
+        return _plain_backprop
+    return backend.function.apply
+
+
 def apply_checked(x, weight, bias, feedback, counter, activation: str, negative_slope: float, rule: FeedbackRule,
                   backend: str) -> torch.Tensor:
     """The layer on inputs already checked (and autocast): the resolved backend's autograd
-    Function in eager mode, its ``torch.library`` op while tracing."""
+    Function in eager mode (:func:`eager_runner`), its ``torch.library`` op while tracing."""
     if torch._C._are_functorch_transforms_active():
         # vmap, grad, jacrev: the Functions have no vmap rule; the same layer in aten ops does.
         return transformable(F.linear, x, weight, bias, feedback, counter, activation, negative_slope, rule)
@@ -280,4 +301,4 @@ def apply_checked(x, weight, bias, feedback, counter, activation: str, negative_
         # each, no graph break). The reference's Function is traced through: its plain aten ops
         # are what Inductor fuses. Eager mode keeps the autograd Functions: they cost less per call.
         return resolved.layer_op(x, weight, bias, feedback, counter, activation, negative_slope, rule)
-    return resolved.function.apply(x, weight, bias, feedback, counter, activation, negative_slope, rule)
+    return eager_runner(resolved, rule)(x, weight, bias, feedback, counter, activation, negative_slope, rule)

@@ -39,10 +39,10 @@ class FAConv2dFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, feedback, counter, saved = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        rule = ctx.rule
+        activation, negative_slope, rule = ctx.layer
         need_feedback = rule.trains_feedback and ctx.needs_input_grad[3]
         stride, padding, dilation, groups = ctx.conv
-        delta = activation_backward(grad_y, saved, ctx.activation, ctx.negative_slope)
+        delta = activation_backward(grad_y, saved, activation, negative_slope)
         grad_x = grad_w = grad_b = None
         if need_x:
             # B in place of W: the only change from backprop (formed from W's sign for usf, frsf, brsf).

@@ -27,6 +27,10 @@ def check_activation(activation: str, negative_slope: float) -> None:
         raise ValueError(f"negative_slope must be finite, got {negative_slope}")
 
 
+#: The activations for which :func:`saves_extra` may be true (a set test before the call, on the hot path).
+MAY_SAVE_EXTRA = frozenset(("gelu", "leaky_relu"))
+
+
 def saves_extra(activation: str, negative_slope: float) -> bool:
     """Whether backward needs a tensor besides the output y = f(z): the "extra" tensor that the
     forward stores (see :func:`extra_for_backward`).

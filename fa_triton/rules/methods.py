@@ -26,7 +26,7 @@ that lives for one backward; the PyTorch reference materializes it with :func:`f
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -53,29 +53,28 @@ class FeedbackRule:
     scale: float = 1.0
     seed: int = 0
 
+    # What the backward reads, fixed by the method: plain attributes (set once here), since they
+    # are read at every call of every layer.
+    #: B is formed from W's sign (usf, frsf, brsf); else the feedback tensor is B.
+    forms_b: bool = field(init=False, repr=False, compare=False)
+    #: B depends on W (its sign; or B is W, backprop): the backward needs W.
+    reads_weight: bool = field(init=False, repr=False, compare=False)
+    #: B depends on the layer's feedback tensor (B itself, or R's magnitudes for frsf).
+    reads_feedback: bool = field(init=False, repr=False, compare=False)
+    #: B receives grad_W as its gradient (Kolen–Pollack).
+    trains_feedback: bool = field(init=False, repr=False, compare=False)
+    #: B is redrawn at every training step, from the seed and a draw counter (brsf).
+    draws: bool = field(init=False, repr=False, compare=False)
+
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"FeedbackRule.method must be one of {METHODS}, got {self.method!r}")
-
-    @property
-    def forms_b(self) -> bool:
-        """B is formed from W's sign (usf, frsf, brsf); else the feedback tensor is B."""
-        return self.method in SIGN_METHODS
-
-    @property
-    def reads_weight(self) -> bool:
-        """B depends on W (its sign; or B is W, backprop): the backward needs W."""
-        return self.method in SIGN_METHODS or self.method == "backprop"
-
-    @property
-    def reads_feedback(self) -> bool:
-        """B depends on the layer's feedback tensor (B itself, or R's magnitudes for frsf)."""
-        return self.method in FEEDBACK_METHODS
-
-    @property
-    def trains_feedback(self) -> bool:
-        """B receives grad_W as its gradient (Kolen–Pollack)."""
-        return self.method == "kp"
+        method = self.method
+        for name, value in (("forms_b", method in SIGN_METHODS),
+                            ("reads_weight", method in SIGN_METHODS or method == "backprop"),
+                            ("reads_feedback", method in FEEDBACK_METHODS), ("trains_feedback", method == "kp"),
+                            ("draws", method == "brsf")):
+            object.__setattr__(self, name, value)  # frozen: set once
 
 
 FA_RULE = FeedbackRule()

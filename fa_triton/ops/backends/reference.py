@@ -45,19 +45,19 @@ def local_error(grad_y, saved, activation: str, negative_slope: float, need_delt
 def backward_input(delta, feedback, weight, counter, rule: FeedbackRule):
     """grad_x = δ B: B in place of W, the only change from backprop, formed by ``rule`` from
     feedback, weight and counter (``fa_triton.rules.methods.feedback_matrix``)."""
-    return delta @ feedback_matrix(weight, feedback, counter, rule)
+    return delta.mm(_rule_matrix(rule, weight, feedback, counter))  # mm: matmul's dispatch costs a µs
 
 
 def backward_weight(delta, x):
     """grad_W = δᵀ x (2-D inputs)."""
-    return delta.t() @ x
+    return delta.t().mm(x)
 
 
 def dfa_delta(error, feedback, saved, activations: tuple, widths: tuple):
     """Direct feedback alignment's local errors of every hidden layer: δ_l = (e B_l) ⊙ f_l'(z_l),
     side by side [M, Σ n_l]; ``saved`` [M, Σ n_l] holds each layer's y (or extra tensor; None
     when every activation is the identity), ``activations`` each layer's (activation, negative_slope)."""
-    projected = error.to(feedback.dtype) @ feedback
+    projected = (error if error.dtype == feedback.dtype else error.to(feedback.dtype)).mm(feedback)
     if saved is None:
         if any(activation != "identity" for activation, _ in activations):
             raise ValueError("dfa_delta needs saved (each layer's y or extra tensor) for f' other than the identity")
