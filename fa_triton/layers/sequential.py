@@ -53,6 +53,7 @@ class FASequential(nn.Sequential):
     def __init__(self, *args) -> None:
         super().__init__(*args)
         self._plan_cache = None
+        self._chain_fits = {}  # id(chain step of the cached plan) -> (its layers' fits, the chain's fit)
 
     def _plan(self) -> tuple[list, list[str]]:
         """(steps, notes): each step a child module or a list of (name, FALinear) (a fused
@@ -103,29 +104,70 @@ class FASequential(nn.Sequential):
             pending.append((name, module))
         close()
         self._plan_cache = (key, (steps, notes))
+        self._chain_fits = {}  # keyed by the steps' ids: a new plan, new steps
         return steps, notes
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Sequential's name
         x = input
         for step in self._plan()[0]:
-            x = self._chain([layer for _, layer in step], x) if isinstance(step, list) else step(x)
+            x = self._chain(step, x) if isinstance(step, list) else step(x)
         return x
 
-    @staticmethod
-    def _chain(layers: list[FALinear], x: torch.Tensor) -> torch.Tensor:
-        if not _fusable_now(layers, x):
-            for layer in layers:
-                x = layer(x)
-            return x
-        first = layers[0]
-        check_inputs(x, first.weight, first.bias, first.feedback, first.activation, first.negative_slope,
-                     needs_feedback=first.feedback is not None)
-        backend = resolve(first.backend, x)
+    def _chain(self, step: list, x: torch.Tensor) -> torch.Tensor:
+        layers = [layer for _, layer in step]
+        fits = self._fast_fits(step, layers, x)
+        if fits is None:
+            if not _fusable_now(layers, x):
+                for layer in layers:
+                    x = layer(x)
+                return x
+            first = layers[0]
+            check_inputs(x, first.weight, first.bias, first.feedback, first.activation, first.negative_slope,
+                         needs_feedback=first.feedback is not None)
+            fits = self._record_fits(step, layers, x)
+        backend = fits[0]
         specs, params = [], []
-        for layer in layers:
-            specs.append((layer.activation, layer.negative_slope, layer.rule))
-            params += [layer.weight, layer.bias, layer.feedback, layer._draw()]
+        for layer, (weight, bias, feedback, rule) in zip(layers, fits[1]):
+            specs.append((layer._activation, layer._negative_slope, rule))
+            params += [weight, bias, feedback, layer._draw() if rule.draws else None]
         return FASequentialFunction.apply(x, backend, tuple(specs), *params)
+
+    def _fast_fits(self, step: list, layers: list[FALinear], x) -> tuple | None:
+        """The chain's recorded (backend, per layer (weight, bias, feedback, rule)) when this call
+        is like the last checked one — every layer's own fit still current (``FALinear._current_fit``:
+        the same tensors and rule, so the widths, dtypes and devices checked then still fit) and
+        an x of the same dtype, width and device, in plain eager mode without global hooks —
+        else None (the full checks run)."""
+        recorded = self._chain_fits.get(id(step))
+        if recorded is None or torch.compiler.is_compiling():
+            return None
+        layer_fits, fits = recorded
+        first = layer_fits[0]
+        if not (type(x) is torch.Tensor and x.dtype is first[4] and x.dim() != 0 and x.shape[-1] == first[5]
+                and x.device == first[6] and not torch._C._is_any_autocast_enabled()
+                and not torch._C._are_functorch_transforms_active() and not _global_hooks()):
+            return None
+        for layer, fit in zip(layers, layer_fits):
+            if layer._current_fit() is not fit:
+                return None
+        return fits
+
+    def _record_fits(self, step: list, layers: list[FALinear], x) -> tuple:
+        """Resolve the chain's backend for x (raising if it cannot run there), record each
+        layer's fit and the chain's, and return (backend, per layer (weight, bias, feedback, rule))."""
+        backend = resolve(layers[0].backend, x)
+        layer_fits, tensors = [], []
+        plain = type(x) is torch.Tensor
+        for layer in layers:
+            weight, bias, feedback = layer.weight, layer.bias, layer.feedback
+            tensors.append((weight, bias, feedback, layer.rule))
+            if plain:
+                layer._record_fit(weight, bias, feedback)
+                layer_fits.append(layer._fit)
+        fits = (backend, tuple(tensors))
+        if plain and all(fit is not None for fit in layer_fits):
+            self._chain_fits[id(step)] = (tuple(layer_fits), fits)
+        return fits
 
     def extra_repr(self) -> str:
         steps, notes = self._plan()

@@ -78,8 +78,8 @@ class FASequentialFunction(torch.autograd.Function):
         feedbacks, counters = saved[1 + 3 * count:1 + 4 * count], saved[1 + 4 * count:]
         need = ctx.needs_input_grad
 
-        def flat(t):
-            return None if t is None else t.reshape(-1, t.shape[-1])
+        def flat(t):  # [..., n] -> [M, n] (a 2-D tensor as it is: even a no-op reshape costs a µs)
+            return t if t is None or t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
         def f_source(index):  # what f'_l is read from: y_l, or the extra tensor
             return flat(extras[index]) if extras[index] is not None else flat(outputs[index])
