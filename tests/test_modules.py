@@ -244,3 +244,20 @@ def test_autocast_after_eager_calls_still_casts():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(torch.randn(2, 4))
     assert y.dtype == torch.bfloat16
+
+
+def test_a_copy_or_a_pickled_layer_runs_on_its_own_tensors(tmp_path):
+    import copy
+
+    layer = _fitted()
+    for clone in (copy.deepcopy(layer), _reloaded(layer, tmp_path)):
+        with torch.no_grad():
+            clone.weight.mul_(2)
+        x = torch.randn(2, 4)
+        torch.testing.assert_close(clone(x), torch.relu(x @ clone.weight.t() + clone.bias))
+        assert not torch.allclose(clone(x), layer(x))
+
+
+def _reloaded(layer, tmp_path):
+    torch.save(layer, tmp_path / "layer.pt")
+    return torch.load(tmp_path / "layer.pt", weights_only=False)

@@ -91,27 +91,32 @@ class DFANetwork(nn.Module):
         return h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers = list(self.layers)  # (slicing the ModuleList would build a new ModuleList per call)
+        hidden, output = layers[:-1], layers[-1]
+        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                for layer in hidden for t in (layer.weight, layer.bias))):
+            return self.plain_forward(x)  # inference (or frozen hidden layers): the plain forward
         h = self.prefix(x)
-        hidden, output = self.layers[:-1], self.layers[-1]
-        trains = torch.is_grad_enabled() and any(p.requires_grad for layer in hidden for p in layer.parameters())
-        if not trains:  # inference: the plain forward
-            return self.plain_forward(x)
-        check_layer_input(h, self.layers[0].in_features, self.layers[0].weight,
+        check_layer_input(h, layers[0].in_features, layers[0].weight,
                           "DFANetwork" + (" (after its prefix)" if not isinstance(self.prefix, nn.Identity) else ""))
         lead = h.shape[:-1]
-        h = h.reshape(-1, h.shape[-1])
+        if h.dim() != 2:
+            h = h.reshape(-1, h.shape[-1])
         backend = resolve(self.backend, h)
         inputs, activations = [], []
-        saved = torch.empty(h.shape[0], sum(self.widths), device=h.device, dtype=h.dtype)
+        saved = h.new_empty((h.shape[0], sum(self.widths)))
+        start = 0
         with torch.no_grad():
-            for layer, piece in zip(hidden, torch.split(saved, self.widths, dim=1)):
+            for layer in hidden:
+                weight, activation, slope = layer.weight, layer._activation, layer._negative_slope
+                width = weight.shape[0]
                 inputs.append(h)
-                activations.append((layer.activation, layer.negative_slope))
-                keeps_extra = saves_extra(layer.activation, layer.negative_slope)
-                h, extra = backend.forward(h, layer.weight, layer.bias, layer.activation, layer.negative_slope,
-                                           keeps_extra)
-                piece.copy_(extra if keeps_extra else h)
-        out = output(h.view(*lead, h.shape[-1]))  # exact gradient; h carries no graph below
+                activations.append((activation, slope))
+                keeps_extra = saves_extra(activation, slope)
+                h, extra = backend.forward(h, weight, layer.bias, activation, slope, keeps_extra)
+                saved.narrow(1, start, width).copy_(extra if keeps_extra else h)
+                start += width
+        out = output(h if len(lead) == 1 else h.view(*lead, h.shape[-1]))  # exact gradient; h carries no graph below
         params = [t for layer in hidden for t in (layer.weight, layer.bias)]
         return DFANetworkFunction.apply(out, self.feedback, saved, backend, tuple(activations), tuple(self.widths),
                                         *inputs, *params)

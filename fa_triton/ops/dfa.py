@@ -39,7 +39,7 @@ class DFANetworkFunction(torch.autograd.Function):
         backend, widths = ctx.backend, ctx.widths
         count = len(widths)
         param_needs = ctx.needs_input_grad[6 + count:]
-        error2d = error.reshape(-1, error.shape[-1])
+        error2d = error if error.dim() == 2 else error.reshape(-1, error.shape[-1])
         deltas = backend.dfa_delta(error2d, feedback, saved, ctx.activations, widths)
         grads = []
         for k, (x, delta) in enumerate(zip(inputs, torch.split(deltas, widths, dim=1))):

@@ -62,8 +62,8 @@ def dfa_delta(error, feedback, saved, activations: tuple, widths: tuple):
         if any(activation != "identity" for activation, _ in activations):
             raise ValueError("dfa_delta needs saved (each layer's y or extra tensor) for f' other than the identity")
         return projected
-    if len(widths) == 1:  # one layer (a chain's step): no split and concatenation
-        (activation, slope), = activations
+    if all(pair == activations[0] for pair in activations):  # one f' for all (a chain's step, an MLP): one pass
+        activation, slope = activations[0]
         return activation_backward(projected, saved, activation, slope)
     pieces = zip(torch.split(projected, widths, dim=1), torch.split(saved, widths, dim=1), activations)
     return torch.cat([activation_backward(p, s, activation, slope) for p, s, (activation, slope) in pieces], dim=1)
