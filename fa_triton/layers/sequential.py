@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
-from ..ops.backends import resolve
+from ..ops.backends import TORCH, resolve
 from ..ops.sequential import FASequentialFunction
 from ..ops.validation import check_inputs
 from .linear import FALinear
@@ -40,7 +40,9 @@ class FASequential(nn.Sequential):
     epilogue of the input GEMM of the layer above, so no pass between layers forms δ. Gradients
     equal the per-layer chain's (the reference backend's bitwise; the kernels' within rounding,
     f' being applied to the fp32 accumulator). Pass-through children between chained layers
-    (``convert``'s ``Fused`` slots, ``nn.Identity``) are skipped.
+    (``convert``'s ``Fused`` slots, ``nn.Identity``) are skipped. A chain of backprop layers on
+    the reference backend runs layer by layer, under PyTorch's own autograd (as each such layer
+    does: that rule exactly, at the least cost per call).
 
     Any other child runs as in ``nn.Sequential``, and so does a child with hooks of its own. A
     chain runs layer by layer under ``torch.autocast``, ``torch.compile``/``torch.export`` (each
@@ -126,6 +128,10 @@ class FASequential(nn.Sequential):
                          needs_feedback=first.feedback is not None)
             fits = self._record_fits(step, layers, x)
         backend = fits[0]
+        if backend is TORCH and all(rule.method == "backprop" for *_, rule in fits[1]):
+            for layer in layers:  # PyTorch's own autograd (FALinear's eager_runner): nothing to fuse
+                x = layer(x)
+            return x
         specs, params = [], []
         for layer, (weight, bias, feedback, rule) in zip(layers, fits[1]):
             specs.append((layer._activation, layer._negative_slope, rule))
