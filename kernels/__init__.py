@@ -3,6 +3,7 @@
 - ``jit_helpers``: ``@triton.jit`` activation, derivative, feedback-rule and tile-ordering helpers.
 - ``linear_kernels``: the GEMM kernels (forward, backward input, backward weight, DFA).
 - ``pass_kernels``: the memory passes (δ and grad_b, B of the sign rules, split sums).
+- ``mlp_kernels``: the fused narrow MLP's forward (a chain of up to 4 layers at most 128 wide, one launch).
 - ``tuning``: ``LaunchConfig``, tile tables, heuristic, autotuner; ``tuned_tables``: the sweep's table.
 - ``plans``: the cached launch plans; ``launchers``: the launchers below.
 - ``tutorial_gemm``: the Triton tutorial's GEMM, the yardstick of the loop guard and the benchmarks.
@@ -22,6 +23,8 @@ from .launchers import (
     fa_linear_feedback,
     fa_linear_forward,
     fa_linear_local_error,
+    fa_mlp_forward,
+    mlp_fusable,
 )
 
 __all__ = [
@@ -34,5 +37,7 @@ __all__ = [
     "fa_linear_backward_input",
     "fa_linear_backward_weight",
     "fa_linear_dfa_delta",
+    "fa_mlp_forward",
+    "mlp_fusable",
     "tuning_report",
 ]

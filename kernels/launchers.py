@@ -8,6 +8,7 @@ Shapes (nn.Linear's layout)::
     fa_linear_backward_input:   grad_y, saved [M, N], B [N, K]         -> grad_x [M, K] (and δ)
     fa_linear_backward_weight:  grad_y, saved [M, N], x [M, K]         -> grad_W [N, K], grad_b [N]
     fa_linear_dfa_delta:        e [M, n_out], B [n_out, N], saved      -> δ [M, N]
+    fa_mlp_forward:             x [M, K], W_l [N_l, N_l-1], b_l        -> [y_1 … y_L] of a narrow chain, one launch
 
 The two backward launchers take g and form δ = g ⊙ f'(z) by the δ pass first (skipped when f
 is the identity and nothing else is asked of it); the layer's autograd runs the pass once and
@@ -24,6 +25,7 @@ from typing import NamedTuple
 import torch
 
 from . import linear_kernels as gemm
+from . import mlp_kernels as mlp
 from . import pass_kernels as passes
 from . import plans, tuning
 from .plans import (
@@ -55,6 +57,8 @@ __all__ = [
     "fa_linear_backward_input",
     "fa_linear_backward_weight",
     "fa_linear_dfa_delta",
+    "fa_mlp_forward",
+    "mlp_fusable",
     "clear_plans",
 ]
 
@@ -83,7 +87,8 @@ def _method(method: str, feedback_mode: str | None) -> str:
 JIT_KERNELS = {name: getattr(module, name) for module, names in (
     (gemm, ("forward_kernel", "forward_tma_kernel", "forward_split_epilogue_kernel", "backward_input_kernel",
             "backward_input_tma_kernel", "backward_weight_kernel", "backward_weight_tma_kernel", "dfa_delta_kernel")),
-    (passes, ("local_error_kernel", "feedback_kernel", "split_sum_kernel"))) for name in names}
+    (passes, ("local_error_kernel", "feedback_kernel", "split_sum_kernel")),
+    (mlp, ("mlp_forward_kernel",))) for name in names}
 # @triton.jit picks the interpreter when the module is imported with TRITON_INTERPRET=1.
 INTERPRETED = type(gemm.forward_kernel).__name__ == "InterpretedFunction"
 
@@ -453,3 +458,90 @@ def fa_linear_dfa_delta(
     plan.run(*args)
     return delta
 
+
+
+# ------------------------------------------------------------------------------- fused MLP
+
+def mlp_fusable(x: torch.Tensor, weights: list, biases: list) -> bool:
+    """Whether :func:`fa_mlp_forward` takes this chain: 2 to ``tuning.MLP_MAX_LAYERS`` layers,
+    every layer at most ``tuning.MLP_MAX_WIDTH`` wide, the widths chaining from x [M, K], and x,
+    every weight and bias of one Triton dtype on one device; fp32 only with tf32 dots (PyTorch's
+    switch): IEEE fp32 dots are FMA loops whose 128-wide operands spill on sm_90 and sm_80 at
+    every row block (the compile guard measured 88 to 9 200 bytes), so those chains run layer by layer."""
+    if not 2 <= len(weights) <= tuning.MLP_MAX_LAYERS or x.dim() != 2 or len(biases) != len(weights):
+        return False
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or plans.dot_precision(x.dtype) == "ieee":
+        return False
+    width = x.shape[1]
+    for weight, bias in zip(weights, biases):
+        if (weight.dim() != 2 or weight.shape[1] != width or weight.shape[0] > tuning.MLP_MAX_WIDTH
+                or weight.shape[0] == 0 or weight.dtype != x.dtype or weight.device != x.device):
+            return False
+        if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype or bias.device != x.device):
+            return False
+        width = weight.shape[0]
+    return True
+
+
+def fa_mlp_forward(
+    x: torch.Tensor,
+    weights: list,
+    biases: list,
+    activations: list,
+    negative_slopes: list,
+    out: torch.Tensor | None = None,
+    *,
+    config: LaunchConfig | dict | None = None,
+) -> list:
+    """The fused narrow MLP's forward (``mlp_kernels.py``): ``y_l = f_l(h_{l-1} W_lᵀ + b_l)``
+    for every layer in one launch, h_0 = x.
+
+    Args: x [M, K] (any strides), weights [N_l, N_{l-1}] (any strides), biases [N_l] or None,
+    one activation and negative slope per layer; ``out``, an optional [M, N_L] tensor for the
+    last y; ``config``: block_rows (rows per program), block_red (the first layer's K step),
+    num_warps and num_stages (block_cols is not used). The chain must pass :func:`mlp_fusable`.
+    Returns [y_1, …, y_L], each [M, N_l] (contiguous, but ``out``), in x's dtype.
+    """
+    if not mlp_fusable(x, weights, biases):
+        raise ValueError(
+            f"fa_mlp_forward takes 2 to {tuning.MLP_MAX_LAYERS} chaining layers at most {tuning.MLP_MAX_WIDTH} wide, "
+            f"all of x's dtype and device (fp32 with tf32 dots only); got x {tuple(x.shape)} {x.dtype} and weights "
+            f"{[tuple(w.shape) for w in weights]}")
+    for activation in activations:
+        _check_activation(activation)
+    count = len(weights)
+    if len(activations) != count or len(negative_slopes) != count:
+        raise ValueError(f"one activation and negative slope per layer: {count} layers, got {len(activations)} "
+                         f"activations and {len(negative_slopes)} slopes")
+    M, K = x.shape
+    widths = [w.shape[0] for w in weights]
+    outputs = [x.new_empty((M, n)) for n in widths[:-1]]
+    if out is None:
+        outputs.append(x.new_empty((M, widths[-1])))
+    else:
+        check_out(out, (M, widths[-1]), x, "out")
+        if not out.is_contiguous():
+            raise ValueError(f"out must be contiguous, got strides {out.stride()}")
+        outputs.append(out)
+    if M == 0:
+        return outputs
+    biases = [b if b is None or b.stride(0) == 1 else b.contiguous() for b in biases]
+    cfg = as_config(config) if config is not None else tuning.mlp_config(M, K, max(widths), x.dtype, INTERPRETED)
+    ws = weights + [weights[0]] * (tuning.MLP_MAX_LAYERS - count)
+    bs = [y if b is None else b for b, y in zip(biases, outputs)] + [outputs[0]] * (tuning.MLP_MAX_LAYERS - count)
+    ys = outputs + [outputs[0]] * (tuning.MLP_MAX_LAYERS - count)
+    ns = widths + [widths[0]] * (tuning.MLP_MAX_LAYERS - count)
+    flags = {}
+    for index in range(tuning.MLP_MAX_LAYERS):
+        real = index < count
+        flags[f"HAS_BIAS{index + 1}"] = real and biases[index] is not None
+        flags[f"ACTIVATION{index + 1}"] = activations[index] if real else "identity"
+        flags[f"BLOCK_N{index + 1}"] = tuning.block(ns[index], tuning.MLP_MAX_WIDTH)
+    slopes = [float(s) for s in negative_slopes] + [0.0] * (tuning.MLP_MAX_LAYERS - count)
+    launch = on_device(x, Launch(mlp.mlp_forward_kernel, (cdiv(M, cfg.block_rows),), dict(
+        flags, LAYERS=count, INPUT_PRECISION=plans.dot_precision(x.dtype),
+        USE_INT64=plans.needs_int64(x, *outputs, *weights), BLOCK_M=cfg.block_rows, BLOCK_K=cfg.block_red,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)))
+    launch(x, ws[0], bs[0], ys[0], ws[1], bs[1], ys[1], ws[2], bs[2], ys[2], ws[3], bs[3], ys[3],
+           M, K, *ns, *x.stride(), *(s for w in ws for s in w.stride()), *slopes)
+    return outputs

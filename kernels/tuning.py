@@ -337,3 +337,24 @@ def pass_config(rows: int, cols: int, sms: int, interpreted: bool) -> LaunchConf
     split = max(1, min(triton.cdiv(4 * sms, column_blocks), triton.cdiv(rows, 32)))
     # 8 warps: 32x128 tiles over 4 warps spill a few bytes for sigmoid and gelu (sm_90, sm_80).
     return LaunchConfig(32, block_cols, 16, num_warps=8, split=split)
+
+
+#: The fused narrow MLP (``mlp_kernels.py``): the widest layer it takes (one column block on chip,
+#: each later layer's whole Wᵀ one dot operand), and how many layers.
+MLP_MAX_WIDTH = 128
+MLP_MAX_LAYERS = 4
+
+
+def mlp_config(rows: int, red: int, widest: int, dtype: torch.dtype, interpreted: bool) -> LaunchConfig:
+    """The fused MLP's row block (block_rows), first-layer K step (block_red) and warps; block_cols
+    is the widest layer's block. Not tuned on a GPU yet (none measured it): row blocks of 32 at
+    a batch up to 4096, so that a tutorial batch of 64 still spreads over two programs, else 64
+    in 16-bit dtypes (tf32 keeps 32: four 128-wide layers at 64 rows spill 448 bytes on sm_80);
+    8 warps once a layer is 128 wide (its fp32 accumulator is 16K values)."""
+    block_cols = block(widest, MLP_MAX_WIDTH)
+    if interpreted:
+        return LaunchConfig(16, block_cols, block(red, 64), num_warps=4, num_stages=1)
+    block_rows = 32 if rows <= 4096 or dtype.itemsize == 4 else 64
+    block_red = 64 if dtype.itemsize == 2 else 32
+    return LaunchConfig(block_rows, block_cols, block(red, block_red), num_warps=8 if block_cols >= 128 else 4,
+                        num_stages=3)

@@ -98,6 +98,18 @@ def _jobs(M, K, N, dt: str, activation="relu", bias=True, chain=None):
     })
 
 
+def _mlp_call(M, K, widths, dt, activations=None):
+    """The fused MLP's launcher on meta tensors x [M, K] -> widths (relu, identity last by default)."""
+    d = DTYPES[dt]
+    weights, width = [], K
+    for n in widths:
+        weights.append(_meta(n, width, dtype=d))
+        width = n
+    activations = activations or ("relu",) * (len(widths) - 1) + ("identity",)
+    return functools.partial(launchers.fa_mlp_forward, _meta(M, K, dtype=d), weights,
+                             [_meta(n, dtype=d) for n in widths], list(activations), [0.01] * len(widths))
+
+
 def _dims(problem: Problem) -> tuple:
     return problem.rows, problem.cols, problem.red
 
@@ -177,6 +189,15 @@ def variants() -> dict[str, Variant]:
             v[f"feedback-{dt}-{mode}"] = Variant(functools.partial(
                 launchers.fa_linear_feedback, _meta(SQUARE, SQUARE, dtype=d), _meta(SQUARE, SQUARE, dtype=d), mode,
                 feedback_scale=0.05, seed=2**40 + 7, counter=_meta(1, dtype=torch.int64)), dt, (90, 80))
+    # The fused narrow MLP (one launch for a chain's forward): the tutorial's 784-128-64-10 at the
+    # heuristic's configs, and the widest chain it takes (four layers 128 wide), in every dtype.
+    for M in (64, 8192):
+        for dt in ("bf16", "fp16", "tf32"):  # IEEE fp32 is not fused (launchers.mlp_fusable)
+            v[f"mlp-tutorial-{M}-{dt}"] = Variant(_mlp_call(M, 784, (128, 64, 10), dt), dt,
+                                                  (90, 80) if dt == "bf16" else (90,))
+    for dt in ("bf16", "tf32"):
+        v[f"mlp-4x128-{dt}"] = Variant(_mlp_call(8192, 128, (128, 128, 128, 128), dt, ("gelu", "tanh", "sigmoid",
+                                                                                          "leaky_relu")), dt, (90, 80))
     # int64 offsets, for real: 2^21 + 1 rows of 1024, and a stride of 2^31; odd sizes, small tiles.
     mid, small = LaunchConfig(64, 64, 64, 4, 4), LaunchConfig(16, 16, 16, 4, 3)
     f16 = torch.float16

@@ -619,3 +619,100 @@ def test_delta_pass_with_row_slices(split, activation, dtype, kernel_device, lau
     assert names.count("local_error_kernel") == 1 and names.count("split_sum_kernel") == (split > 1)
     again, again_b = kernels.fa_linear_local_error(grad_y, saved, activation, 0.01, config=config)
     assert torch.equal(again, delta) and torch.equal(again_b, grad_b)  # a fixed order: bitwise the same
+
+
+# ------------------------------------------------------------------------- the fused narrow MLP
+# Each y_l of the one launch against the float64 oracle of layer l applied to the kernel's own
+# y_{l-1} (what it read, rounded to the storage dtype as the per-layer kernels store it), within
+# that layer's fixed bounds: the chain's numbers are the per-layer kernels', without the launches.
+
+# (M, K, widths): none a multiple of a block but the tutorial's, widths of 1 and 128, 2 to 4 layers.
+MLP_SHAPES = [(1, 7, (1, 128)), (7, 50, (113, 9, 16)), (113, 17, (16, 1, 128, 3)), (64, 784, (128, 64, 10))]
+
+
+def _mlp_inputs(M, K, widths, dtype, device, bias_pattern=(True, False, True, True), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=gen)
+    weights, biases, width = [], [], K
+    for index, n in enumerate(widths):
+        weights.append((torch.rand(n, width, generator=gen) * 2 - 1) / width ** 0.5)
+        biases.append(torch.rand(n, generator=gen) - 0.5 if bias_pattern[index] else None)
+        width = n
+    cast = lambda t: None if t is None else t.to(dtype).to(device)  # noqa: E731
+    return cast(x), [cast(w) for w in weights], [cast(b) for b in biases]
+
+
+# A slope per layer, each its own: a layer given another's shows.
+SLOPES = (0.3, 0.1, 0.2, 0.05)
+
+
+def _assert_each_layer_within_bounds(x, weights, biases, activations, outputs, dtype):
+    """fp32 with tf32 dots: the fused MLP takes fp32 only so (launchers.mlp_fusable)."""
+    h = x
+    for index, (weight, bias, activation, y) in enumerate(zip(weights, biases, activations, outputs)):
+        grad_y = torch.zeros(y.shape, dtype=y.dtype, device=y.device)
+        slope = SLOPES[index]
+        expected = oracle(h, weight, bias, weight, grad_y, activation, slope)["y"]
+        bounds = layer_bounds(h, weight, bias, weight.double(), grad_y, activation, slope, dtype=dtype,
+                              tf32=dtype == torch.float32)["y"]
+        assert_parity({"y": y}, {"y": expected}, dtype, bounds={"y": bounds}, name=f"y_{index + 1}")
+        h = y
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
+@pytest.mark.parametrize("shape", MLP_SHAPES)
+def test_fused_mlp_forward_against_the_oracle(shape, dtype, kernel_device, launches, fp32_matmul_precision):
+    fp32_matmul_precision(True)
+    M, K, widths = shape
+    x, weights, biases = _mlp_inputs(M, K, widths, dtype, kernel_device)
+    activations = [ACTIVATIONS[(i + len(widths)) % len(ACTIVATIONS)] for i in range(len(widths))]
+    activations[1] = "leaky_relu"  # every layer's slope is read: see SLOPES
+    assert kernels.mlp_fusable(x, weights, biases)
+    outputs = kernels.fa_mlp_forward(x, weights, biases, activations, SLOPES[:len(widths)])
+    assert [name for name, _ in launches] == ["mlp_forward_kernel"]
+    assert [tuple(y.shape) for y in outputs] == [(M, n) for n in widths] and all(y.dtype == dtype for y in outputs)
+    _assert_each_layer_within_bounds(x, weights, biases, activations, outputs, dtype)
+    again = kernels.fa_mlp_forward(x, weights, biases, activations, SLOPES[:len(widths)])
+    assert all(torch.equal(a, b) for a, b in zip(again, outputs))  # a fixed order: bitwise the same
+
+
+def test_fused_mlp_takes_any_strides_an_out_tensor_and_a_config(kernel_device, fp32_matmul_precision):
+    fp32_matmul_precision(True)
+    x, weights, biases = _mlp_inputs(19, 33, (20, 12, 5), torch.float32, kernel_device)
+    x_t = x.t().contiguous().t()  # column-major
+    weights = [weights[0].t().contiguous().t(), weights[1], weights[2][:, :].t().contiguous().t()]
+    out = torch.empty(19, 5, device=kernel_device)
+    activations = ["leaky_relu", "leaky_relu", "leaky_relu"]
+    outputs = kernels.fa_mlp_forward(x_t, weights, biases, activations, SLOPES[:3], out,
+                                     config=LaunchConfig(16, 16, 16))
+    assert outputs[-1] is out
+    _assert_each_layer_within_bounds(x, weights, biases, activations, outputs, torch.float32)
+
+
+def test_fused_mlp_empty_batch_and_what_it_refuses(kernel_device, fp32_matmul_precision):
+    fp32_matmul_precision(True)
+    x, weights, biases = _mlp_inputs(0, 6, (5, 4), torch.float32, kernel_device)
+    outputs = kernels.fa_mlp_forward(x, weights, biases, ["relu"] * 2, [0.0] * 2)
+    assert [tuple(y.shape) for y in outputs] == [(0, 5), (0, 4)]
+    x, weights, biases = _mlp_inputs(3, 6, (5, 4, 3, 2), torch.float32, kernel_device)
+    refused = {
+        "five layers": (x, weights + [torch.randn(2, 2)], biases + [None]),
+        "one layer": (x, weights[:1], biases[:1]),
+        "129 wide": (x, [torch.randn(129, 6)] + [torch.randn(4, 129)], [None, None]),
+        "not chaining": (x, [weights[0], weights[2]], [None, None]),
+        "mixed dtypes": (x, [weights[0], weights[1].double()], [None, None]),
+        "float64": (x.double(), [w.double() for w in weights], [None] * 4),
+        "a bias of another width": (x, weights[:2], [None, torch.randn(5)]),
+    }
+    for why, (x_, weights_, biases_) in refused.items():
+        assert not kernels.mlp_fusable(x_, weights_, biases_), why
+        with pytest.raises(ValueError, match="fa_mlp_forward takes 2 to 4 chaining layers at most 128 wide"):
+            kernels.fa_mlp_forward(x_, weights_, biases_, ["relu"] * len(weights_), [0.0] * len(weights_))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        kernels.fa_mlp_forward(x, weights, biases, ["relu", "rleu", "relu", "relu"], [0.0] * 4)
+    with pytest.raises(ValueError, match="one activation and negative slope per layer"):
+        kernels.fa_mlp_forward(x, weights, biases, ["relu"] * 3, [0.0] * 4)
+    half = (x.half(), [w.half() for w in weights], [b if b is None else b.half() for b in biases])
+    assert kernels.mlp_fusable(x, weights, biases) and kernels.mlp_fusable(*half)
+    fp32_matmul_precision(False)  # IEEE fp32 dots spill at these widths: not fused; 16-bit ones are
+    assert not kernels.mlp_fusable(x, weights, biases) and kernels.mlp_fusable(*half)

@@ -410,3 +410,41 @@ def test_after_a_fused_call_changed_tensors_and_inputs_are_checked_again():
     model.float()
     y = model(x.float())
     assert y.dtype == torch.float32 and "FASequentialFunction" in y.grad_fn.name()
+
+
+@pytest.mark.parametrize("method", ["fa", "usf"])
+def test_a_narrow_triton_chain_runs_its_forward_in_one_launch(method, monkeypatch, fp32_matmul_precision):
+    """Every width at most 128, no extra tensor (and fp32 with tf32 dots): the kernels' fused MLP
+    (one launch for the forward), the same gradients as the layers one by one (the interpreter
+    on the CPU)."""
+    from fa_triton.kernels import launchers
+
+    fp32_matmul_precision(True)
+    sizes = ((50, 113, "relu", 0.01), (113, 9, "leaky_relu", 0.2), (9, 16, "sigmoid", 0.01), (16, 3, "identity", 0.01))
+    layers = _layers(method, "triton", torch.float32, KERNEL_DEVICE, layers=sizes)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, 50, generator=gen).to(KERNEL_DEVICE)
+    grad_y = torch.randn(2, 5, 3, generator=gen).to(KERNEL_DEVICE)
+    seen = []
+    for name, kernel in launchers.JIT_KERNELS.items():
+        def spy(*args, _run=kernel.run, _name=name, **kwargs):
+            seen.append(_name)
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", spy)
+    fused, grad_fn = _run(FASequential(*layers), x, grad_y)
+    assert "FASequentialFunction" in grad_fn.name()
+    assert seen.count("mlp_forward_kernel") == 1 and "forward_kernel" not in seen
+    seen.clear()
+    one_by_one, _ = _run(nn.Sequential(*layers), x, grad_y)
+    assert seen.count("forward_kernel") == 4 and "mlp_forward_kernel" not in seen
+    for name, want in one_by_one.items():
+        torch.testing.assert_close(fused[name], want, msg=lambda text, name=name: f"{name}: {text}")
+    gelu = _layers(method, "triton", torch.float32, KERNEL_DEVICE, layers=((50, 9, "gelu", 0.01), (9, 3, "relu", 0.01)))
+    seen.clear()
+    FASequential(*gelu)(x)  # gelu keeps f'(z) besides y: layer by layer
+    assert "mlp_forward_kernel" not in seen and seen.count("forward_kernel") == 2
+    fp32_matmul_precision(False)
+    seen.clear()
+    FASequential(*layers)(x)  # IEEE fp32 dots: layer by layer
+    assert "mlp_forward_kernel" not in seen and seen.count("forward_kernel") == 4

@@ -7,7 +7,9 @@ its own. In a chain, f'_{l-1} belongs in the epilogue of layer l's input GEMM:
     δ_{l-1} = (δ_l B_l) ⊙ f'_{l-1}(z_{l-1})    one GEMM, f' on the accumulator (l = L … 2)
     grad_W_l = δ_lᵀ h_{l-1},  grad_b_l = Σ_rows δ_l,  grad_x = δ_1 B_1 (only if x needs it)
 
-with h_0 = x and h_l = y_l. The chain step is the backends' ``dfa_delta`` (DFA's projection
+with h_0 = x and h_l = y_l. The forward is the backend's ``chain_forward`` where it has one
+(the kernels' fused narrow MLP: every layer in one launch), else each layer's ``forward``. The
+chain step is the backends' ``dfa_delta`` (DFA's projection
 kernel: e B with f' in its epilogue), B as the layer's rule forms it (``feedback_matrix``). The
 forward saves one tensor per layer: y_l, which is both layer l+1's input and what f'_l is read
 from (plus the extra tensor where f' cannot be read off y: gelu, leaky_relu with a negative slope).
@@ -39,19 +41,27 @@ class FASequentialFunction(torch.autograd.Function):
         reference = backend.name == "torch"
         h = x if reference else x.reshape(-1, x.shape[-1])  # the reference takes x [..., K] as it is
         outputs, extras = [], []
-        for index, (activation, slope, _) in enumerate(specs):
-            weight, bias = params[PER_LAYER * index], params[PER_LAYER * index + 1]
-            store_extra = saves_extra(activation, slope)
-            out = None
-            if not reference and index == count - 1:
-                # The result in its final shape, so that it is not a view of a 2-D tensor.
-                result = torch.empty((*lead, weight.shape[0]), device=x.device, dtype=x.dtype)
-                out = result.view(-1, weight.shape[0])
-            h, extra = backend.forward(h, weight, bias, activation, slope, store_extra, out)
-            if out is not None:
-                h = result
-            outputs.append(h)
-            extras.append(extra)
+        result = None
+        if not reference:
+            # The result in its final shape, so that it is not a view of a 2-D tensor.
+            last = params[PER_LAYER * (count - 1)].shape[0]
+            result = x.new_empty((*lead, last))
+            if not any(saves_extra(activation, slope) for activation, slope, _ in specs):
+                # The whole chain in one launch where the backend has a fused form for it.
+                fused = backend.chain_forward(h, list(params[0::PER_LAYER]), list(params[1::PER_LAYER]),
+                                              [(activation, slope) for activation, slope, _ in specs],
+                                              result.view(-1, last))
+                if fused is not None:
+                    outputs, extras, h = fused[:-1] + [result], [None] * count, result
+        if not outputs:  # layer by layer
+            for index, (activation, slope, _) in enumerate(specs):
+                weight, bias = params[PER_LAYER * index], params[PER_LAYER * index + 1]
+                out = result.view(-1, weight.shape[0]) if result is not None and index == count - 1 else None
+                h, extra = backend.forward(h, weight, bias, activation, slope, saves_extra(activation, slope), out)
+                if out is not None:
+                    h = result
+                outputs.append(h)
+                extras.append(extra)
         # The last y is saved only when f'_L is read off it (the others are the next layers' inputs).
         last_activation, last_slope, _ = specs[-1]
         if last_activation == "identity" or saves_extra(last_activation, last_slope):

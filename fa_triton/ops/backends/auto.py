@@ -97,8 +97,17 @@ _BY_PUBLIC = {"triton": TRITON, "torch": TORCH}
 STEPS = (AutoStep("forward", _forward_key), AutoStep("local_error", _local_error_key),
          AutoStep("backward_input", _backward_input_key), AutoStep("backward_weight", _backward_weight_key),
          AutoStep("dfa_delta", _dfa_delta_key))
+
+
+def _no_chain_forward(x, weights, biases, activations, out=None):
+    """None: "auto" runs a chain layer by layer, each forward as it chose. The fused MLP has not
+    been timed against the per-layer forwards on a GPU (auto's promise: never slower than the
+    reference), so auto does not pick it yet; ``backend="triton"`` does."""
+    return None
+
+
 # Forming B is one memory pass (no GEMM to choose for): auto runs on CUDA, where the kernels form it.
-AUTO = register(Backend("auto", *STEPS, TRITON.feedback_matrix))
+AUTO = register(Backend("auto", *STEPS, TRITON.feedback_matrix, _no_chain_forward))
 
 
 def clear_auto_choices() -> None:

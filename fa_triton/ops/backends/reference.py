@@ -1,7 +1,7 @@
 """The reference backend (``backend="torch"``): the FA layer's math in plain PyTorch ops, on any
 device and in any floating dtype (float64 included); the CPU path and the benchmarks' baseline.
 
-The six steps, with the signatures every backend shares (``registry.Backend``)::
+The seven steps, with the signatures every backend shares (``registry.Backend``)::
 
     forward(x, weight, bias, activation, negative_slope, store_extra, out=None)
         x [..., K], weight [N, K], bias [N] -> (y [..., N] (into out if given), the extra tensor or None)
@@ -11,6 +11,8 @@ The six steps, with the signatures every backend shares (``registry.Backend``)::
     backward_weight(delta, x)                                 δ [M, N], x [M, K] -> grad_W [N, K]
     dfa_delta(error, feedback, saved, activations, widths)    e [M, n_out], B [n_out, Σ n_l] -> δ [M, Σ n_l]
     feedback_matrix(weight, feedback, counter, rule)          B [N, K] as the rule forms it
+    chain_forward(x, weights, biases, activations, out=None)  x [M, K] -> [y_1 … y_L] of a chain in one
+        fused launch (activations: (activation, negative_slope) per layer; out: the last y), or None
 
 ``saved`` is y, or the extra tensor (z, or f'(z) for gelu) where f' cannot be read off y
 (``fa_triton.rules.activations.saves_extra``).
@@ -74,4 +76,10 @@ def feedback_matrix(weight, feedback, counter, rule: FeedbackRule):
     return _rule_matrix(rule, weight, feedback, counter)
 
 
-TORCH = register(Backend("torch", forward, local_error, backward_input, backward_weight, dfa_delta, feedback_matrix))
+def chain_forward(x, weights, biases, activations, out=None):
+    """None: the reference has no fused chain (each layer's forward runs in turn)."""
+    return None
+
+
+TORCH = register(Backend("torch", forward, local_error, backward_input, backward_weight, dfa_delta, feedback_matrix,
+                         chain_forward))

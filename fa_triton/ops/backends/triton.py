@@ -58,5 +58,14 @@ def feedback_matrix(weight, feedback, counter, rule):
                                         counter=counter)
 
 
+def chain_forward(x, weights, biases, activations, out=None):
+    """The fused narrow MLP (one launch for every layer) when the chain fits it
+    (``kernels.mlp_fusable``: 2 to 4 layers at most 128 wide), else None."""
+    if not kernels().mlp_fusable(x, weights, biases):
+        return None
+    return kernels().fa_mlp_forward(x, weights, biases, [a for a, _ in activations], [s for _, s in activations],
+                                    out)
+
+
 TRITON = register(Backend("triton", forward, local_error, backward_input, backward_weight, dfa_delta,
-                          feedback_matrix))
+                          feedback_matrix, chain_forward))

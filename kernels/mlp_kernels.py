@@ -1,0 +1,114 @@
+"""The fused narrow MLP: the forward of a chain of 2 to 4 linear layers in one kernel.
+
+Shapes (nn.Linear's layout; M rows of the flattened batch)::
+
+    h_0 = x [M, K],  h_l = y_l = f_l(h_{l-1} W_lᵀ + b_l) [M, N_l],  W_l [N_l, N_{l-1}] (N_0 = K)
+
+Each program takes BLOCK_M rows through every layer. The first layer is a tutorial GEMM main
+loop over K (both operands from memory into the dot, the first step peeled as in
+``linear_kernels.py``); every later layer is narrow (N_l ≤ 128, one BLOCK_N_l ≥ 16 block), so
+its input is the row block already on chip and its whole Wᵀ one dot operand read from L2. Each
+y_l is stored (backward reads it: layer l+1's input, and f'_l read off it), rounded to the
+storage dtype, and that rounded tile is the next layer's input: the numbers of the per-layer
+kernels, without reading y_l back or launching once per layer. Bias and activation are the
+epilogue of each dot, on the fp32 accumulator. No atomics; a fixed order.
+
+Argument order as in the tutorials: pointers, sizes, strides, scalars, constexpr flags, blocks.
+Layers past ``LAYERS`` take dummy pointers and are compiled out.
+"""
+
+import triton
+import triton.language as tl
+
+from .jit_helpers import apply_activation
+
+
+@triton.jit
+def _narrow_layer(h, w_ptr, b_ptr, y_ptr, offs_m, mask_m, K_l, N_l, stride_wn, stride_wk, stride_ym, negative_slope,
+                  HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                  BLOCK_K_L: tl.constexpr, BLOCK_N_L: tl.constexpr):
+    """y = f(h Wᵀ + b) of one narrow layer on a row block on chip: h [BLOCK_M, BLOCK_K_L]
+    (storage dtype, zero past K_l) -> y stored, and returned in the storage dtype (zero past N_l)."""
+    offs_k = tl.arange(0, BLOCK_K_L)
+    offs_n = tl.arange(0, BLOCK_N_L)
+    mask_n = offs_n < N_l
+    # Wᵀ [BLOCK_K_L, BLOCK_N_L] read straight from W's [N_l, K_l] layout, zero past its edges.
+    wt = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                 mask=(offs_k[:, None] < K_l) & mask_n[None, :], other=0.0)
+    acc = tl.dot(h, wt, input_precision=INPUT_PRECISION)
+    return _store_layer(acc, b_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, negative_slope, HAS_BIAS,
+                        ACTIVATION)
+
+
+@triton.jit
+def _store_layer(acc, b_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, negative_slope,
+                 HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr):
+    """The epilogue of one layer: bias and activation on the fp32 accumulator, y stored (masked)
+    and returned in the storage dtype with the columns past N_l zeroed (the next layer's input)."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y = apply_activation(acc, ACTIVATION, negative_slope)
+    y = tl.where(mask_n[None, :], y, 0.0).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y, mask=mask_m[:, None] & mask_n[None, :])
+    return y
+
+
+@triton.jit
+def mlp_forward_kernel(
+    # pointers (layer l: weight, bias, y; unused layers get layer 1's)
+    x_ptr,
+    w1_ptr, b1_ptr, y1_ptr, w2_ptr, b2_ptr, y2_ptr, w3_ptr, b3_ptr, y3_ptr, w4_ptr, b4_ptr, y4_ptr,
+    # sizes
+    M, K, N1, N2, N3, N4,
+    # strides (each y_l is contiguous: its row stride is N_l)
+    stride_xm, stride_xk,
+    stride_w1n, stride_w1k, stride_w2n, stride_w2k, stride_w3n, stride_w3k, stride_w4n, stride_w4k,
+    # scalars
+    slope1, slope2, slope3, slope4,
+    # flags
+    LAYERS: tl.constexpr,
+    HAS_BIAS1: tl.constexpr, HAS_BIAS2: tl.constexpr, HAS_BIAS3: tl.constexpr, HAS_BIAS4: tl.constexpr,
+    ACTIVATION1: tl.constexpr, ACTIVATION2: tl.constexpr, ACTIVATION3: tl.constexpr, ACTIVATION4: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr,
+    # blocks
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_N3: tl.constexpr, BLOCK_N4: tl.constexpr,
+):
+    """y_l [M, N_l] for l = 1 … LAYERS (2 to 4) of the chain x [M, K] -> N1 -> … (module docstring)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N1)
+    if USE_INT64:
+        offs_m = offs_m.to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N1
+
+    # Layer 1, the tutorial's main loop over K: rows past the edge wrap around (the stores are
+    # masked), W's rows past N1 are masked to zero, only K is masked in the loop.
+    x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    wt_ptrs = w1_ptr + offs_k[:, None] * stride_w1k + offs_n[None, :] * stride_w1n
+    x_step = BLOCK_K * stride_xk
+    wt_step = BLOCK_K * stride_w1k
+    if USE_INT64:
+        x_step = BLOCK_K * tl.cast(stride_xk, tl.int64)
+        wt_step = BLOCK_K * tl.cast(stride_w1k, tl.int64)
+    acc = tl.dot(tl.load(x_ptrs, mask=offs_k[None, :] < K, other=0.0),
+                 tl.load(wt_ptrs, mask=(offs_k[:, None] < K) & mask_n[None, :], other=0.0),
+                 input_precision=INPUT_PRECISION)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        x_ptrs += x_step
+        wt_ptrs += wt_step
+        x = tl.load(x_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
+        wt = tl.load(wt_ptrs, mask=(offs_k[:, None] < K - k0) & mask_n[None, :], other=0.0)
+        acc = tl.dot(x, wt, acc, input_precision=INPUT_PRECISION)
+    h = _store_layer(acc, b1_ptr, y1_ptr, offs_m, mask_m, offs_n, mask_n, N1, slope1, HAS_BIAS1, ACTIVATION1)
+
+    # The narrow layers, on the row block on chip.
+    h = _narrow_layer(h, w2_ptr, b2_ptr, y2_ptr, offs_m, mask_m, N1, N2, stride_w2n, stride_w2k, N2, slope2,
+                      HAS_BIAS2, ACTIVATION2, INPUT_PRECISION, BLOCK_N1, BLOCK_N2)
+    if LAYERS >= 3:
+        h3 = _narrow_layer(h, w3_ptr, b3_ptr, y3_ptr, offs_m, mask_m, N2, N3, stride_w3n, stride_w3k, N3, slope3,
+                           HAS_BIAS3, ACTIVATION3, INPUT_PRECISION, BLOCK_N2, BLOCK_N3)
+        if LAYERS >= 4:
+            _narrow_layer(h3, w4_ptr, b4_ptr, y4_ptr, offs_m, mask_m, N3, N4, stride_w4n, stride_w4k, N4, slope4,
+                          HAS_BIAS4, ACTIVATION4, INPUT_PRECISION, BLOCK_N3, BLOCK_N4)
