@@ -716,3 +716,17 @@ def test_fused_mlp_empty_batch_and_what_it_refuses(kernel_device, fp32_matmul_pr
     assert kernels.mlp_fusable(x, weights, biases) and kernels.mlp_fusable(*half)
     fp32_matmul_precision(False)  # IEEE fp32 dots spill at these widths: not fused; 16-bit ones are
     assert not kernels.mlp_fusable(x, weights, biases) and kernels.mlp_fusable(*half)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", MLP_SHAPES + [(8192, 784, (128, 64, 10)), (1023, 128, (128, 128, 128, 128))], ids=str)
+def test_cuda_fused_mlp_forward(shape, dtype, fp32_matmul_precision):
+    """Compiled, in bf16 too (the interpreter has no bf16 arithmetic), at the heuristic's configs."""
+    fp32_matmul_precision(True)
+    M, K, widths = shape
+    x, weights, biases = _mlp_inputs(M, K, widths, dtype, "cuda")
+    activations = [ACTIVATIONS[(i + len(widths)) % len(ACTIVATIONS)] for i in range(len(widths))]
+    activations[1] = "leaky_relu"
+    outputs = kernels.fa_mlp_forward(x, weights, biases, activations, SLOPES[:len(widths)])
+    _assert_each_layer_within_bounds(x, weights, biases, activations, outputs, dtype)
