@@ -3,7 +3,8 @@
 - ``jit_helpers``: ``@triton.jit`` activation, derivative, feedback-rule and tile-ordering helpers.
 - ``linear_kernels``: the GEMM kernels (forward, backward input, backward weight, DFA).
 - ``pass_kernels``: the memory passes (δ and grad_b, B of the sign rules, split sums).
-- ``mlp_kernels``: the fused narrow MLP's forward (a chain of up to 4 layers at most 128 wide, one launch).
+- ``mlp_kernels``: the fused narrow MLP (a chain of up to 4 layers at most 128 wide): its forward in
+  one launch, its backward's δ chain in another.
 - ``tuning``: ``LaunchConfig``, tile tables, heuristic, autotuner; ``tuned_tables``: the sweep's table.
 - ``plans``: the cached launch plans; ``launchers``: the launchers below.
 - ``tutorial_gemm``: the Triton tutorial's GEMM, the yardstick of the loop guard and the benchmarks.
@@ -23,7 +24,9 @@ from .launchers import (
     fa_linear_feedback,
     fa_linear_forward,
     fa_linear_local_error,
+    fa_mlp_backward,
     fa_mlp_forward,
+    mlp_backward_fusable,
     mlp_fusable,
 )
 
@@ -38,6 +41,8 @@ __all__ = [
     "fa_linear_backward_weight",
     "fa_linear_dfa_delta",
     "fa_mlp_forward",
+    "fa_mlp_backward",
     "mlp_fusable",
+    "mlp_backward_fusable",
     "tuning_report",
 ]

@@ -9,6 +9,7 @@ Shapes (nn.Linear's layout)::
     fa_linear_backward_weight:  grad_y, saved [M, N], x [M, K]         -> grad_W [N, K], grad_b [N]
     fa_linear_dfa_delta:        e [M, n_out], B [n_out, N], saved      -> δ [M, N]
     fa_mlp_forward:             x [M, K], W_l [N_l, N_l-1], b_l        -> [y_1 … y_L] of a narrow chain, one launch
+    fa_mlp_backward:            g [M, N_L], y_l, B_l                   -> [δ_1 … δ_L], grad_b_l, grad_x: its δ chain
 
 The two backward launchers take g and form δ = g ⊙ f'(z) by the δ pass first (skipped when f
 is the identity and nothing else is asked of it); the layer's autograd runs the pass once and
@@ -58,7 +59,9 @@ __all__ = [
     "fa_linear_backward_weight",
     "fa_linear_dfa_delta",
     "fa_mlp_forward",
+    "fa_mlp_backward",
     "mlp_fusable",
+    "mlp_backward_fusable",
     "clear_plans",
 ]
 
@@ -88,7 +91,7 @@ JIT_KERNELS = {name: getattr(module, name) for module, names in (
     (gemm, ("forward_kernel", "forward_tma_kernel", "forward_split_epilogue_kernel", "backward_input_kernel",
             "backward_input_tma_kernel", "backward_weight_kernel", "backward_weight_tma_kernel", "dfa_delta_kernel")),
     (passes, ("local_error_kernel", "feedback_kernel", "split_sum_kernel")),
-    (mlp, ("mlp_forward_kernel",))) for name in names}
+    (mlp, ("mlp_forward_kernel", "mlp_backward_kernel"))) for name in names}
 # @triton.jit picks the interpreter when the module is imported with TRITON_INTERPRET=1.
 INTERPRETED = type(gemm.forward_kernel).__name__ == "InterpretedFunction"
 
@@ -545,3 +548,107 @@ def fa_mlp_forward(
     launch(x, ws[0], bs[0], ys[0], ws[1], bs[1], ys[1], ws[2], bs[2], ys[2], ws[3], bs[3], ys[3],
            M, K, *ns, *x.stride(), *(s for w in ws for s in w.stride()), *slopes)
     return outputs
+
+
+def mlp_backward_fusable(grad_y: torch.Tensor, outputs: list, feedbacks: list, need_grad_x: bool) -> bool:
+    """Whether :func:`fa_mlp_backward` takes this chain: what :func:`mlp_fusable` asks of the
+    forward, read off grad_y [M, N_L], the saved outputs y_l [M, N_l] (the top one may be None:
+    the identity) and B_l [N_l, N_{l-1}] (B_1 [N1, K] needed only for grad_x)."""
+    count = len(feedbacks)
+    if not 2 <= count <= tuning.MLP_MAX_LAYERS or grad_y.dim() != 2 or len(outputs) != count:
+        return False
+    dtype = grad_y.dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16) or plans.dot_precision(dtype) == "ieee":
+        return False
+    for index, (y, feedback) in enumerate(zip(outputs, feedbacks)):
+        width = feedback.shape[0] if feedback is not None else (y.shape[1] if y is not None else -1)
+        if not 0 < width <= tuning.MLP_MAX_WIDTH:
+            return False
+        if y is None and index < count - 1:
+            return False
+        if y is not None and (y.dtype != dtype or y.shape != (grad_y.shape[0], width)):
+            return False
+        if feedback is None:
+            if index > 0 or need_grad_x:
+                return False
+            continue
+        if feedback.dtype != dtype or feedback.device != grad_y.device or feedback.dim() != 2:
+            return False
+        if index > 0 and feedback.shape[1] != outputs[index - 1].shape[1]:
+            return False
+    return grad_y.shape[1] == feedbacks[-1].shape[0]
+
+
+def fa_mlp_backward(
+    grad_y: torch.Tensor,
+    outputs: list,
+    feedbacks: list,
+    activations: list,
+    negative_slopes: list,
+    need_grad_x: bool,
+    bias_grads: list,
+    *,
+    config: LaunchConfig | dict | None = None,
+) -> tuple:
+    """The fused narrow MLP's δ chain (``mlp_kernels.mlp_backward_kernel``) in one launch, and
+    every grad_b from one in-order sum of its partials.
+
+    Args: grad_y [M, N_L] (any strides), outputs y_l [M, N_l] as the forward stored them (the
+    top one None when its activation is the identity), feedbacks B_l [N_l, N_{l-1}] as the
+    layers' rules form them (B_1 [N1, K] read only for grad_x; else it may be None), one
+    activation and slope per layer, ``need_grad_x``, ``bias_grads`` (per layer: form grad_b).
+    Returns ([δ_1 … δ_L] in grad_y's dtype, contiguous; [grad_b_l or None]; grad_x [M, K] or None).
+    """
+    if not mlp_backward_fusable(grad_y, outputs, feedbacks, need_grad_x):
+        raise ValueError(
+            f"fa_mlp_backward takes 2 to {tuning.MLP_MAX_LAYERS} chaining layers at most {tuning.MLP_MAX_WIDTH} wide, "
+            f"of grad_y's dtype and device (fp32 with tf32 dots only); got grad_y {tuple(grad_y.shape)} "
+            f"{grad_y.dtype}, outputs {[None if y is None else tuple(y.shape) for y in outputs]} and feedbacks "
+            f"{[None if b is None else tuple(b.shape) for b in feedbacks]}")
+    for activation in activations:
+        _check_activation(activation)
+    count = len(feedbacks)
+    M = grad_y.shape[0]
+    widths = [b.shape[0] if b is not None else y.shape[1] for b, y in zip(feedbacks, outputs)]
+    K = feedbacks[0].shape[1] if feedbacks[0] is not None else 0
+    deltas = [grad_y.new_empty((M, n)) for n in widths]
+    columns, total = [], 0
+    for width, wanted in zip(widths, bias_grads):
+        columns.append(total)
+        total += width if wanted else 0
+    grad_x = grad_y.new_empty((M, K)) if need_grad_x else None
+    if M == 0:
+        grad_bs = [grad_y.new_zeros((n,)) if wanted else None for n, wanted in zip(widths, bias_grads)]
+        return deltas, grad_bs, grad_x
+    cfg = as_config(config) if config is not None else tuning.mlp_config(M, max(K, 16), max(widths), grad_y.dtype,
+                                                                         INTERPRETED)
+    programs = cdiv(M, cfg.block_rows)
+    partial = grad_y.new_empty((programs, max(total, 1)), dtype=torch.float32)
+    outputs = [y if y is None or y.is_contiguous() else y.contiguous() for y in outputs]
+    pad = tuning.MLP_MAX_LAYERS - count
+    ys = [deltas[0] if y is None else y for y in outputs] + [deltas[0]] * pad
+    fbs = [deltas[0] if b is None else b for b in feedbacks] + [deltas[0]] * pad
+    ns = widths + [widths[0]] * pad
+    fb_strides = [s for b in fbs for s in (b.stride() if b.dim() == 2 else (0, 0))]
+    flags = {}
+    for index in range(tuning.MLP_MAX_LAYERS):
+        real = index < count
+        flags[f"ACTIVATION{index + 1}"] = activations[index] if real else "identity"
+        flags[f"BIAS{index + 1}"] = real and bool(bias_grads[index])
+        flags[f"BLOCK_N{index + 1}"] = tuning.block(ns[index], tuning.MLP_MAX_WIDTH)
+    slopes = [float(s) for s in negative_slopes] + [0.0] * pad
+    x_strides = grad_x.stride() if grad_x is not None else (0, 0)
+    launch = on_device(grad_y, Launch(mlp.mlp_backward_kernel, (programs,), dict(
+        flags, LAYERS=count, NEED_GRAD_X=need_grad_x, INPUT_PRECISION=plans.dot_precision(grad_y.dtype),
+        USE_INT64=plans.needs_int64(grad_y, grad_x, *deltas, *[y for y in outputs if y is not None]),
+        BLOCK_M=cfg.block_rows, BLOCK_K=cfg.block_red, num_warps=cfg.num_warps, num_stages=cfg.num_stages)))
+    launch(grad_y, *ys, *fbs, *(deltas + [deltas[0]] * pad), partial, deltas[0] if grad_x is None else grad_x,
+           M, K, *ns, partial.shape[1], *(columns + [0] * pad), *grad_y.stride(), *fb_strides, *x_strides, *slopes)
+    grad_bs = [None] * count
+    if total:
+        summed = grad_y.new_empty((total,))
+        split_sum(partial, summed, programs)
+        for index, (width, wanted) in enumerate(zip(widths, bias_grads)):
+            if wanted:
+                grad_bs[index] = summed[columns[index]:columns[index] + width]
+    return deltas, grad_bs, grad_x

@@ -1,4 +1,5 @@
-"""The fused narrow MLP: the forward of a chain of 2 to 4 linear layers in one kernel.
+"""The fused narrow MLP: the forward of a chain of 2 to 4 linear layers in one kernel, and its
+backward's δ chain in another.
 
 Shapes (nn.Linear's layout; M rows of the flattened batch)::
 
@@ -13,6 +14,11 @@ storage dtype, and that rounded tile is the next layer's input: the numbers of t
 kernels, without reading y_l back or launching once per layer. Bias and activation are the
 epilogue of each dot, on the fp32 accumulator. No atomics; a fixed order.
 
+The backward (``mlp_backward_kernel``) walks the δ chain on each row block the same way: δ_L
+from g, then δ_{l-1} = (δ_l B_l) ⊙ f'_{l-1}(y_{l-1}) with B_l one dot operand and f' on the
+accumulator (the chain step of ``dfa_delta_kernel``, without its launches), each δ_l stored with
+its grad_b partial sums, and grad_x = δ_1 B_1 last.
+
 Argument order as in the tutorials: pointers, sizes, strides, scalars, constexpr flags, blocks.
 Layers past ``LAYERS`` take dummy pointers and are compiled out.
 """
@@ -20,7 +26,7 @@ Layers past ``LAYERS`` take dummy pointers and are compiled out.
 import triton
 import triton.language as tl
 
-from .jit_helpers import apply_activation
+from .jit_helpers import activation_backward, apply_activation
 
 
 @triton.jit
@@ -112,3 +118,114 @@ def mlp_forward_kernel(
         if LAYERS >= 4:
             _narrow_layer(h3, w4_ptr, b4_ptr, y4_ptr, offs_m, mask_m, N3, N4, stride_w4n, stride_w4k, N4, slope4,
                           HAS_BIAS4, ACTIVATION4, INPUT_PRECISION, BLOCK_N3, BLOCK_N4)
+
+
+# ---------------------------------------------------------------------------------- backward
+
+@triton.jit
+def _top_delta(grad_ptr, y_ptr, offs_m, mask_m, N_l, stride_gm, stride_gn, negative_slope,
+               ACTIVATION: tl.constexpr, BLOCK_N_L: tl.constexpr):
+    """δ_L = g ⊙ f'_L(y_L) of the top layer on a row block (fp32, zero past N_L)."""
+    offs_n = tl.arange(0, BLOCK_N_L)
+    mask = mask_m[:, None] & (offs_n < N_l)[None, :]
+    g = tl.load(grad_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
+    if ACTIVATION == "identity":
+        delta = g.to(tl.float32)
+    else:
+        s = tl.load(y_ptr + offs_m[:, None] * N_l + offs_n[None, :], mask=mask, other=0.0)
+        delta = activation_backward(g.to(tl.float32), s.to(tl.float32), ACTIVATION, negative_slope)
+    return tl.where(mask, delta, 0.0)
+
+
+@triton.jit
+def _emit_delta(delta, delta_ptr, partial_ptr, offs_m, mask_m, N_l, column, partial_cols,
+                BIAS_GRAD: tl.constexpr, BLOCK_N_L: tl.constexpr):
+    """Store δ_l [BLOCK_M, BLOCK_N_L] (rounded to its dtype, the operand of the layer's weight
+    GEMM and of the step below) and, for grad_b, this row block's fp32 column sums into
+    partial[program, column + n]; return the rounded δ_l."""
+    offs_n = tl.arange(0, BLOCK_N_L)
+    mask_n = offs_n < N_l
+    rounded = delta.to(delta_ptr.dtype.element_ty)
+    tl.store(delta_ptr + offs_m[:, None] * N_l + offs_n[None, :], rounded, mask=mask_m[:, None] & mask_n[None, :])
+    if BIAS_GRAD:
+        tl.store(partial_ptr + tl.program_id(0) * partial_cols + column + offs_n, tl.sum(delta, axis=0), mask=mask_n)
+    return rounded
+
+
+@triton.jit
+def _step_down(delta, feedback_ptr, y_ptr, offs_m, mask_m, N_l, N_below, stride_bn, stride_bk, negative_slope,
+               ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N_L: tl.constexpr,
+               BLOCK_N_BELOW: tl.constexpr):
+    """δ_{l-1} = (δ_l B_l) ⊙ f'_{l-1}(y_{l-1}) on a row block: δ_l [BLOCK_M, BLOCK_N_L] on chip
+    (rounded), B_l [N_l, N_below] one dot operand; fp32, zero past N_below."""
+    offs_n = tl.arange(0, BLOCK_N_L)
+    offs_b = tl.arange(0, BLOCK_N_BELOW)
+    mask_b = offs_b < N_below
+    feedback = tl.load(feedback_ptr + offs_n[:, None] * stride_bn + offs_b[None, :] * stride_bk,
+                       mask=(offs_n < N_l)[:, None] & mask_b[None, :], other=0.0)
+    acc = tl.dot(delta, feedback, input_precision=INPUT_PRECISION)
+    mask = mask_m[:, None] & mask_b[None, :]
+    if ACTIVATION != "identity":
+        s = tl.load(y_ptr + offs_m[:, None] * N_below + offs_b[None, :], mask=mask, other=0.0)
+        acc = activation_backward(acc, s.to(tl.float32), ACTIVATION, negative_slope)
+    return tl.where(mask, acc, 0.0)
+
+
+@triton.jit
+def mlp_backward_kernel(
+    # pointers (layer l: its saved y, its B, its δ; unused layers get layer 1's)
+    grad_ptr, y1_ptr, y2_ptr, y3_ptr, y4_ptr, fb1_ptr, fb2_ptr, fb3_ptr, fb4_ptr,
+    d1_ptr, d2_ptr, d3_ptr, d4_ptr, partial_ptr, grad_x_ptr,
+    # sizes (column: where layer l's grad_b partials start in a row of partial)
+    M, K, N1, N2, N3, N4, partial_cols, column1, column2, column3, column4,
+    # strides (each y_l and δ_l is contiguous: its row stride is N_l)
+    stride_gm, stride_gn,
+    stride_b1n, stride_b1k, stride_b2n, stride_b2k, stride_b3n, stride_b3k, stride_b4n, stride_b4k,
+    stride_xm, stride_xk,
+    # scalars
+    slope1, slope2, slope3, slope4,
+    # flags
+    LAYERS: tl.constexpr,
+    ACTIVATION1: tl.constexpr, ACTIVATION2: tl.constexpr, ACTIVATION3: tl.constexpr, ACTIVATION4: tl.constexpr,
+    BIAS1: tl.constexpr, BIAS2: tl.constexpr, BIAS3: tl.constexpr, BIAS4: tl.constexpr,
+    NEED_GRAD_X: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr,
+    # blocks
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_N3: tl.constexpr, BLOCK_N4: tl.constexpr,
+):
+    """The δ chain of a narrow MLP on one row block, top to bottom: δ_L = g ⊙ f'_L(y_L), then
+    δ_{l-1} = (δ_l B_l) ⊙ f'_{l-1}(y_{l-1}), each δ_l stored with its grad_b partial sums, and
+    grad_x = δ_1 B_1 (B_1 [N1, K], K in BLOCK_K steps) when NEED_GRAD_X. The weight gradients
+    δ_lᵀ h_{l-1} are GEMMs over the batch, launched after it (the backend's ``chain_backward``)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if USE_INT64:
+        offs_m = offs_m.to(tl.int64)
+    mask_m = offs_m < M
+    if LAYERS == 4:
+        d = _top_delta(grad_ptr, y4_ptr, offs_m, mask_m, N4, stride_gm, stride_gn, slope4, ACTIVATION4, BLOCK_N4)
+        d = _emit_delta(d, d4_ptr, partial_ptr, offs_m, mask_m, N4, column4, partial_cols, BIAS4, BLOCK_N4)
+        d = _step_down(d, fb4_ptr, y3_ptr, offs_m, mask_m, N4, N3, stride_b4n, stride_b4k, slope3, ACTIVATION3,
+                       INPUT_PRECISION, BLOCK_N4, BLOCK_N3)
+        d = _emit_delta(d, d3_ptr, partial_ptr, offs_m, mask_m, N3, column3, partial_cols, BIAS3, BLOCK_N3)
+        d = _step_down(d, fb3_ptr, y2_ptr, offs_m, mask_m, N3, N2, stride_b3n, stride_b3k, slope2, ACTIVATION2,
+                       INPUT_PRECISION, BLOCK_N3, BLOCK_N2)
+    elif LAYERS == 3:
+        d = _top_delta(grad_ptr, y3_ptr, offs_m, mask_m, N3, stride_gm, stride_gn, slope3, ACTIVATION3, BLOCK_N3)
+        d = _emit_delta(d, d3_ptr, partial_ptr, offs_m, mask_m, N3, column3, partial_cols, BIAS3, BLOCK_N3)
+        d = _step_down(d, fb3_ptr, y2_ptr, offs_m, mask_m, N3, N2, stride_b3n, stride_b3k, slope2, ACTIVATION2,
+                       INPUT_PRECISION, BLOCK_N3, BLOCK_N2)
+    else:
+        d = _top_delta(grad_ptr, y2_ptr, offs_m, mask_m, N2, stride_gm, stride_gn, slope2, ACTIVATION2, BLOCK_N2)
+    d = _emit_delta(d, d2_ptr, partial_ptr, offs_m, mask_m, N2, column2, partial_cols, BIAS2, BLOCK_N2)
+    d = _step_down(d, fb2_ptr, y1_ptr, offs_m, mask_m, N2, N1, stride_b2n, stride_b2k, slope1, ACTIVATION1,
+                   INPUT_PRECISION, BLOCK_N2, BLOCK_N1)
+    d = _emit_delta(d, d1_ptr, partial_ptr, offs_m, mask_m, N1, column1, partial_cols, BIAS1, BLOCK_N1)
+    if NEED_GRAD_X:
+        offs_n = tl.arange(0, BLOCK_N1)
+        offs_k = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            feedback = tl.load(fb1_ptr + offs_n[:, None] * stride_b1n + (k0 + offs_k)[None, :] * stride_b1k,
+                               mask=(offs_n < N1)[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
+            grad_x = tl.dot(d, feedback, input_precision=INPUT_PRECISION)
+            tl.store(grad_x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
+                     grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask_m[:, None] & (k0 + offs_k < K)[None, :])

@@ -110,6 +110,18 @@ def _mlp_call(M, K, widths, dt, activations=None):
                              [_meta(n, dtype=d) for n in widths], list(activations), [0.01] * len(widths))
 
 
+def _mlp_backward_call(M, K, widths, dt, grad_x, activations=None):
+    """The fused MLP's backward launcher on meta tensors (relu, identity at the top by default)."""
+    d = DTYPES[dt]
+    activations = activations or ("relu",) * (len(widths) - 1) + ("identity",)
+    outputs = [_meta(M, n, dtype=d) for n in widths[:-1]] + [None if activations[-1] == "identity" else
+                                                             _meta(M, widths[-1], dtype=d)]
+    feedbacks = [_meta(n, k, dtype=d) for n, k in zip(widths, (K,) + tuple(widths[:-1]))]
+    return functools.partial(launchers.fa_mlp_backward, _meta(M, widths[-1], dtype=d), outputs,
+                             feedbacks if grad_x else [None] + feedbacks[1:], list(activations), [0.01] * len(widths),
+                             grad_x, [True] * len(widths))
+
+
 def _dims(problem: Problem) -> tuple:
     return problem.rows, problem.cols, problem.red
 
@@ -198,6 +210,15 @@ def variants() -> dict[str, Variant]:
     for dt in ("bf16", "tf32"):
         v[f"mlp-4x128-{dt}"] = Variant(_mlp_call(8192, 128, (128, 128, 128, 128), dt, ("gelu", "tanh", "sigmoid",
                                                                                           "leaky_relu")), dt, (90, 80))
+    # Its backward's δ chain: the tutorial's widths (with grad_x at batch 64, without at 8192, as
+    # a first layer on data has it) and four layers 128 wide.
+    for M, grad_x in ((64, True), (8192, False)):
+        for dt in ("bf16", "fp16", "tf32"):
+            v[f"mlp-backward-tutorial-{M}-{dt}"] = Variant(_mlp_backward_call(M, 784, (128, 64, 10), dt, grad_x), dt,
+                                                           (90, 80) if dt == "bf16" else (90,))
+    for dt in ("bf16", "tf32"):
+        v[f"mlp-backward-4x128-{dt}"] = Variant(_mlp_backward_call(8192, 128, (128,) * 4, dt, True, (
+            "tanh", "sigmoid", "leaky_relu", "relu")), dt, (90, 80))
     # int64 offsets, for real: 2^21 + 1 rows of 1024, and a stride of 2^31; odd sizes, small tiles.
     mid, small = LaunchConfig(64, 64, 64, 4, 4), LaunchConfig(16, 16, 16, 4, 3)
     f16 = torch.float16

@@ -730,3 +730,78 @@ def test_cuda_fused_mlp_forward(shape, dtype, fp32_matmul_precision):
     activations[1] = "leaky_relu"
     outputs = kernels.fa_mlp_forward(x, weights, biases, activations, SLOPES[:len(widths)])
     _assert_each_layer_within_bounds(x, weights, biases, activations, outputs, dtype)
+
+
+def _step_bound(delta, feedback, y_below, activation, slope, dtype):
+    """A fixed bound, from the rounding of ``dtype``, on δ_below = (δ B) ⊙ f'(y_below) computed
+    as the kernel does: operands rounded to the dot's input (tf32 for fp32), products summed in
+    fp32 over N_l terms, f' from y in fp32, the result rounded to ``dtype`` (first order)."""
+    u_acc = 2.0 ** -24
+    u_in = 2.0 ** -11 if dtype == torch.float32 else 0.0  # tf32 operands; 16-bit ones are exact
+    u_store = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}[dtype]
+    magnitude = delta.double().abs() @ feedback.double().abs()
+    y = y_below.double()
+    fprime = activation_and_derivative_from_y(y, activation, slope)
+    e_fprime = 4 * u_acc * (1 + y.abs() + y * y)
+    exact = (delta.double() @ feedback.double()) * fprime
+    return exact, magnitude * (fprime.abs() * (2 * u_in + (feedback.shape[0] + 2) * u_acc) + e_fprime) \
+        + u_store * exact.abs() + 1e-30
+
+
+def activation_and_derivative_from_y(y, activation, slope):
+    """f'(z) read off y = f(z), as the kernels read it (relu-like: y > 0)."""
+    if activation == "relu":
+        return (y > 0).double()
+    if activation == "leaky_relu":
+        return torch.where(y > 0, 1.0, slope).double()
+    if activation == "tanh":
+        return 1 - y * y
+    if activation == "sigmoid":
+        return y * (1 - y)
+    return torch.ones_like(y)
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
+@pytest.mark.parametrize("shape", MLP_SHAPES)
+def test_fused_mlp_backward_against_the_oracle(shape, dtype, kernel_device, launches, fp32_matmul_precision):
+    # Each δ_{l-1} against (δ_l B_l) ⊙ f'(y_{l-1}) in float64 from the kernel's own stored δ_l,
+    # within fixed bounds; grad_b against Σ_rows of the oracle's δ; grad_x against δ_1 B_1.
+    fp32_matmul_precision(True)
+    M, K, widths = shape
+    gen = torch.Generator().manual_seed(len(widths))
+    activations = ["relu", "leaky_relu", "tanh", "sigmoid"][:len(widths) - 1] + ["identity"]
+    outputs = [torch.rand(M, n, generator=gen).to(dtype).to(kernel_device) for n in widths]
+    outputs = [y * 2 - 1 if a in ("relu", "leaky_relu") else y for y, a in zip(outputs, activations)]
+    feedbacks = [(torch.rand(n, k, generator=gen) * 2 - 1).to(dtype).to(kernel_device)
+                 for n, k in zip(widths, (K,) + widths[:-1])]
+    grad_y = torch.randn(M, widths[-1], generator=gen).to(dtype).to(kernel_device)
+    bias_grads = [True, False, True, True][:len(widths)]
+    deltas, grad_bs, grad_x = kernels.fa_mlp_backward(grad_y, outputs[:-1] + [None], feedbacks, activations,
+                                                      SLOPES[:len(widths)], True, bias_grads)
+    assert [name for name, _ in launches] == ["mlp_backward_kernel"] + ["split_sum_kernel"]
+    u_store = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11}[dtype]
+    torch.testing.assert_close(deltas[-1], grad_y)  # the identity at the top: δ_L = g
+    expected_deltas = {len(widths) - 1: grad_y.double()}
+    for index in range(len(widths) - 1, 0, -1):
+        exact, bound = _step_bound(deltas[index], feedbacks[index], outputs[index - 1], activations[index - 1],
+                                   SLOPES[index - 1], dtype)
+        assert_parity({"delta": deltas[index - 1]}, {"delta": exact}, dtype, bounds={"delta": bound},
+                      name=f"delta_{index}")
+        expected_deltas[index - 1] = exact
+    for index, wanted in enumerate(bias_grads):
+        if not wanted:
+            assert grad_bs[index] is None
+            continue
+        # Σ over rows of the fp32 δ before its rounding (each within u_store of the stored δ), in
+        # fp32, then rounded to the dtype.
+        rows = deltas[index].shape[0]
+        exact = deltas[index].double().sum(0)
+        absolute = deltas[index].double().abs().sum(0)
+        bound = (u_store + (rows + 1) * 2.0 ** -24) * absolute + u_store * exact.abs()
+        assert_parity({"grad_bias": grad_bs[index]}, {"grad_bias": exact}, dtype, bounds={"grad_bias": bound},
+                      name=f"grad_b_{index + 1}")
+    u_in = 2.0 ** -11 if dtype == torch.float32 else 0.0
+    exact = deltas[0].double() @ feedbacks[0].double()
+    bound = (deltas[0].double().abs() @ feedbacks[0].double().abs()) * (2 * u_in + (widths[0] + 1) * 2.0 ** -24) \
+        + u_store * exact.abs() + 1e-30
+    assert_parity({"grad_x": grad_x}, {"grad_x": exact}, dtype, bounds={"grad_x": bound})

@@ -412,11 +412,11 @@ def test_after_a_fused_call_changed_tensors_and_inputs_are_checked_again():
     assert y.dtype == torch.float32 and "FASequentialFunction" in y.grad_fn.name()
 
 
-@pytest.mark.parametrize("method", ["fa", "usf"])
-def test_a_narrow_triton_chain_runs_its_forward_in_one_launch(method, monkeypatch, fp32_matmul_precision):
+@pytest.mark.parametrize("method", ["fa", "usf", "brsf", "kp"])
+def test_a_narrow_triton_chain_runs_fused(method, monkeypatch, fp32_matmul_precision):
     """Every width at most 128, no extra tensor (and fp32 with tf32 dots): the kernels' fused MLP
-    (one launch for the forward), the same gradients as the layers one by one (the interpreter
-    on the CPU)."""
+    (one launch for the forward, one for the backward's δ chain), the same gradients as the layers
+    one by one (the interpreter on the CPU)."""
     from fa_triton.kernels import launchers
 
     fp32_matmul_precision(True)
@@ -432,10 +432,16 @@ def test_a_narrow_triton_chain_runs_its_forward_in_one_launch(method, monkeypatc
             return _run(*args, **kwargs)
 
         monkeypatch.setattr(kernel, "run", spy)
+    counters = _counters(layers)
     fused, grad_fn = _run(FASequential(*layers), x, grad_y)
     assert "FASequentialFunction" in grad_fn.name()
     assert seen.count("mlp_forward_kernel") == 1 and "forward_kernel" not in seen
+    # The backward: the δ chain, grad_b and grad_x in one launch (and one sum of grad_b's
+    # partials), then the four weight GEMMs; no δ pass and no chain steps.
+    assert seen.count("mlp_backward_kernel") == 1 and seen.count("backward_weight_kernel") == 4
+    assert not {"dfa_delta_kernel", "local_error_kernel", "backward_input_kernel"} & set(seen)
     seen.clear()
+    _restore(layers, counters)  # brsf: the same draws
     one_by_one, _ = _run(nn.Sequential(*layers), x, grad_y)
     assert seen.count("forward_kernel") == 4 and "mlp_forward_kernel" not in seen
     for name, want in one_by_one.items():

@@ -8,8 +8,10 @@ its own. In a chain, f'_{l-1} belongs in the epilogue of layer l's input GEMM:
     grad_W_l = δ_lᵀ h_{l-1},  grad_b_l = Σ_rows δ_l,  grad_x = δ_1 B_1 (only if x needs it)
 
 with h_0 = x and h_l = y_l. The forward is the backend's ``chain_forward`` where it has one
-(the kernels' fused narrow MLP: every layer in one launch), else each layer's ``forward``. The
-chain step is the backends' ``dfa_delta`` (DFA's projection
+(the kernels' fused narrow MLP: every layer in one launch), else each layer's ``forward``; the
+backward likewise ``chain_backward`` (the narrow MLP's δ chain, every grad_b and grad_x in one
+launch, then the weight GEMMs), else step by step as above. The chain step is the backends'
+``dfa_delta`` (DFA's projection
 kernel: e B with f' in its epilogue), B as the layer's rule forms it (``feedback_matrix``). The
 forward saves one tensor per layer: y_l, which is both layer l+1's input and what f'_l is read
 from (plus the extra tensor where f' cannot be read off y: gelu, leaky_relu with a negative slope).
@@ -95,6 +97,11 @@ class FASequentialFunction(torch.autograd.Function):
             return flat(extras[index]) if extras[index] is not None else flat(outputs[index])
 
         grads = [None] * (PER_LAYER * count)
+        if all(extra is None for extra in extras):
+            fused = _fused_backward(ctx, backend, specs, flat(grad_y), x, [flat(y) for y in outputs], weights,
+                                    feedbacks, counters, flat)
+            if fused is not None:
+                return fused
         activation, slope, rule = specs[-1]
         delta, grad_b = backend.local_error(flat(grad_y), f_source(count - 1), activation, slope, True,
                                             need[3 + PER_LAYER * (count - 1) + 1])
@@ -120,3 +127,28 @@ class FASequentialFunction(torch.autograd.Function):
             below_bias = need[3 + PER_LAYER * (index - 1) + 1]
             grad_b = backend.local_error(delta, None, "identity", 0.0, False, True)[1] if below_bias else None
         return (grad_x, None, None, *grads)
+
+
+def _fused_backward(ctx, backend: Backend, specs, grad_y, x, outputs, weights, feedbacks, counters, flat):
+    """The chain's backward through the backend's ``chain_backward`` (the kernels' narrow MLP: the
+    δ chain, every grad_b and grad_x in one launch, then each layer's weight GEMM), or None when
+    the backend has no fused form for it. Returns the Function's gradients."""
+    need = ctx.needs_input_grad
+    count = len(specs)
+    matrices = [backend.feedback_matrix(weights[i], feedbacks[i], counters[i], specs[i][2]) if i or need[0] else None
+                for i in range(count)]
+    fused = backend.chain_backward(grad_y, outputs, matrices, [(activation, slope) for activation, slope, _ in specs],
+                                   need[0], [need[3 + PER_LAYER * i + 1] for i in range(count)])
+    if fused is None:
+        return None
+    deltas, grad_bs, grad_x = fused
+    grads = [None] * (PER_LAYER * count)
+    for index in range(count):
+        base = 3 + PER_LAYER * index
+        need_w, need_feedback = need[base], specs[index][2].trains_feedback and need[base + 2]
+        grads[PER_LAYER * index + 1] = grad_bs[index]
+        if need_w or need_feedback:
+            grad_w = backend.backward_weight(deltas[index], flat(x) if index == 0 else outputs[index - 1])
+            grads[PER_LAYER * index] = grad_w if need_w else None
+            grads[PER_LAYER * index + 2] = grad_w if need_feedback else None
+    return (None if grad_x is None else grad_x.view(x.shape), None, None, *grads)

@@ -106,8 +106,13 @@ def _no_chain_forward(x, weights, biases, activations, out=None):
     return None
 
 
+def _no_chain_backward(grad_y, outputs, feedbacks, activations, need_grad_x, bias_grads):
+    """None, for the reason of :func:`_no_chain_forward`: the backward runs step by step."""
+    return None
+
+
 # Forming B is one memory pass (no GEMM to choose for): auto runs on CUDA, where the kernels form it.
-AUTO = register(Backend("auto", *STEPS, TRITON.feedback_matrix, _no_chain_forward))
+AUTO = register(Backend("auto", *STEPS, TRITON.feedback_matrix, _no_chain_forward, _no_chain_backward))
 
 
 def clear_auto_choices() -> None:

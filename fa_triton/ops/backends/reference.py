@@ -1,7 +1,7 @@
 """The reference backend (``backend="torch"``): the FA layer's math in plain PyTorch ops, on any
 device and in any floating dtype (float64 included); the CPU path and the benchmarks' baseline.
 
-The seven steps, with the signatures every backend shares (``registry.Backend``)::
+The eight steps, with the signatures every backend shares (``registry.Backend``)::
 
     forward(x, weight, bias, activation, negative_slope, store_extra, out=None)
         x [..., K], weight [N, K], bias [N] -> (y [..., N] (into out if given), the extra tensor or None)
@@ -13,6 +13,9 @@ The seven steps, with the signatures every backend shares (``registry.Backend``)
     feedback_matrix(weight, feedback, counter, rule)          B [N, K] as the rule forms it
     chain_forward(x, weights, biases, activations, out=None)  x [M, K] -> [y_1 … y_L] of a chain in one
         fused launch (activations: (activation, negative_slope) per layer; out: the last y), or None
+    chain_backward(grad_y, outputs, feedbacks, activations, need_grad_x, bias_grads)
+        g [M, N_L], y_l, B_l -> ([δ_l], [grad_b_l or None], grad_x or None) of a chain in one fused
+        launch (feedbacks[0] None unless grad_x is wanted; the top y None for the identity), or None
 
 ``saved`` is y, or the extra tensor (z, or f'(z) for gelu) where f' cannot be read off y
 (``fa_triton.rules.activations.saves_extra``).
@@ -81,5 +84,10 @@ def chain_forward(x, weights, biases, activations, out=None):
     return None
 
 
+def chain_backward(grad_y, outputs, feedbacks, activations, need_grad_x, bias_grads):
+    """None: the reference has no fused chain (the chain's backward runs step by step)."""
+    return None
+
+
 TORCH = register(Backend("torch", forward, local_error, backward_input, backward_weight, dfa_delta, feedback_matrix,
-                         chain_forward))
+                         chain_forward, chain_backward))

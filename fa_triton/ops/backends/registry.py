@@ -1,13 +1,14 @@
 """The registry of the FA layer's backends: the one table from a ``backend=`` name to code.
 
-A backend is a :class:`Backend`: the same seven steps of the layer in every implementation
+A backend is a :class:`Backend`: the same eight steps of the layer in every implementation
 (signatures in ``reference.py``) — ``forward``; ``local_error`` (δ = g ⊙ f'(z) and grad_b in one
 pass); ``backward_input`` (grad_x = δ B, B as the rule forms it) and ``backward_weight``
 (grad_W = δᵀ x), both reading the δ that local_error formed once; ``dfa_delta`` (DFA's
 δ = (e B) ⊙ f' for every hidden layer at once; also a chain's δ_{l-1} = (δ_l B_l) ⊙ f'_{l-1},
 ``fa_triton.ops.sequential``); ``feedback_matrix`` (B as the rule forms it, for dfa_delta);
-``chain_forward`` (a chain's whole forward in one fused launch, or None where the backend has
-none for it: the chain then runs ``forward`` layer by layer) —
+``chain_forward`` and ``chain_backward`` (a chain's whole forward, and its backward's δ chain,
+in one fused launch each, or None where the backend has none for it: the chain then runs
+``forward`` layer by layer and ``dfa_delta`` step by step) —
 and what the op layer registers on it: its eager ``torch.autograd.Function``
 (``fa_triton.ops.autograd``), its ``torch.library`` ops and the layer through them
 (``fa_triton.ops.library``). Every caller — the layers, DFA, convert, the ops — finds a
@@ -42,17 +43,18 @@ def kernels():
 
 
 class Backend:
-    """One backend: its name and its seven steps (the module docstring); ``function``, ``ops``
+    """One backend: its name and its eight steps (the module docstring); ``function``, ``ops``
     and ``layer_op`` are filled in by the op layer when it defines them."""
 
     __slots__ = ("name", "forward", "local_error", "backward_input", "backward_weight", "dfa_delta",
-                 "feedback_matrix", "chain_forward", "function", "ops", "layer_op")
+                 "feedback_matrix", "chain_forward", "chain_backward", "function", "ops", "layer_op")
 
     def __init__(self, name: str, forward: Callable, local_error: Callable, backward_input: Callable,
-                 backward_weight: Callable, dfa_delta: Callable, feedback_matrix: Callable, chain_forward: Callable):
+                 backward_weight: Callable, dfa_delta: Callable, feedback_matrix: Callable, chain_forward: Callable,
+                 chain_backward: Callable):
         self.name, self.forward, self.local_error = name, forward, local_error
         self.backward_input, self.backward_weight, self.dfa_delta = backward_input, backward_weight, dfa_delta
-        self.feedback_matrix, self.chain_forward = feedback_matrix, chain_forward
+        self.feedback_matrix, self.chain_forward, self.chain_backward = feedback_matrix, chain_forward, chain_backward
         self.function = None  # the eager autograd Function (fa_triton.ops.autograd)
         self.ops = None  # the torch.library ops (fa_triton.ops.library)
         self.layer_op = None  # the layer through those ops, which torch.compile traces (same module)
@@ -61,7 +63,7 @@ class Backend:
         """A backend of the same name with some steps replaced (the custom ops' backward uses one)."""
         fields = {name: getattr(self, name) for name in ("forward", "local_error", "backward_input",
                                                           "backward_weight", "dfa_delta", "feedback_matrix",
-                                                          "chain_forward")}
+                                                          "chain_forward", "chain_backward")}
         fields.update(steps)
         return Backend(self.name, **fields)
 

@@ -67,5 +67,14 @@ def chain_forward(x, weights, biases, activations, out=None):
                                     out)
 
 
+def chain_backward(grad_y, outputs, feedbacks, activations, need_grad_x, bias_grads):
+    """The fused narrow MLP's δ chain (one launch for every δ, grad_b and grad_x) when the chain
+    fits it (``kernels.mlp_backward_fusable``), else None."""
+    if not kernels().mlp_backward_fusable(grad_y, outputs, feedbacks, need_grad_x):
+        return None
+    return kernels().fa_mlp_backward(grad_y, outputs, feedbacks, [a for a, _ in activations],
+                                     [s for _, s in activations], need_grad_x, bias_grads)
+
+
 TRITON = register(Backend("triton", forward, local_error, backward_input, backward_weight, dfa_delta,
-                          feedback_matrix, chain_forward))
+                          feedback_matrix, chain_forward, chain_backward))
