@@ -10,7 +10,9 @@ backprop (B in place of W), so the two should take about the same time. Variants
   step ``fa_triton.mnist.train`` takes.
 - on CUDA also ``backprop_graphed`` and ``fa_graphed``: each step captured whole in a CUDA graph
   (``fa_triton.mnist.GraphedTrainStep``, Adam with ``capturable=True``), the default of ``train``
-  on CUDA.
+  on CUDA; and ``fa_triton_plain_loop``, ``fa_triton_graphed``: the model on ``backend="triton"``,
+  whose chain runs the fused narrow MLP (one forward launch, one δ-chain launch: docs/kernels.md)
+  when its fp32 dots are tf32 (``--tf32``, which allows tf32 for every variant alike).
 
 ``--train-epochs N`` then also runs ``fa_triton.mnist.train`` itself for N epochs (its default
 mode on the device) and prints the sum of its per-epoch ``seconds`` beside the whole call's
@@ -25,6 +27,7 @@ ratio of medians to the baseline. ``--csv`` writes long-format rows (one per var
 
     python3 -m bench.mnist_epoch_time --data-dir ../shared/data --rounds 5 --threads 1
     python3 -m bench.mnist_epoch_time --data-dir ../shared/data --device cuda --train-epochs 10
+    python3 -m bench.mnist_epoch_time --data-dir ../shared/data --device cuda --tf32   # the fused MLP too
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ VARIANTS = {
     "fa_train_epoch": (build_model, train_epoch_loop, False),
     "backprop_graphed": (backprop_model, graphed_loop, True),
     "fa_graphed": (build_model, graphed_loop, True),
+    "fa_triton_plain_loop": (lambda: build_model(backend="triton"), plain_loop, True),
+    "fa_triton_graphed": (lambda: build_model(backend="triton"), graphed_loop, True),
 }
 BASELINE = "backprop_plain_loop"
 
@@ -99,11 +104,15 @@ def main(argv=None) -> None:
     parser.add_argument("--chunk", type=int, default=25, help="steps per turn when interleaving the variants")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--csv", default=None, help="write long-format rows to this CSV file")
+    parser.add_argument("--tf32", action="store_true",
+                        help="allow tf32 in fp32 matmuls (every variant): backend='triton' then runs the fused MLP")
     parser.add_argument("--train-epochs", type=int, default=0,
                         help="then run fa_triton.mnist.train for this many epochs and report its times")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
     device = resolve_device(args.device)
     data = load_mnist(args.data_dir, download=False, device=device)
     x, y = data.x_train, data.y_train
