@@ -26,6 +26,7 @@ from .launchers import (
     fa_linear_local_error,
     fa_mlp_backward,
     fa_mlp_forward,
+    fa_mlp_weight_grads,
     mlp_backward_fusable,
     mlp_fusable,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "fa_linear_dfa_delta",
     "fa_mlp_forward",
     "fa_mlp_backward",
+    "fa_mlp_weight_grads",
     "mlp_fusable",
     "mlp_backward_fusable",
     "tuning_report",

@@ -10,6 +10,7 @@ Shapes (nn.Linear's layout)::
     fa_linear_dfa_delta:        e [M, n_out], B [n_out, N], saved      -> δ [M, N]
     fa_mlp_forward:             x [M, K], W_l [N_l, N_l-1], b_l        -> [y_1 … y_L] of a narrow chain, one launch
     fa_mlp_backward:            g [M, N_L], y_l, B_l                   -> [δ_1 … δ_L], grad_b_l, grad_x: its δ chain
+    fa_mlp_weight_grads:        δ_l [M, N_l], h_{l-1} [M, K_l]         -> every grad_W_l, one grouped launch
 
 The two backward launchers take g and form δ = g ⊙ f'(z) by the δ pass first (skipped when f
 is the identity and nothing else is asked of it); the layer's autograd runs the pass once and
@@ -60,6 +61,7 @@ __all__ = [
     "fa_linear_dfa_delta",
     "fa_mlp_forward",
     "fa_mlp_backward",
+    "fa_mlp_weight_grads",
     "mlp_fusable",
     "mlp_backward_fusable",
     "clear_plans",
@@ -91,9 +93,15 @@ JIT_KERNELS = {name: getattr(module, name) for module, names in (
     (gemm, ("forward_kernel", "forward_tma_kernel", "forward_split_epilogue_kernel", "backward_input_kernel",
             "backward_input_tma_kernel", "backward_weight_kernel", "backward_weight_tma_kernel", "dfa_delta_kernel")),
     (passes, ("local_error_kernel", "feedback_kernel", "split_sum_kernel")),
-    (mlp, ("mlp_forward_kernel", "mlp_backward_kernel"))) for name in names}
+    (mlp, ("mlp_forward_kernel", "mlp_backward_kernel", "mlp_weight_grad_kernel"))) for name in names}
 # @triton.jit picks the interpreter when the module is imported with TRITON_INTERPRET=1.
 INTERPRETED = type(gemm.forward_kernel).__name__ == "InterpretedFunction"
+
+
+def _check_shape(t: torch.Tensor | None, shape: tuple, name: str) -> None:
+    # Kernels read operands by the sizes of the others: a misfit would read out of bounds.
+    if t is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape} to fit the other operands, got {tuple(t.shape)}")
 
 
 def _check_activation(activation) -> None:
@@ -132,6 +140,8 @@ def fa_linear_forward(
     _check_activation(activation)
     M, K = x.shape
     N = weight.shape[0]
+    _check_shape(weight, (N, K), "weight")
+    _check_shape(bias, (N,), "bias")
     if out is None:
         y = x.new_empty((M, N))  # new_empty: a third cheaper than torch.empty(device=, dtype=)
     else:
@@ -178,6 +188,7 @@ def fa_linear_local_error(
     """
     _check_activation(activation)
     M, N = grad_y.shape
+    _check_shape(saved, (M, N), "saved")
     dtype = grad_y.dtype if dtype is None else dtype
     delta = None
     if store_delta:
@@ -271,6 +282,8 @@ def fa_linear_feedback(
     if method == "brsf" and (counter is None or counter.numel() != 1 or counter.dtype != torch.int64):
         raise ValueError("method='brsf' needs counter, an int64 tensor of one element")
     N, K = weight.shape
+    if method == "frsf":
+        _check_shape(feedback, (N, K), "feedback")
     if out is None:
         out = weight.new_empty((N, K))
     elif not out.is_contiguous():
@@ -328,6 +341,8 @@ def fa_linear_backward_input(
     source = weight if forms_b else feedback
     M, N = grad_y.shape
     K = source.shape[1]
+    _check_shape(source, (N, K), "weight" if forms_b else "feedback")
+    _check_shape(saved, (M, N), "saved")
     if out is None:
         grad_x = source.new_empty((M, K))
     else:
@@ -386,6 +401,8 @@ def fa_linear_backward_weight(
         raise ValueError(f"split_k must be None or an int >= 1, got {split_k!r}")
     M, N = grad_y.shape
     K = x.shape[1]
+    _check_shape(x, (M, K), "x")
+    _check_shape(saved, (M, N), "saved")
     if out is None:
         grad_w = x.new_empty((N, K))
         grad_b_out = None
@@ -441,6 +458,8 @@ def fa_linear_dfa_delta(
     _check_activation(activation)
     M, K = error.shape
     N = feedback.shape[1]
+    _check_shape(feedback, (K, N), "feedback")
+    _check_shape(saved, (M, N), "saved")
     if out is None:
         delta = torch.empty((M, N), device=error.device, dtype=feedback.dtype)
     else:
@@ -652,3 +671,50 @@ def fa_mlp_backward(
             if wanted:
                 grad_bs[index] = summed[columns[index]:columns[index] + width]
     return deltas, grad_bs, grad_x
+
+
+def fa_mlp_weight_grads(deltas: list, inputs: list, wanted: list, *,
+                        config: LaunchConfig | dict | None = None) -> list:
+    """Every layer's ``grad_W_l = δ_lᵀ h_{l-1}`` from one grouped launch
+    (``mlp_kernels.mlp_weight_grad_kernel``).
+
+    Args: deltas δ_l [M, N_l] (contiguous, as :func:`fa_mlp_backward` gives them), inputs h_{l-1}
+    [M, K_l] (any strides; h_0 = x), ``wanted`` per layer; ``config``: block_rows × block_cols
+    tiles of grad_W and block_red batch rows per step. Returns [grad_W_l [N_l, K_l] or None].
+    """
+    count = len(deltas)
+    if not 1 <= count <= tuning.MLP_MAX_LAYERS or len(inputs) != count or len(wanted) != count:
+        raise ValueError(f"fa_mlp_weight_grads takes 1 to {tuning.MLP_MAX_LAYERS} layers, got {count} deltas, "
+                         f"{len(inputs)} inputs and {len(wanted)} flags")
+    M = deltas[0].shape[0]
+    for delta, h in zip(deltas, inputs):
+        if (not delta.is_contiguous() or delta.dim() != 2 or h.dim() != 2 or delta.shape[0] != M or h.shape[0] != M
+                or h.dtype != delta.dtype or h.device != delta.device):
+            raise ValueError(f"fa_mlp_weight_grads needs contiguous δ [M, N_l] and h [M, K_l] of one dtype and "
+                             f"device, got δ {tuple(delta.shape)} {delta.dtype} and h {tuple(h.shape)} {h.dtype}")
+    grads = [delta.new_empty((delta.shape[1], h.shape[1])) if want else None
+             for delta, h, want in zip(deltas, inputs, wanted)]
+    if M == 0:
+        return [g if g is None else g.zero_() for g in grads]
+    cfg = as_config(config) if config is not None else tuning.mlp_weight_config(deltas[0].dtype, INTERPRETED)
+    ends, total = [], 0
+    for delta, h, want in zip(deltas, inputs, wanted):
+        if want:
+            total += cdiv(delta.shape[1], cfg.block_rows) * cdiv(h.shape[1], cfg.block_cols)
+        ends.append(total)
+    if total == 0:
+        return grads
+    pad = tuning.MLP_MAX_LAYERS - count
+    operands = []
+    for delta, h, grad in zip(deltas, inputs, grads):
+        operands += [delta, h, delta if grad is None else grad]
+    operands += operands[:3] * pad
+    sizes = [s for delta, h in zip(deltas, inputs) for s in (delta.shape[1], h.shape[1])] + [1, 1] * pad
+    strides = [s for h in inputs for s in h.stride()] + [0, 0] * pad
+    launch = on_device(deltas[0], Launch(mlp.mlp_weight_grad_kernel, (total,), dict(
+        LAYERS=count, INPUT_PRECISION=plans.dot_precision(deltas[0].dtype),
+        USE_INT64=plans.needs_int64(*deltas, *inputs, *[g for g in grads if g is not None]),
+        BLOCK_N=cfg.block_rows, BLOCK_K=cfg.block_cols, BLOCK_M=cfg.block_red, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)))
+    launch(*operands, M, *sizes, *(ends + [total] * pad)[:3], *strides)
+    return grads

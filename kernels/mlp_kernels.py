@@ -32,11 +32,14 @@ from .jit_helpers import activation_backward, apply_activation
 @triton.jit
 def _narrow_layer(h, w_ptr, b_ptr, y_ptr, offs_m, mask_m, K_l, N_l, stride_wn, stride_wk, stride_ym, negative_slope,
                   HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                  BLOCK_K_L: tl.constexpr, BLOCK_N_L: tl.constexpr):
+                  USE_INT64: tl.constexpr, BLOCK_K_L: tl.constexpr, BLOCK_N_L: tl.constexpr):
     """y = f(h Wᵀ + b) of one narrow layer on a row block on chip: h [BLOCK_M, BLOCK_K_L]
     (storage dtype, zero past K_l) -> y stored, and returned in the storage dtype (zero past N_l)."""
     offs_k = tl.arange(0, BLOCK_K_L)
     offs_n = tl.arange(0, BLOCK_N_L)
+    if USE_INT64:
+        offs_k = offs_k.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
     mask_n = offs_n < N_l
     # Wᵀ [BLOCK_K_L, BLOCK_N_L] read straight from W's [N_l, K_l] layout, zero past its edges.
     wt = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
@@ -86,6 +89,8 @@ def mlp_forward_kernel(
     offs_n = tl.arange(0, BLOCK_N1)
     if USE_INT64:
         offs_m = offs_m.to(tl.int64)
+        offs_k = offs_k.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
     mask_m = offs_m < M
     mask_n = offs_n < N1
 
@@ -111,22 +116,24 @@ def mlp_forward_kernel(
 
     # The narrow layers, on the row block on chip.
     h = _narrow_layer(h, w2_ptr, b2_ptr, y2_ptr, offs_m, mask_m, N1, N2, stride_w2n, stride_w2k, N2, slope2,
-                      HAS_BIAS2, ACTIVATION2, INPUT_PRECISION, BLOCK_N1, BLOCK_N2)
+                      HAS_BIAS2, ACTIVATION2, INPUT_PRECISION, USE_INT64, BLOCK_N1, BLOCK_N2)
     if LAYERS >= 3:
         h3 = _narrow_layer(h, w3_ptr, b3_ptr, y3_ptr, offs_m, mask_m, N2, N3, stride_w3n, stride_w3k, N3, slope3,
-                           HAS_BIAS3, ACTIVATION3, INPUT_PRECISION, BLOCK_N2, BLOCK_N3)
+                           HAS_BIAS3, ACTIVATION3, INPUT_PRECISION, USE_INT64, BLOCK_N2, BLOCK_N3)
         if LAYERS >= 4:
             _narrow_layer(h3, w4_ptr, b4_ptr, y4_ptr, offs_m, mask_m, N3, N4, stride_w4n, stride_w4k, N4, slope4,
-                          HAS_BIAS4, ACTIVATION4, INPUT_PRECISION, BLOCK_N3, BLOCK_N4)
+                          HAS_BIAS4, ACTIVATION4, INPUT_PRECISION, USE_INT64, BLOCK_N3, BLOCK_N4)
 
 
 # ---------------------------------------------------------------------------------- backward
 
 @triton.jit
 def _top_delta(grad_ptr, y_ptr, offs_m, mask_m, N_l, stride_gm, stride_gn, negative_slope,
-               ACTIVATION: tl.constexpr, BLOCK_N_L: tl.constexpr):
+               ACTIVATION: tl.constexpr, USE_INT64: tl.constexpr, BLOCK_N_L: tl.constexpr):
     """δ_L = g ⊙ f'_L(y_L) of the top layer on a row block (fp32, zero past N_L)."""
     offs_n = tl.arange(0, BLOCK_N_L)
+    if USE_INT64:
+        offs_n = offs_n.to(tl.int64)
     mask = mask_m[:, None] & (offs_n < N_l)[None, :]
     g = tl.load(grad_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask, other=0.0)
     if ACTIVATION == "identity":
@@ -154,12 +161,15 @@ def _emit_delta(delta, delta_ptr, partial_ptr, offs_m, mask_m, N_l, column, part
 
 @triton.jit
 def _step_down(delta, feedback_ptr, y_ptr, offs_m, mask_m, N_l, N_below, stride_bn, stride_bk, negative_slope,
-               ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_N_L: tl.constexpr,
-               BLOCK_N_BELOW: tl.constexpr):
+               ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr,
+               BLOCK_N_L: tl.constexpr, BLOCK_N_BELOW: tl.constexpr):
     """δ_{l-1} = (δ_l B_l) ⊙ f'_{l-1}(y_{l-1}) on a row block: δ_l [BLOCK_M, BLOCK_N_L] on chip
     (rounded), B_l [N_l, N_below] one dot operand; fp32, zero past N_below."""
     offs_n = tl.arange(0, BLOCK_N_L)
     offs_b = tl.arange(0, BLOCK_N_BELOW)
+    if USE_INT64:
+        offs_n = offs_n.to(tl.int64)
+        offs_b = offs_b.to(tl.int64)
     mask_b = offs_b < N_below
     feedback = tl.load(feedback_ptr + offs_n[:, None] * stride_bn + offs_b[None, :] * stride_bk,
                        mask=(offs_n < N_l)[:, None] & mask_b[None, :], other=0.0)
@@ -202,30 +212,109 @@ def mlp_backward_kernel(
         offs_m = offs_m.to(tl.int64)
     mask_m = offs_m < M
     if LAYERS == 4:
-        d = _top_delta(grad_ptr, y4_ptr, offs_m, mask_m, N4, stride_gm, stride_gn, slope4, ACTIVATION4, BLOCK_N4)
+        d = _top_delta(grad_ptr, y4_ptr, offs_m, mask_m, N4, stride_gm, stride_gn, slope4, ACTIVATION4, USE_INT64,
+                       BLOCK_N4)
         d = _emit_delta(d, d4_ptr, partial_ptr, offs_m, mask_m, N4, column4, partial_cols, BIAS4, BLOCK_N4)
         d = _step_down(d, fb4_ptr, y3_ptr, offs_m, mask_m, N4, N3, stride_b4n, stride_b4k, slope3, ACTIVATION3,
-                       INPUT_PRECISION, BLOCK_N4, BLOCK_N3)
+                       INPUT_PRECISION, USE_INT64, BLOCK_N4, BLOCK_N3)
         d = _emit_delta(d, d3_ptr, partial_ptr, offs_m, mask_m, N3, column3, partial_cols, BIAS3, BLOCK_N3)
         d = _step_down(d, fb3_ptr, y2_ptr, offs_m, mask_m, N3, N2, stride_b3n, stride_b3k, slope2, ACTIVATION2,
-                       INPUT_PRECISION, BLOCK_N3, BLOCK_N2)
+                       INPUT_PRECISION, USE_INT64, BLOCK_N3, BLOCK_N2)
     elif LAYERS == 3:
-        d = _top_delta(grad_ptr, y3_ptr, offs_m, mask_m, N3, stride_gm, stride_gn, slope3, ACTIVATION3, BLOCK_N3)
+        d = _top_delta(grad_ptr, y3_ptr, offs_m, mask_m, N3, stride_gm, stride_gn, slope3, ACTIVATION3, USE_INT64,
+                       BLOCK_N3)
         d = _emit_delta(d, d3_ptr, partial_ptr, offs_m, mask_m, N3, column3, partial_cols, BIAS3, BLOCK_N3)
         d = _step_down(d, fb3_ptr, y2_ptr, offs_m, mask_m, N3, N2, stride_b3n, stride_b3k, slope2, ACTIVATION2,
-                       INPUT_PRECISION, BLOCK_N3, BLOCK_N2)
+                       INPUT_PRECISION, USE_INT64, BLOCK_N3, BLOCK_N2)
     else:
-        d = _top_delta(grad_ptr, y2_ptr, offs_m, mask_m, N2, stride_gm, stride_gn, slope2, ACTIVATION2, BLOCK_N2)
+        d = _top_delta(grad_ptr, y2_ptr, offs_m, mask_m, N2, stride_gm, stride_gn, slope2, ACTIVATION2, USE_INT64,
+                       BLOCK_N2)
     d = _emit_delta(d, d2_ptr, partial_ptr, offs_m, mask_m, N2, column2, partial_cols, BIAS2, BLOCK_N2)
     d = _step_down(d, fb2_ptr, y1_ptr, offs_m, mask_m, N2, N1, stride_b2n, stride_b2k, slope1, ACTIVATION1,
-                   INPUT_PRECISION, BLOCK_N2, BLOCK_N1)
+                   INPUT_PRECISION, USE_INT64, BLOCK_N2, BLOCK_N1)
     d = _emit_delta(d, d1_ptr, partial_ptr, offs_m, mask_m, N1, column1, partial_cols, BIAS1, BLOCK_N1)
     if NEED_GRAD_X:
         offs_n = tl.arange(0, BLOCK_N1)
         offs_k = tl.arange(0, BLOCK_K)
+        if USE_INT64:
+            offs_n = offs_n.to(tl.int64)
+            offs_k = offs_k.to(tl.int64)
         for k0 in range(0, K, BLOCK_K):
             feedback = tl.load(fb1_ptr + offs_n[:, None] * stride_b1n + (k0 + offs_k)[None, :] * stride_b1k,
                                mask=(offs_n < N1)[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
             grad_x = tl.dot(d, feedback, input_precision=INPUT_PRECISION)
             tl.store(grad_x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
                      grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask_m[:, None] & (k0 + offs_k < K)[None, :])
+
+
+@triton.jit
+def _weight_tile(d_ptr, h_ptr, g_ptr, M, N, K, stride_hm, stride_hk, tile, INPUT_PRECISION: tl.constexpr,
+                 USE_INT64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One BLOCK_N × BLOCK_K tile of grad_W = δᵀ h (δ [M, N] contiguous, h [M, K], grad_W [N, K]
+    contiguous), reduced over the batch as the tutorial's main loop (first step peeled, nothing
+    else in the loop). Called with a layer's own kernel arguments, so that the compiler keeps
+    what it knows of their alignment (a pointer chosen at run time loses it: plain loads, not
+    asynchronous copies)."""
+    tiles_k = tl.cdiv(K, BLOCK_K)
+    offs_n = (tile // tiles_k) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = (tile % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, BLOCK_M)
+    if USE_INT64:
+        offs_n = offs_n.to(tl.int64)
+        offs_k = offs_k.to(tl.int64)
+        offs_m = offs_m.to(tl.int64)
+    # δᵀ [BLOCK_N, BLOCK_M] read through δ's [M, N] layout; columns past the edges wrap (the
+    # store is masked), only the batch is masked in the loop.
+    dt_ptrs = d_ptr + (offs_n % N)[:, None] + offs_m[None, :] * N
+    h_ptrs = h_ptr + offs_m[:, None] * stride_hm + (offs_k % K)[None, :] * stride_hk
+    dt_step = BLOCK_M * N
+    h_step = BLOCK_M * stride_hm
+    if USE_INT64:
+        dt_step = BLOCK_M * tl.cast(N, tl.int64)
+        h_step = BLOCK_M * tl.cast(stride_hm, tl.int64)
+    acc = tl.dot(tl.load(dt_ptrs, mask=offs_m[None, :] < M, other=0.0),
+                 tl.load(h_ptrs, mask=offs_m[:, None] < M, other=0.0), input_precision=INPUT_PRECISION)
+    for m0 in range(BLOCK_M, M, BLOCK_M):
+        dt_ptrs += dt_step
+        h_ptrs += h_step
+        dt = tl.load(dt_ptrs, mask=offs_m[None, :] < M - m0, other=0.0)
+        h = tl.load(h_ptrs, mask=offs_m[:, None] < M - m0, other=0.0)
+        acc = tl.dot(dt, h, acc, input_precision=INPUT_PRECISION)
+    tl.store(g_ptr + offs_n[:, None] * K + offs_k[None, :], acc.to(g_ptr.dtype.element_ty),
+             mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
+
+
+@triton.jit
+def mlp_weight_grad_kernel(
+    # pointers (layer l: δ_l [M, N_l] contiguous, h_{l-1} [M, K_l], grad_W_l [N_l, K_l] contiguous)
+    d1_ptr, h1_ptr, g1_ptr, d2_ptr, h2_ptr, g2_ptr, d3_ptr, h3_ptr, g3_ptr, d4_ptr, h4_ptr, g4_ptr,
+    # sizes (end_l: the programs of layers 1 … l; the grid is end_LAYERS)
+    M, N1, K1, N2, K2, N3, K3, N4, K4, end1, end2, end3,
+    # strides
+    stride_h1m, stride_h1k, stride_h2m, stride_h2k, stride_h3m, stride_h3k, stride_h4m, stride_h4k,
+    # flags
+    LAYERS: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr,
+    # blocks
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Every layer's grad_W_l = δ_lᵀ h_{l-1} from one grouped launch: program p takes one
+    BLOCK_N × BLOCK_K tile of the layer whose programs hold p (``_weight_tile``)."""
+    pid = tl.program_id(0)
+    if pid < end1:
+        _weight_tile(d1_ptr, h1_ptr, g1_ptr, M, N1, K1, stride_h1m, stride_h1k, pid, INPUT_PRECISION, USE_INT64,
+                     BLOCK_N, BLOCK_K, BLOCK_M)
+    elif LAYERS == 2:
+        _weight_tile(d2_ptr, h2_ptr, g2_ptr, M, N2, K2, stride_h2m, stride_h2k, pid - end1, INPUT_PRECISION,
+                     USE_INT64, BLOCK_N, BLOCK_K, BLOCK_M)
+    elif pid < end2:
+        _weight_tile(d2_ptr, h2_ptr, g2_ptr, M, N2, K2, stride_h2m, stride_h2k, pid - end1, INPUT_PRECISION,
+                     USE_INT64, BLOCK_N, BLOCK_K, BLOCK_M)
+    elif LAYERS == 3:
+        _weight_tile(d3_ptr, h3_ptr, g3_ptr, M, N3, K3, stride_h3m, stride_h3k, pid - end2, INPUT_PRECISION,
+                     USE_INT64, BLOCK_N, BLOCK_K, BLOCK_M)
+    elif pid < end3:
+        _weight_tile(d3_ptr, h3_ptr, g3_ptr, M, N3, K3, stride_h3m, stride_h3k, pid - end2, INPUT_PRECISION,
+                     USE_INT64, BLOCK_N, BLOCK_K, BLOCK_M)
+    else:
+        _weight_tile(d4_ptr, h4_ptr, g4_ptr, M, N4, K4, stride_h4m, stride_h4k, pid - end3, INPUT_PRECISION,
+                     USE_INT64, BLOCK_N, BLOCK_K, BLOCK_M)

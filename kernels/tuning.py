@@ -358,3 +358,17 @@ def mlp_config(rows: int, red: int, widest: int, dtype: torch.dtype, interpreted
     block_red = 64 if dtype.itemsize == 2 else 32
     return LaunchConfig(block_rows, block_cols, block(red, block_red), num_warps=8 if block_cols >= 128 else 4,
                         num_stages=3)
+
+
+#: The fused MLP's weight gradients come from one grouped launch up to this batch; above it each
+#: layer's own backward-weight GEMM runs (it splits the batch over more programs: the grouped
+#: launch has one program per output tile, 28 for the tutorial's layers). Not measured on a GPU.
+MLP_GROUPED_MAX_ROWS = 1024
+
+
+def mlp_weight_config(dtype: torch.dtype, interpreted: bool) -> LaunchConfig:
+    """The grouped weight-gradient launch's tile: block_rows × block_cols of grad_W (N × K) and
+    block_red batch rows per step. Untuned (no GPU has timed it)."""
+    if interpreted:
+        return LaunchConfig(32, 64, 32, num_stages=1)
+    return LaunchConfig(64, 64, 64 if dtype.itemsize == 2 else 32, num_warps=4, num_stages=3)

@@ -49,6 +49,7 @@ GEMMS = {
     "backward_weight_kernel": ("BLOCK_N", "BLOCK_K", "BLOCK_M", "TN"),
     "backward_weight_tma_kernel": ("BLOCK_N", "BLOCK_K", "BLOCK_M", "TN"),
     "dfa_delta_kernel": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "NN"),
+    "mlp_weight_grad_kernel": ("BLOCK_N", "BLOCK_K", "BLOCK_M", "TN"),
 }
 
 
@@ -219,6 +220,15 @@ def variants() -> dict[str, Variant]:
     for dt in ("bf16", "tf32"):
         v[f"mlp-backward-4x128-{dt}"] = Variant(_mlp_backward_call(8192, 128, (128,) * 4, dt, True, (
             "tanh", "sigmoid", "leaky_relu", "relu")), dt, (90, 80))
+    # Its grouped weight gradients (the loop of layer 1's tiles is the one compared: δᵀ x, TN).
+    for M in (64, 1024):
+        for dt in ("bf16", "fp16", "tf32"):
+            d = DTYPES[dt]
+            widths, inputs = (128, 64, 10), (784, 128, 64)
+            v[f"mlp-weight-grads-tutorial-{M}-{dt}"] = Variant(functools.partial(
+                launchers.fa_mlp_weight_grads, [_meta(M, n, dtype=d) for n in widths],
+                [_meta(M, k, dtype=d) for k in inputs], [True] * 3), dt, (90, 80) if dt == "bf16" else (90,),
+                (128, 784, M))
     # int64 offsets, for real: 2^21 + 1 rows of 1024, and a stride of 2^31; odd sizes, small tiles.
     mid, small = LaunchConfig(64, 64, 64, 4, 4), LaunchConfig(16, 16, 16, 4, 3)
     f16 = torch.float16

@@ -805,3 +805,87 @@ def test_fused_mlp_backward_against_the_oracle(shape, dtype, kernel_device, laun
     bound = (deltas[0].double().abs() @ feedbacks[0].double().abs()) * (2 * u_in + (widths[0] + 1) * 2.0 ** -24) \
         + u_store * exact.abs() + 1e-30
     assert_parity({"grad_x": grad_x}, {"grad_x": exact}, dtype, bounds={"grad_x": bound})
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
+@pytest.mark.parametrize("shape", MLP_SHAPES)
+def test_fused_mlp_weight_grads_against_the_oracle(shape, dtype, kernel_device, launches, fp32_matmul_precision):
+    # Every grad_W_l = δ_lᵀ h_{l-1} from one grouped launch, against float64 within fixed bounds:
+    # operands rounded to the dot's input (tf32 for fp32), M products summed in fp32, the result
+    # rounded to the dtype. h_0 read through strides (column-major); a layer not wanted is skipped.
+    fp32_matmul_precision(True)
+    M, K, widths = shape
+    gen = torch.Generator().manual_seed(M)
+    deltas = [torch.randn(M, n, generator=gen).to(dtype).to(kernel_device) for n in widths]
+    inputs = [torch.randn(K, M, generator=gen).to(dtype).to(kernel_device).t()]
+    inputs += [torch.randn(M, n, generator=gen).to(dtype).to(kernel_device) for n in widths[:-1]]
+    u_in = 2.0 ** -11 if dtype == torch.float32 else 0.0
+    u_store = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11}[dtype]
+    for wanted in ([True] * len(widths), [True, False, True, True][:len(widths)]):
+        launches.clear()
+        grads = kernels.fa_mlp_weight_grads(deltas, inputs, wanted)
+        assert [name for name, _ in launches] == ["mlp_weight_grad_kernel"]
+        for index, (delta, h, grad, want) in enumerate(zip(deltas, inputs, grads, wanted)):
+            if not want:
+                assert grad is None
+                continue
+            exact = delta.double().t() @ h.double()
+            bound = (delta.double().abs().t() @ h.double().abs()) * (2 * u_in + (M + 1) * 2.0 ** -24) \
+                + u_store * exact.abs() + 1e-30
+            assert_parity({"grad_weight": grad}, {"grad_weight": exact}, dtype, bounds={"grad_weight": bound},
+                          name=f"grad_W_{index + 1}")
+        assert all(torch.equal(a, b) for a, b in zip(kernels.fa_mlp_weight_grads(deltas, inputs, wanted), grads)
+                   if a is not None)
+
+
+def test_fused_mlp_weight_grads_empty_batch_and_bad_operands(kernel_device):
+    deltas = [torch.zeros(0, 5, device=kernel_device), torch.zeros(0, 3, device=kernel_device)]
+    inputs = [torch.zeros(0, 4, device=kernel_device), torch.zeros(0, 5, device=kernel_device)]
+    grads = kernels.fa_mlp_weight_grads(deltas, inputs, [True, True])
+    assert [tuple(g.shape) for g in grads] == [(5, 4), (3, 5)] and all(not g.any() for g in grads)
+    with pytest.raises(ValueError, match="contiguous δ"):
+        kernels.fa_mlp_weight_grads([torch.randn(5, 3, device=kernel_device).t()], [torch.randn(3, 2)], [True])
+    with pytest.raises(ValueError, match="takes 1 to 4 layers"):
+        kernels.fa_mlp_weight_grads(deltas * 3, inputs * 3, [True] * 6)
+
+
+def test_fused_mlp_int64_offsets_path(kernel_device, monkeypatch, fp32_matmul_precision):
+    # As test_int64_offsets_path: the int64 indexing of all three fused kernels, forced on a small chain.
+    fp32_matmul_precision(True)
+    x, weights, biases = _mlp_inputs(19, 33, (20, 12, 5), torch.float32, kernel_device)
+    activations = ["relu", "leaky_relu", "identity"]
+    expected = kernels.fa_mlp_forward(x, weights, biases, activations, SLOPES[:3])
+    grad_y = torch.randn(19, 5).to(kernel_device)
+    feedbacks = [torch.randn(20, 33).to(kernel_device), *weights[1:]]
+    expected_back = kernels.fa_mlp_backward(grad_y, expected[:-1] + [None], feedbacks, activations, SLOPES[:3], True,
+                                            [True] * 3)
+    expected_w = kernels.fa_mlp_weight_grads(expected_back[0], [x, *expected[:-1]], [True] * 3)
+    monkeypatch.setattr(plans, "needs_int64", lambda *tensors: True)
+    outputs = kernels.fa_mlp_forward(x, weights, biases, activations, SLOPES[:3])
+    back = kernels.fa_mlp_backward(grad_y, outputs[:-1] + [None], feedbacks, activations, SLOPES[:3], True, [True] * 3)
+    grads_w = kernels.fa_mlp_weight_grads(back[0], [x, *outputs[:-1]], [True] * 3)
+    for got, want in zip([*outputs, *back[0], *back[1], back[2], *grads_w],
+                         [*expected, *expected_back[0], *expected_back[1], expected_back[2], *expected_w]):
+        assert torch.equal(got, want)
+
+
+def test_launchers_refuse_operands_that_do_not_fit(kernel_device):
+    # Each kernel reads an operand by the sizes of the others: a misfit would read out of bounds.
+    d = kernel_device
+    calls = {
+        "weight": lambda: kernels.fa_linear_forward(torch.randn(4, 16, device=d), torch.randn(8, 12, device=d), None,
+                                                    "relu"),
+        "bias": lambda: kernels.fa_linear_forward(torch.randn(4, 16, device=d), torch.randn(8, 16, device=d),
+                                                  torch.randn(7, device=d), "relu"),
+        "feedback": lambda: kernels.fa_linear_backward_input(torch.randn(4, 8, device=d), None,
+                                                             torch.randn(6, 16, device=d), "identity"),
+        "x": lambda: kernels.fa_linear_backward_weight(torch.randn(4, 8, device=d), None, torch.randn(5, 16, device=d),
+                                                       "identity", bias_grad=False),
+        "saved": lambda: kernels.fa_linear_local_error(torch.randn(4, 8, device=d), torch.randn(4, 7, device=d),
+                                                       "relu"),
+        "feedback ": lambda: kernels.fa_linear_dfa_delta(torch.randn(4, 10, device=d), torch.randn(9, 16, device=d),
+                                                         torch.randn(4, 16, device=d), "relu"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=rf"^{name.strip()} must have shape \("):
+            call()

@@ -261,3 +261,29 @@ def test_a_copy_or_a_pickled_layer_runs_on_its_own_tensors(tmp_path):
 def _reloaded(layer, tmp_path):
     torch.save(layer, tmp_path / "layer.pt")
     return torch.load(tmp_path / "layer.pt", weights_only=False)
+
+
+def test_changes_the_fit_cannot_see_by_identity_are_checked_again():
+    # assign=True through swap_tensors keeps the objects but changes their dtype;
+    # so does assigning .data; a layer pickled before the fit existed has none.
+    layer = _fitted()
+    state = {name: t.double() for name, t in layer.state_dict().items()}
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        layer.load_state_dict(state, assign=True)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    with pytest.raises(TypeError, match="weight has dtype torch.float64 but x has dtype torch.float32"):
+        layer(torch.randn(2, 4))
+    layer = _fitted()
+    layer.weight.data = layer.weight.data.double()
+    with pytest.raises(TypeError, match="weight has dtype torch.float64 but x has dtype torch.float32"):
+        layer(torch.randn(2, 4))
+    layer = _fitted()
+    layer.weight.data = torch.randn(3, 5)
+    with pytest.raises(ValueError, match=r"x must have shape \[..., in_features=5\]"):
+        layer(torch.randn(2, 4))
+    layer = _fitted()
+    del layer.__dict__["_fit"]
+    assert layer(torch.randn(2, 4)).shape == (2, 3) and layer._fit is not None

@@ -437,9 +437,9 @@ def test_a_narrow_triton_chain_runs_fused(method, monkeypatch, fp32_matmul_preci
     assert "FASequentialFunction" in grad_fn.name()
     assert seen.count("mlp_forward_kernel") == 1 and "forward_kernel" not in seen
     # The backward: the δ chain, grad_b and grad_x in one launch (and one sum of grad_b's
-    # partials), then the four weight GEMMs; no δ pass and no chain steps.
-    assert seen.count("mlp_backward_kernel") == 1 and seen.count("backward_weight_kernel") == 4
-    assert not {"dfa_delta_kernel", "local_error_kernel", "backward_input_kernel"} & set(seen)
+    # partials), every grad_W in one grouped launch; no δ pass, chain step or per-layer GEMM.
+    assert seen.count("mlp_backward_kernel") == 1 and seen.count("mlp_weight_grad_kernel") == 1
+    assert not {"dfa_delta_kernel", "local_error_kernel", "backward_input_kernel", "backward_weight_kernel"} & set(seen)
     seen.clear()
     _restore(layers, counters)  # brsf: the same draws
     one_by_one, _ = _run(nn.Sequential(*layers), x, grad_y)
@@ -454,3 +454,47 @@ def test_a_narrow_triton_chain_runs_fused(method, monkeypatch, fp32_matmul_preci
     seen.clear()
     FASequential(*layers)(x)  # IEEE fp32 dots: layer by layer
     assert "mlp_forward_kernel" not in seen and seen.count("forward_kernel") == 4
+
+
+def test_a_long_batch_takes_each_layer_s_weight_gemm(monkeypatch, fp32_matmul_precision):
+    """Above tuning.MLP_GROUPED_MAX_ROWS rows the weight gradients are each layer's own GEMM
+    (split over the batch); the δ chain stays fused; the same gradients as the layers one by one."""
+    from fa_triton.kernels import launchers, tuning
+
+    fp32_matmul_precision(True)
+    monkeypatch.setattr(tuning, "MLP_GROUPED_MAX_ROWS", 16)
+    layers = _layers("fa", "triton", torch.float32, KERNEL_DEVICE,
+                     layers=((6, 5, "relu", 0.01), (5, 3, "tanh", 0.01), (3, 2, "identity", 0.01)))
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(17, 6, generator=gen).to(KERNEL_DEVICE)
+    grad_y = torch.randn(17, 2, generator=gen).to(KERNEL_DEVICE)
+    seen = []
+    for name, kernel in launchers.JIT_KERNELS.items():
+        def spy(*args, _run=kernel.run, _name=name, **kwargs):
+            seen.append(_name)
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", spy)
+    fused, _ = _run(FASequential(*layers), x, grad_y)
+    assert seen.count("mlp_backward_kernel") == 1 and seen.count("backward_weight_kernel") == 3
+    assert "mlp_weight_grad_kernel" not in seen
+    one_by_one, _ = _run(nn.Sequential(*layers), x, grad_y)
+    for name, want in one_by_one.items():
+        torch.testing.assert_close(fused[name], want, msg=lambda text, name=name: f"{name}: {text}")
+
+
+def test_a_parametrization_removed_again_leaves_no_stale_chain_fit():
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    layers = _layers("fa")
+    model = FASequential(*layers)
+    x = torch.randn(3, 7, dtype=torch.float64)
+    model(x)
+    parametrize.register_parametrization(layers[2], "weight", Double())
+    doubled = model(x)
+    parametrize.remove_parametrizations(layers[2], "weight", leave_parametrized=False)
+    assert torch.equal(model(x), nn.Sequential(*layers)(x)) and not torch.equal(model(x), doubled)

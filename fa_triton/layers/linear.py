@@ -48,6 +48,7 @@ class FALinear(FeedbackState, FusedActivation, nn.Module):
     """
 
     __constants__ = ["in_features", "out_features"]
+    _fit = None  # forward's fast path (see _current_fit); a class default for layers pickled before it
 
     def __init__(
         self,
@@ -170,10 +171,16 @@ class FALinear(FeedbackState, FusedActivation, nn.Module):
         fit = self._fit
         if fit is not None:
             parameters = self._parameters
-            if (parameters.get("weight") is fit[0] and parameters.get("bias", _MISSING) is fit[1]
-                    and fit[3].get("feedback", _MISSING) is fit[2] and self.rule is fit[7]):
+            weight = fit[0]
+            if (parameters.get("weight") is weight and parameters.get("bias", _MISSING) is fit[1]
+                    and fit[3].get("feedback", _MISSING) is fit[2] and self.rule is fit[7]
+                    and weight.dtype is fit[4] and weight.shape[1] == fit[5]):  # not changed through .data
                 return fit
         return None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._fit = None  # assign=True with swap_tensors changes tensors in place, the objects kept
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
         self._fit = None  # .to(), .cuda(), .half() may change the tensors in place

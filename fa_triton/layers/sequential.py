@@ -38,11 +38,14 @@ class FASequential(nn.Sequential):
     children with one ``backend`` runs as one autograd Function (``fa_triton.ops.sequential``):
     activations in the forward GEMMs' epilogues, and in the backward each layer's f' in the
     epilogue of the input GEMM of the layer above, so no pass between layers forms δ. Gradients
-    equal the per-layer chain's (the reference backend's bitwise; the kernels' within rounding,
-    f' being applied to the fp32 accumulator). Pass-through children between chained layers
-    (``convert``'s ``Fused`` slots, ``nn.Identity``) are skipped. A chain of backprop layers on
-    the reference backend runs layer by layer, under PyTorch's own autograd (as each such layer
-    does: that rule exactly, at the least cost per call).
+    equal the per-layer chain's: on the reference backend bitwise, but that a backprop layer in
+    a chain of other methods sums its grad_W in another order than its own eager call (PyTorch's
+    autograd); on the kernels within rounding (f' applied to the fp32 accumulator; on
+    ``backend="triton"`` a narrow chain runs the fused MLP kernels, docs/kernels.md).
+    Pass-through children between chained layers (``convert``'s ``Fused`` slots,
+    ``nn.Identity``) are skipped. A chain of backprop layers on the reference backend runs layer
+    by layer, under PyTorch's own autograd (as each such layer does: that rule exactly, at the
+    least cost per call).
 
     Any other child runs as in ``nn.Sequential``, and so does a child with hooks of its own. A
     chain runs layer by layer under ``torch.autocast``, ``torch.compile``/``torch.export`` (each
@@ -144,7 +147,7 @@ class FASequential(nn.Sequential):
         the same tensors and rule, so the widths, dtypes and devices checked then still fit) and
         an x of the same dtype, width and device, in plain eager mode without global hooks —
         else None (the full checks run)."""
-        recorded = self._chain_fits.get(id(step))
+        recorded = self.__dict__.get("_chain_fits", _NO_FITS).get(id(step))  # (a pickle from before has none)
         if recorded is None or torch.compiler.is_compiling():
             return None
         layer_fits, fits = recorded
@@ -168,11 +171,12 @@ class FASequential(nn.Sequential):
             weight, bias, feedback = layer.weight, layer.bias, layer.feedback
             tensors.append((weight, bias, feedback, layer.rule))
             if plain:
+                layer._fit = None  # a fit _record_fit declines (a parametrization) must not linger
                 layer._record_fit(weight, bias, feedback)
                 layer_fits.append(layer._fit)
         fits = (backend, tuple(tensors))
         if plain and all(fit is not None for fit in layer_fits):
-            self._chain_fits[id(step)] = (tuple(layer_fits), fits)
+            self.__dict__.setdefault("_chain_fits", {})[id(step)] = (tuple(layer_fits), fits)
         return fits
 
     def extra_repr(self) -> str:
@@ -180,6 +184,9 @@ class FASequential(nn.Sequential):
         fused = [f"({', '.join(name for name, _ in step)})" for step in steps if isinstance(step, list)]
         text = f"fused=[{', '.join(fused)}]"
         return text + (f", not fused: {'; '.join(notes)}" if notes else "")
+
+
+_NO_FITS: dict = {}
 
 
 def _fusable_now(layers: list[FALinear], x) -> bool:

@@ -10,7 +10,7 @@ its own. In a chain, f'_{l-1} belongs in the epilogue of layer l's input GEMM:
 with h_0 = x and h_l = y_l. The forward is the backend's ``chain_forward`` where it has one
 (the kernels' fused narrow MLP: every layer in one launch), else each layer's ``forward``; the
 backward likewise ``chain_backward`` (the narrow MLP's δ chain, every grad_b and grad_x in one
-launch, then the weight GEMMs), else step by step as above. The chain step is the backends'
+launch, every grad_W in one grouped launch), else step by step as above. The chain step is the backends'
 ``dfa_delta`` (DFA's projection
 kernel: e B with f' in its epilogue), B as the layer's rule forms it (``feedback_matrix``). The
 forward saves one tensor per layer: y_l, which is both layer l+1's input and what f'_l is read
@@ -131,24 +131,22 @@ class FASequentialFunction(torch.autograd.Function):
 
 def _fused_backward(ctx, backend: Backend, specs, grad_y, x, outputs, weights, feedbacks, counters, flat):
     """The chain's backward through the backend's ``chain_backward`` (the kernels' narrow MLP: the
-    δ chain, every grad_b and grad_x in one launch, then each layer's weight GEMM), or None when
-    the backend has no fused form for it. Returns the Function's gradients."""
+    δ chain, every grad_b and grad_x in one launch, every grad_W in another), or None when the
+    backend has no fused form for it. Returns the Function's gradients."""
     need = ctx.needs_input_grad
     count = len(specs)
     matrices = [backend.feedback_matrix(weights[i], feedbacks[i], counters[i], specs[i][2]) if i or need[0] else None
                 for i in range(count)]
-    fused = backend.chain_backward(grad_y, outputs, matrices, [(activation, slope) for activation, slope, _ in specs],
-                                   need[0], [need[3 + PER_LAYER * i + 1] for i in range(count)])
+    # grad_W_l is wanted for W_l, or for B_l when the rule trains it (kp: B's gradient is W's).
+    wants = [(need[3 + PER_LAYER * i], specs[i][2].trains_feedback and need[3 + PER_LAYER * i + 2])
+             for i in range(count)]
+    fused = backend.chain_backward(grad_y, flat(x), outputs, matrices,
+                                   [(activation, slope) for activation, slope, _ in specs], need[0],
+                                   [need[3 + PER_LAYER * i + 1] for i in range(count)], [w or b for w, b in wants])
     if fused is None:
         return None
-    deltas, grad_bs, grad_x = fused
-    grads = [None] * (PER_LAYER * count)
-    for index in range(count):
-        base = 3 + PER_LAYER * index
-        need_w, need_feedback = need[base], specs[index][2].trains_feedback and need[base + 2]
-        grads[PER_LAYER * index + 1] = grad_bs[index]
-        if need_w or need_feedback:
-            grad_w = backend.backward_weight(deltas[index], flat(x) if index == 0 else outputs[index - 1])
-            grads[PER_LAYER * index] = grad_w if need_w else None
-            grads[PER_LAYER * index + 2] = grad_w if need_feedback else None
+    grad_ws, grad_bs, grad_x = fused
+    grads = []
+    for grad_w, grad_b, (need_w, need_feedback) in zip(grad_ws, grad_bs, wants):
+        grads += [grad_w if need_w else None, grad_b, grad_w if need_feedback else None, None]
     return (None if grad_x is None else grad_x.view(x.shape), None, None, *grads)

@@ -67,13 +67,21 @@ def chain_forward(x, weights, biases, activations, out=None):
                                     out)
 
 
-def chain_backward(grad_y, outputs, feedbacks, activations, need_grad_x, bias_grads):
-    """The fused narrow MLP's δ chain (one launch for every δ, grad_b and grad_x) when the chain
-    fits it (``kernels.mlp_backward_fusable``), else None."""
-    if not kernels().mlp_backward_fusable(grad_y, outputs, feedbacks, need_grad_x):
+def chain_backward(grad_y, x, outputs, feedbacks, activations, need_grad_x, bias_grads, weight_grads):
+    """The fused narrow MLP's backward when the chain fits it (``kernels.mlp_backward_fusable``),
+    else None: the δ chain, every grad_b and grad_x in one launch, then every grad_W from one
+    grouped launch (each layer's own GEMM above ``tuning.MLP_GROUPED_MAX_ROWS`` rows)."""
+    k = kernels()
+    if not k.mlp_backward_fusable(grad_y, outputs, feedbacks, need_grad_x):
         return None
-    return kernels().fa_mlp_backward(grad_y, outputs, feedbacks, [a for a, _ in activations],
-                                     [s for _, s in activations], need_grad_x, bias_grads)
+    deltas, grad_bs, grad_x = k.fa_mlp_backward(grad_y, outputs, feedbacks, [a for a, _ in activations],
+                                                [s for _, s in activations], need_grad_x, bias_grads)
+    inputs = [x, *outputs[:-1]]
+    if grad_y.shape[0] <= k.tuning.MLP_GROUPED_MAX_ROWS:
+        grad_ws = k.fa_mlp_weight_grads(deltas, inputs, weight_grads)
+    else:
+        grad_ws = [backward_weight(delta, h) if want else None for delta, h, want in zip(deltas, inputs, weight_grads)]
+    return grad_ws, grad_bs, grad_x
 
 
 TRITON = register(Backend("triton", forward, local_error, backward_input, backward_weight, dfa_delta,
