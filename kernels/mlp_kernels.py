@@ -30,22 +30,32 @@ from .jit_helpers import activation_backward, apply_activation
 
 
 @triton.jit
+def _dot_on_chip(a, matrix_ptr, rows, cols, stride_r, stride_c, INPUT_PRECISION: tl.constexpr,
+                 USE_INT64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """a [BLOCK_M, BLOCK_R] (on chip, zero past ``rows``) @ the whole matrix [rows, cols] read
+    through (stride_r, stride_c) as one dot operand, zero past its edges -> fp32 [BLOCK_M, BLOCK_C]."""
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_c = tl.arange(0, BLOCK_C)
+    if USE_INT64:
+        offs_r = offs_r.to(tl.int64)
+        offs_c = offs_c.to(tl.int64)
+    operand = tl.load(matrix_ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c,
+                      mask=(offs_r < rows)[:, None] & (offs_c < cols)[None, :], other=0.0)
+    return tl.dot(a, operand, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
 def _narrow_layer(h, w_ptr, b_ptr, y_ptr, offs_m, mask_m, K_l, N_l, stride_wn, stride_wk, stride_ym, negative_slope,
                   HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                   USE_INT64: tl.constexpr, BLOCK_K_L: tl.constexpr, BLOCK_N_L: tl.constexpr):
     """y = f(h Wᵀ + b) of one narrow layer on a row block on chip: h [BLOCK_M, BLOCK_K_L]
     (storage dtype, zero past K_l) -> y stored, and returned in the storage dtype (zero past N_l)."""
-    offs_k = tl.arange(0, BLOCK_K_L)
+    # Wᵀ [K_l, N_l] read straight from W's [N_l, K_l] layout.
+    acc = _dot_on_chip(h, w_ptr, K_l, N_l, stride_wk, stride_wn, INPUT_PRECISION, USE_INT64, BLOCK_K_L, BLOCK_N_L)
     offs_n = tl.arange(0, BLOCK_N_L)
     if USE_INT64:
-        offs_k = offs_k.to(tl.int64)
         offs_n = offs_n.to(tl.int64)
-    mask_n = offs_n < N_l
-    # Wᵀ [BLOCK_K_L, BLOCK_N_L] read straight from W's [N_l, K_l] layout, zero past its edges.
-    wt = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                 mask=(offs_k[:, None] < K_l) & mask_n[None, :], other=0.0)
-    acc = tl.dot(h, wt, input_precision=INPUT_PRECISION)
-    return _store_layer(acc, b_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, negative_slope, HAS_BIAS,
+    return _store_layer(acc, b_ptr, y_ptr, offs_m, mask_m, offs_n, offs_n < N_l, stride_ym, negative_slope, HAS_BIAS,
                         ACTIVATION)
 
 
@@ -165,15 +175,12 @@ def _step_down(delta, feedback_ptr, y_ptr, offs_m, mask_m, N_l, N_below, stride_
                BLOCK_N_L: tl.constexpr, BLOCK_N_BELOW: tl.constexpr):
     """δ_{l-1} = (δ_l B_l) ⊙ f'_{l-1}(y_{l-1}) on a row block: δ_l [BLOCK_M, BLOCK_N_L] on chip
     (rounded), B_l [N_l, N_below] one dot operand; fp32, zero past N_below."""
-    offs_n = tl.arange(0, BLOCK_N_L)
+    acc = _dot_on_chip(delta, feedback_ptr, N_l, N_below, stride_bn, stride_bk, INPUT_PRECISION, USE_INT64,
+                       BLOCK_N_L, BLOCK_N_BELOW)
     offs_b = tl.arange(0, BLOCK_N_BELOW)
     if USE_INT64:
-        offs_n = offs_n.to(tl.int64)
         offs_b = offs_b.to(tl.int64)
     mask_b = offs_b < N_below
-    feedback = tl.load(feedback_ptr + offs_n[:, None] * stride_bn + offs_b[None, :] * stride_bk,
-                       mask=(offs_n < N_l)[:, None] & mask_b[None, :], other=0.0)
-    acc = tl.dot(delta, feedback, input_precision=INPUT_PRECISION)
     mask = mask_m[:, None] & mask_b[None, :]
     if ACTIVATION != "identity":
         s = tl.load(y_ptr + offs_m[:, None] * N_below + offs_b[None, :], mask=mask, other=0.0)

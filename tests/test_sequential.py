@@ -412,19 +412,10 @@ def test_after_a_fused_call_changed_tensors_and_inputs_are_checked_again():
     assert y.dtype == torch.float32 and "FASequentialFunction" in y.grad_fn.name()
 
 
-@pytest.mark.parametrize("method", ["fa", "usf", "brsf", "kp"])
-def test_a_narrow_triton_chain_runs_fused(method, monkeypatch, fp32_matmul_precision):
-    """Every width at most 128, no extra tensor (and fp32 with tf32 dots): the kernels' fused MLP
-    (one launch for the forward, one for the backward's δ chain), the same gradients as the layers
-    one by one (the interpreter on the CPU)."""
+def _launched_kernels(monkeypatch) -> list:
+    """The names of the kernels launched from now on, in order (each launch still runs)."""
     from fa_triton.kernels import launchers
 
-    fp32_matmul_precision(True)
-    sizes = ((50, 113, "relu", 0.01), (113, 9, "leaky_relu", 0.2), (9, 16, "sigmoid", 0.01), (16, 3, "identity", 0.01))
-    layers = _layers(method, "triton", torch.float32, KERNEL_DEVICE, layers=sizes)
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 5, 50, generator=gen).to(KERNEL_DEVICE)
-    grad_y = torch.randn(2, 5, 3, generator=gen).to(KERNEL_DEVICE)
     seen = []
     for name, kernel in launchers.JIT_KERNELS.items():
         def spy(*args, _run=kernel.run, _name=name, **kwargs):
@@ -432,6 +423,22 @@ def test_a_narrow_triton_chain_runs_fused(method, monkeypatch, fp32_matmul_preci
             return _run(*args, **kwargs)
 
         monkeypatch.setattr(kernel, "run", spy)
+    return seen
+
+
+@pytest.mark.parametrize("method", ["fa", "usf", "brsf", "kp"])
+def test_a_narrow_triton_chain_runs_fused(method, monkeypatch, fp32_matmul_precision):
+    """Every width at most 128, no extra tensor (and fp32 with tf32 dots): the kernels' fused MLP
+    (one launch for the forward, one for the backward's δ chain, one for the weight gradients),
+    the same gradients as the layers
+    one by one (the interpreter on the CPU)."""
+    fp32_matmul_precision(True)
+    sizes = ((50, 113, "relu", 0.01), (113, 9, "leaky_relu", 0.2), (9, 16, "sigmoid", 0.01), (16, 3, "identity", 0.01))
+    layers = _layers(method, "triton", torch.float32, KERNEL_DEVICE, layers=sizes)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, 50, generator=gen).to(KERNEL_DEVICE)
+    grad_y = torch.randn(2, 5, 3, generator=gen).to(KERNEL_DEVICE)
+    seen = _launched_kernels(monkeypatch)
     counters = _counters(layers)
     fused, grad_fn = _run(FASequential(*layers), x, grad_y)
     assert "FASequentialFunction" in grad_fn.name()
@@ -459,7 +466,7 @@ def test_a_narrow_triton_chain_runs_fused(method, monkeypatch, fp32_matmul_preci
 def test_a_long_batch_takes_each_layer_s_weight_gemm(monkeypatch, fp32_matmul_precision):
     """Above tuning.MLP_GROUPED_MAX_ROWS rows the weight gradients are each layer's own GEMM
     (split over the batch); the δ chain stays fused; the same gradients as the layers one by one."""
-    from fa_triton.kernels import launchers, tuning
+    from fa_triton.kernels import tuning
 
     fp32_matmul_precision(True)
     monkeypatch.setattr(tuning, "MLP_GROUPED_MAX_ROWS", 16)
@@ -468,13 +475,7 @@ def test_a_long_batch_takes_each_layer_s_weight_gemm(monkeypatch, fp32_matmul_pr
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(17, 6, generator=gen).to(KERNEL_DEVICE)
     grad_y = torch.randn(17, 2, generator=gen).to(KERNEL_DEVICE)
-    seen = []
-    for name, kernel in launchers.JIT_KERNELS.items():
-        def spy(*args, _run=kernel.run, _name=name, **kwargs):
-            seen.append(_name)
-            return _run(*args, **kwargs)
-
-        monkeypatch.setattr(kernel, "run", spy)
+    seen = _launched_kernels(monkeypatch)
     fused, _ = _run(FASequential(*layers), x, grad_y)
     assert seen.count("mlp_backward_kernel") == 1 and seen.count("backward_weight_kernel") == 3
     assert "mlp_weight_grad_kernel" not in seen
