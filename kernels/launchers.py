@@ -569,33 +569,29 @@ def fa_mlp_forward(
     return outputs
 
 
-def mlp_backward_fusable(grad_y: torch.Tensor, outputs: list, feedbacks: list, need_grad_x: bool) -> bool:
-    """Whether :func:`fa_mlp_backward` takes this chain: what :func:`mlp_fusable` asks of the
-    forward, read off grad_y [M, N_L], the saved outputs y_l [M, N_l] (the top one may be None:
-    the identity) and B_l [N_l, N_{l-1}] (B_1 [N1, K] needed only for grad_x)."""
-    count = len(feedbacks)
-    if not 2 <= count <= tuning.MLP_MAX_LAYERS or grad_y.dim() != 2 or len(outputs) != count:
+def mlp_backward_fusable(grad_y: torch.Tensor, x: torch.Tensor, outputs: list) -> bool:
+    """Whether :func:`fa_mlp_backward` takes this chain, read off the tensors the backward has
+    before any B is formed: grad_y [M, N_L], the chain's input x [M, K] and the saved outputs
+    y_l [M, N_l] (the top one may be None: the identity), asking what :func:`mlp_fusable` asks
+    of the forward (B_l has W_l's shape [N_l, N_{l-1}], dtype and device)."""
+    return (_mlp_chain_fits(grad_y, outputs) and x.dim() == 2 and x.shape[0] == grad_y.shape[0]
+            and x.dtype == grad_y.dtype and x.device == grad_y.device)
+
+
+def _mlp_chain_fits(grad_y: torch.Tensor, outputs: list) -> bool:
+    count = len(outputs)
+    if not 2 <= count <= tuning.MLP_MAX_LAYERS or grad_y.dim() != 2:
         return False
-    dtype = grad_y.dtype
+    dtype, M = grad_y.dtype, grad_y.shape[0]
     if dtype not in (torch.float32, torch.float16, torch.bfloat16) or plans.dot_precision(dtype) == "ieee":
         return False
-    for index, (y, feedback) in enumerate(zip(outputs, feedbacks)):
-        width = feedback.shape[0] if feedback is not None else (y.shape[1] if y is not None else -1)
+    for index, y in enumerate(outputs):
+        width = grad_y.shape[1] if index == count - 1 else (y.shape[1] if y is not None and y.dim() == 2 else -1)
         if not 0 < width <= tuning.MLP_MAX_WIDTH:
             return False
-        if y is None and index < count - 1:
+        if y is not None and (y.dtype != dtype or y.device != grad_y.device or y.shape != (M, width)):
             return False
-        if y is not None and (y.dtype != dtype or y.shape != (grad_y.shape[0], width)):
-            return False
-        if feedback is None:
-            if index > 0 or need_grad_x:
-                return False
-            continue
-        if feedback.dtype != dtype or feedback.device != grad_y.device or feedback.dim() != 2:
-            return False
-        if index > 0 and feedback.shape[1] != outputs[index - 1].shape[1]:
-            return False
-    return grad_y.shape[1] == feedbacks[-1].shape[0]
+    return True
 
 
 def fa_mlp_backward(
@@ -614,11 +610,20 @@ def fa_mlp_backward(
 
     Args: grad_y [M, N_L] (any strides), outputs y_l [M, N_l] as the forward stored them (the
     top one None when its activation is the identity), feedbacks B_l [N_l, N_{l-1}] as the
-    layers' rules form them (B_1 [N1, K] read only for grad_x; else it may be None), one
+    layers' rules form them (B_1 [N1, K] read only for grad_x; else None), one
     activation and slope per layer, ``need_grad_x``, ``bias_grads`` (per layer: form grad_b).
     Returns ([δ_1 … δ_L] in grad_y's dtype, contiguous; [grad_b_l or None]; grad_x [M, K] or None).
     """
-    if not mlp_backward_fusable(grad_y, outputs, feedbacks, need_grad_x):
+    fits = _mlp_chain_fits(grad_y, outputs) and len(feedbacks) == len(outputs)
+    if fits:
+        widths = [y.shape[1] for y in outputs[:-1]] + [grad_y.shape[1]]
+        K = feedbacks[0].shape[1] if feedbacks[0] is not None else 0
+        # B_l [N_l, N_{l-1}] (B_1 [N1, K], present exactly when grad_x is wanted) of grad_y's dtype and device.
+        fits = (feedbacks[0] is not None) == need_grad_x and all(
+            b is None and i == 0 or b is not None and tuple(b.shape) == (n, K if i == 0 else widths[i - 1])
+            and b.dtype == grad_y.dtype and b.device == grad_y.device
+            for i, (b, n) in enumerate(zip(feedbacks, widths)))
+    if not fits:
         raise ValueError(
             f"fa_mlp_backward takes 2 to {tuning.MLP_MAX_LAYERS} chaining layers at most {tuning.MLP_MAX_WIDTH} wide, "
             f"of grad_y's dtype and device (fp32 with tf32 dots only); got grad_y {tuple(grad_y.shape)} "
@@ -628,8 +633,6 @@ def fa_mlp_backward(
         _check_activation(activation)
     count = len(feedbacks)
     M = grad_y.shape[0]
-    widths = [b.shape[0] if b is not None else y.shape[1] for b, y in zip(feedbacks, outputs)]
-    K = feedbacks[0].shape[1] if feedbacks[0] is not None else 0
     deltas = [grad_y.new_empty((M, n)) for n in widths]
     columns, total = [], 0
     for width, wanted in zip(widths, bias_grads):
@@ -659,7 +662,7 @@ def fa_mlp_backward(
     x_strides = grad_x.stride() if grad_x is not None else (0, 0)
     launch = on_device(grad_y, Launch(mlp.mlp_backward_kernel, (programs,), dict(
         flags, LAYERS=count, NEED_GRAD_X=need_grad_x, INPUT_PRECISION=plans.dot_precision(grad_y.dtype),
-        USE_INT64=plans.needs_int64(grad_y, grad_x, *deltas, *[y for y in outputs if y is not None]),
+        USE_INT64=plans.needs_int64(grad_y, grad_x, *deltas, *[t for t in outputs + feedbacks if t is not None]),
         BLOCK_M=cfg.block_rows, BLOCK_K=cfg.block_red, num_warps=cfg.num_warps, num_stages=cfg.num_stages)))
     launch(grad_y, *ys, *fbs, *(deltas + [deltas[0]] * pad), partial, deltas[0] if grad_x is None else grad_x,
            M, K, *ns, partial.shape[1], *(columns + [0] * pad), *grad_y.stride(), *fb_strides, *x_strides, *slopes)

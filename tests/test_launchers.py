@@ -889,3 +889,25 @@ def test_launchers_refuse_operands_that_do_not_fit(kernel_device):
     for name, call in calls.items():
         with pytest.raises(ValueError, match=rf"^{name.strip()} must have shape \("):
             call()
+
+
+def test_fused_mlp_backward_refuses_what_does_not_fit(kernel_device, fp32_matmul_precision):
+    fp32_matmul_precision(True)
+    d = kernel_device
+    grad_y, outputs = torch.randn(5, 3, device=d), [torch.rand(5, 4, device=d), None]
+    good = [torch.randn(4, 6, device=d), torch.randn(3, 4, device=d)]
+    assert kernels.mlp_backward_fusable(grad_y, torch.randn(5, 6, device=d), outputs)
+    assert not kernels.mlp_backward_fusable(grad_y, torch.randn(4, 6, device=d), outputs)  # x of another batch
+    assert not kernels.mlp_backward_fusable(grad_y, torch.randn(5, 6, device=d), [torch.rand(5, 129, device=d), None])
+    bad = {
+        "B_2 of another width": [good[0], torch.randn(3, 5, device=d)],
+        "B_1 missing for grad_x": [None, good[1]],
+        "B_1 of another dtype": [good[0].half(), good[1]],
+    }
+    for why, feedbacks in bad.items():
+        with pytest.raises(ValueError, match="fa_mlp_backward takes 2 to 4 chaining layers"):
+            kernels.fa_mlp_backward(grad_y, outputs, feedbacks, ["relu", "identity"], [0.0, 0.0], True, [True, True])
+            pytest.fail(f"not refused: {why}")
+    deltas, _, grad_x = kernels.fa_mlp_backward(grad_y, outputs, good, ["relu", "identity"], [0.0, 0.0], True,
+                                                [True, True])
+    assert grad_x.shape == (5, 6) and [tuple(t.shape) for t in deltas] == [(5, 4), (5, 3)]

@@ -499,3 +499,25 @@ def test_a_parametrization_removed_again_leaves_no_stale_chain_fit():
     doubled = model(x)
     parametrize.remove_parametrizations(layers[2], "weight", leave_parametrized=False)
     assert torch.equal(model(x), nn.Sequential(*layers)(x)) and not torch.equal(model(x), doubled)
+
+
+@pytest.mark.parametrize("backend, dtype", [("torch", torch.float64), ("triton", torch.float32)])
+def test_each_b_is_formed_once_when_the_chain_is_not_fused(backend, dtype, monkeypatch):
+    """A chain the fused kernels do not take (the reference; IEEE fp32 on the kernels) forms each
+    layer's B once, in its step: deciding whether to fuse forms none."""
+    from fa_triton.ops.backends import get
+
+    resolved = get(backend) if backend == "torch" else get("triton")
+    formed = []
+    original = resolved.feedback_matrix
+
+    def counting(*args):
+        formed.append(args[-1].method)
+        return original(*args)
+
+    monkeypatch.setattr(resolved, "feedback_matrix", counting)
+    layers = _layers("usf", backend, dtype, KERNEL_DEVICE, layers=((6, 5, "relu", 0.01), (5, 4, "tanh", 0.01),
+                                                                   (4, 3, "identity", 0.01)))
+    x = torch.randn(7, 6, dtype=dtype, device=KERNEL_DEVICE)  # no gradient for x: B_1 is not needed
+    FASequential(*layers)(x).sum().backward()
+    assert formed == ["usf", "usf"]

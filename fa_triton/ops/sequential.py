@@ -135,12 +135,14 @@ def _fused_backward(ctx, backend: Backend, specs, grad_y, x, outputs, weights, f
     backend has no fused form for it. Returns the Function's gradients."""
     need = ctx.needs_input_grad
     count = len(specs)
-    matrices = [backend.feedback_matrix(weights[i], feedbacks[i], counters[i], specs[i][2]) if i or need[0] else None
-                for i in range(count)]
+
+    def form_feedback(i):  # B_i as its rule forms it: called only once the backend fuses
+        return backend.feedback_matrix(weights[i], feedbacks[i], counters[i], specs[i][2])
+
     # grad_W_l is wanted for W_l, or for B_l when the rule trains it (kp: B's gradient is W's).
     wants = [(need[3 + PER_LAYER * i], specs[i][2].trains_feedback and need[3 + PER_LAYER * i + 2])
              for i in range(count)]
-    fused = backend.chain_backward(grad_y, flat(x), outputs, matrices,
+    fused = backend.chain_backward(grad_y, flat(x), outputs, form_feedback,
                                    [(activation, slope) for activation, slope, _ in specs], need[0],
                                    [need[3 + PER_LAYER * i + 1] for i in range(count)], [w or b for w, b in wants])
     if fused is None:

@@ -106,7 +106,7 @@ def _no_chain_forward(x, weights, biases, activations, out=None):
     return None
 
 
-def _no_chain_backward(grad_y, x, outputs, feedbacks, activations, need_grad_x, bias_grads, weight_grads):
+def _no_chain_backward(grad_y, x, outputs, form_feedback, activations, need_grad_x, bias_grads, weight_grads):
     """None, for the reason of :func:`_no_chain_forward`: the backward runs step by step."""
     return None
 

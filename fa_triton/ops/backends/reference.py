@@ -13,10 +13,10 @@ The eight steps, with the signatures every backend shares (``registry.Backend``)
     feedback_matrix(weight, feedback, counter, rule)          B [N, K] as the rule forms it
     chain_forward(x, weights, biases, activations, out=None)  x [M, K] -> [y_1 … y_L] of a chain in one
         fused launch (activations: (activation, negative_slope) per layer; out: the last y), or None
-    chain_backward(grad_y, x, outputs, feedbacks, activations, need_grad_x, bias_grads, weight_grads)
-        g [M, N_L], x [M, K], y_l, B_l -> ([grad_W_l or None], [grad_b_l or None], grad_x or None) of a
-        chain in fused launches (feedbacks[0] None unless grad_x is wanted; the top y None for the
-        identity), or None
+    chain_backward(grad_y, x, outputs, form_feedback, activations, need_grad_x, bias_grads, weight_grads)
+        g [M, N_L], x [M, K], y_l -> ([grad_W_l or None], [grad_b_l or None], grad_x or None) of a
+        chain in fused launches (form_feedback(l) -> B_l, called only once it fuses; the top y
+        None for the identity), or None
 
 ``saved`` is y, or the extra tensor (z, or f'(z) for gelu) where f' cannot be read off y
 (``fa_triton.rules.activations.saves_extra``).
@@ -85,7 +85,7 @@ def chain_forward(x, weights, biases, activations, out=None):
     return None
 
 
-def chain_backward(grad_y, x, outputs, feedbacks, activations, need_grad_x, bias_grads, weight_grads):
+def chain_backward(grad_y, x, outputs, form_feedback, activations, need_grad_x, bias_grads, weight_grads):
     """None: the reference has no fused chain (the chain's backward runs step by step)."""
     return None
 

@@ -67,13 +67,15 @@ def chain_forward(x, weights, biases, activations, out=None):
                                     out)
 
 
-def chain_backward(grad_y, x, outputs, feedbacks, activations, need_grad_x, bias_grads, weight_grads):
-    """The fused narrow MLP's backward when the chain fits it (``kernels.mlp_backward_fusable``),
-    else None: the δ chain, every grad_b and grad_x in one launch, then every grad_W from one
+def chain_backward(grad_y, x, outputs, form_feedback, activations, need_grad_x, bias_grads, weight_grads):
+    """The fused narrow MLP's backward when the chain fits it (``kernels.mlp_backward_fusable``,
+    decided before any B is formed), else None: B_l formed (``form_feedback(l)``; B_1 only for
+    grad_x), the δ chain, every grad_b and grad_x in one launch, then every grad_W from one
     grouped launch (each layer's own GEMM above ``tuning.MLP_GROUPED_MAX_ROWS`` rows)."""
     k = kernels()
-    if not k.mlp_backward_fusable(grad_y, outputs, feedbacks, need_grad_x):
+    if not k.mlp_backward_fusable(grad_y, x, outputs):
         return None
+    feedbacks = [form_feedback(i) if i or need_grad_x else None for i in range(len(outputs))]
     deltas, grad_bs, grad_x = k.fa_mlp_backward(grad_y, outputs, feedbacks, [a for a, _ in activations],
                                                 [s for _, s in activations], need_grad_x, bias_grads)
     inputs = [x, *outputs[:-1]]
