@@ -38,7 +38,7 @@ WORKERS = 2  # the CI machine's cores
 MAX_RATIO = 1.35  # SASS instructions per loop iteration, over the tutorial GEMM's of the same tile
 LAYOUT_FLAGS = {"ldg", "cp<16"}  # how operands must be loaded when their rows are not 16-byte aligned
 GEMM_KERNELS = {"forward_kernel", "forward_tma_kernel", "backward_input_kernel", "backward_input_tma_kernel",
-                "backward_weight_kernel", "backward_weight_tma_kernel", "dfa_delta_kernel"}
+                "backward_weight_kernel", "backward_weight_tma_kernel", "dfa_delta_kernel", "mlp_weight_grad_kernel"}
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
