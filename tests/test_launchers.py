@@ -761,12 +761,20 @@ def activation_and_derivative_from_y(y, activation, slope):
     return torch.ones_like(y)
 
 
+U_STORE = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+
 @pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
 @pytest.mark.parametrize("shape", MLP_SHAPES)
 def test_fused_mlp_backward_against_the_oracle(shape, dtype, kernel_device, launches, fp32_matmul_precision):
-    # Each δ_{l-1} against (δ_l B_l) ⊙ f'(y_{l-1}) in float64 from the kernel's own stored δ_l,
-    # within fixed bounds; grad_b against Σ_rows of the oracle's δ; grad_x against δ_1 B_1.
     fp32_matmul_precision(True)
+    _check_fused_mlp_backward(shape, dtype, kernel_device, launches)
+
+
+def _check_fused_mlp_backward(shape, dtype, device, launches=None):
+    """Each δ_{l-1} against (δ_l B_l) ⊙ f'(y_{l-1}) in float64 from the kernel's own stored δ_l,
+    within fixed bounds; grad_b against Σ_rows of the oracle's δ; grad_x against δ_1 B_1."""
+    kernel_device = device
     M, K, widths = shape
     gen = torch.Generator().manual_seed(len(widths))
     activations = ["relu", "leaky_relu", "tanh", "sigmoid"][:len(widths) - 1] + ["identity"]
@@ -778,8 +786,9 @@ def test_fused_mlp_backward_against_the_oracle(shape, dtype, kernel_device, laun
     bias_grads = [True, False, True, True][:len(widths)]
     deltas, grad_bs, grad_x = kernels.fa_mlp_backward(grad_y, outputs[:-1] + [None], feedbacks, activations,
                                                       SLOPES[:len(widths)], True, bias_grads)
-    assert [name for name, _ in launches] == ["mlp_backward_kernel"] + ["split_sum_kernel"]
-    u_store = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11}[dtype]
+    if launches is not None:
+        assert [name for name, _ in launches] == ["mlp_backward_kernel"] + ["split_sum_kernel"]
+    u_store = U_STORE[dtype]
     torch.testing.assert_close(deltas[-1], grad_y)  # the identity at the top: δ_L = g
     expected_deltas = {len(widths) - 1: grad_y.double()}
     for index in range(len(widths) - 1, 0, -1):
@@ -810,21 +819,27 @@ def test_fused_mlp_backward_against_the_oracle(shape, dtype, kernel_device, laun
 @pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
 @pytest.mark.parametrize("shape", MLP_SHAPES)
 def test_fused_mlp_weight_grads_against_the_oracle(shape, dtype, kernel_device, launches, fp32_matmul_precision):
-    # Every grad_W_l = δ_lᵀ h_{l-1} from one grouped launch, against float64 within fixed bounds:
-    # operands rounded to the dot's input (tf32 for fp32), M products summed in fp32, the result
-    # rounded to the dtype. h_0 read through strides (column-major); a layer not wanted is skipped.
     fp32_matmul_precision(True)
+    _check_fused_mlp_weight_grads(shape, dtype, kernel_device, launches)
+
+
+def _check_fused_mlp_weight_grads(shape, dtype, kernel_device, launches=None):
+    """Every grad_W_l = δ_lᵀ h_{l-1} from one grouped launch, against float64 within fixed bounds:
+    operands rounded to the dot's input (tf32 for fp32), M products summed in fp32, the result
+    rounded to the dtype. h_0 read through strides (column-major); a layer not wanted is skipped."""
     M, K, widths = shape
     gen = torch.Generator().manual_seed(M)
     deltas = [torch.randn(M, n, generator=gen).to(dtype).to(kernel_device) for n in widths]
     inputs = [torch.randn(K, M, generator=gen).to(dtype).to(kernel_device).t()]
     inputs += [torch.randn(M, n, generator=gen).to(dtype).to(kernel_device) for n in widths[:-1]]
     u_in = 2.0 ** -11 if dtype == torch.float32 else 0.0
-    u_store = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11}[dtype]
+    u_store = U_STORE[dtype]
     for wanted in ([True] * len(widths), [True, False, True, True][:len(widths)]):
-        launches.clear()
+        if launches is not None:
+            launches.clear()
         grads = kernels.fa_mlp_weight_grads(deltas, inputs, wanted)
-        assert [name for name, _ in launches] == ["mlp_weight_grad_kernel"]
+        if launches is not None:
+            assert [name for name, _ in launches] == ["mlp_weight_grad_kernel"]
         for index, (delta, h, grad, want) in enumerate(zip(deltas, inputs, grads, wanted)):
             if not want:
                 assert grad is None
@@ -911,3 +926,14 @@ def test_fused_mlp_backward_refuses_what_does_not_fit(kernel_device, fp32_matmul
     deltas, _, grad_x = kernels.fa_mlp_backward(grad_y, outputs, good, ["relu", "identity"], [0.0, 0.0], True,
                                                 [True, True])
     assert grad_x.shape == (5, 6) and [tuple(t.shape) for t in deltas] == [(5, 4), (5, 3)]
+
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", MLP_SHAPES + [(8192, 784, (128, 64, 10))], ids=str)
+def test_cuda_fused_mlp_backward_and_weight_grads(shape, dtype, fp32_matmul_precision):
+    """Compiled, in bf16 too, at the heuristic's configs."""
+    fp32_matmul_precision(True)
+    _check_fused_mlp_backward(shape, dtype, "cuda")
+    _check_fused_mlp_weight_grads(shape, dtype, "cuda")
