@@ -287,3 +287,19 @@ def test_changes_the_fit_cannot_see_by_identity_are_checked_again():
     layer = _fitted()
     del layer.__dict__["_fit"]
     assert layer(torch.randn(2, 4)).shape == (2, 3) and layer._fit is not None
+
+
+def test_a_rule_changed_after_a_fitted_call_is_the_one_that_runs():
+    # backward_as_backprop swaps the rule with the tensors kept: the fast path must follow it.
+    layer = _fitted(activation="identity")
+    x = torch.randn(5, 4, requires_grad=True)
+    layer(x).sum().backward()
+    fa_grad = x.grad.clone()
+    torch.testing.assert_close(fa_grad, torch.ones(5, 3) @ layer.feedback)
+    x.grad = None
+    with layer.backward_as_backprop():
+        layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(5, 3) @ layer.weight.detach())
+    x.grad = None
+    layer(x).sum().backward()  # and back to FA
+    torch.testing.assert_close(x.grad, fa_grad)
