@@ -53,6 +53,21 @@ def kernel_device() -> str:
 
 
 @pytest.fixture
+def launches(monkeypatch):
+    """(kernel name, grid) of every Triton kernel launch in the test, in order (each still runs)."""
+    from fa_triton.kernels import launchers
+
+    seen = []
+    for name, kernel in launchers.JIT_KERNELS.items():
+        def spy(*args, grid, _run=kernel.run, _name=name, **kwargs):
+            seen.append((_name, tuple(grid)))
+            return _run(*args, grid=grid, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", spy)
+    return seen
+
+
+@pytest.fixture
 def fp32_matmul_precision():
     """A setter for PyTorch's fp32 matmul switch (True: tf32 allowed, False: IEEE); the switch is
     restored after the test.

@@ -44,19 +44,6 @@ def fresh_plans():
     plans.clear_plans()
 
 
-@pytest.fixture
-def launches(monkeypatch):
-    """(kernel name, grid) of every kernel launch in the test, in order."""
-    seen = []
-    for name, kernel in launchers.JIT_KERNELS.items():
-        def spy(*args, grid, _run=kernel.run, _name=name, **kwargs):
-            seen.append((_name, tuple(grid)))
-            return _run(*args, grid=grid, **kwargs)
-
-        monkeypatch.setattr(kernel, "run", spy)
-    return seen
-
-
 def triton_layer(*args, **kwargs):
     return fa_linear(*args, backend="triton", **kwargs)
 
@@ -732,20 +719,36 @@ def test_cuda_fused_mlp_forward(shape, dtype, fp32_matmul_precision):
     _assert_each_layer_within_bounds(x, weights, biases, activations, outputs, dtype)
 
 
+# Unit roundoffs of the fused kernels' arithmetic: fp32 accumulation, each dtype's storage, and
+# the dots' inputs (tf32 operands for fp32; 16-bit operands enter the dot exactly).
+U_ACC = 2.0 ** -24
+U_STORE = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+
+def _u_in(dtype) -> float:
+    return 2.0 ** -11 if dtype == torch.float32 else 0.0
+
+
+def _dot_bound(a, b, dtype):
+    """(a @ b in float64, a fixed bound on it as the kernels compute it: operands rounded to the
+    dot's input, the a.shape[1] products summed in fp32, the result rounded to ``dtype``)."""
+    exact = a.double() @ b.double()
+    bound = (a.double().abs() @ b.double().abs()) * (2 * _u_in(dtype) + (a.shape[1] + 1) * U_ACC) \
+        + U_STORE[dtype] * exact.abs() + 1e-30
+    return exact, bound
+
+
 def _step_bound(delta, feedback, y_below, activation, slope, dtype):
     """A fixed bound, from the rounding of ``dtype``, on δ_below = (δ B) ⊙ f'(y_below) computed
     as the kernel does: operands rounded to the dot's input (tf32 for fp32), products summed in
     fp32 over N_l terms, f' from y in fp32, the result rounded to ``dtype`` (first order)."""
-    u_acc = 2.0 ** -24
-    u_in = 2.0 ** -11 if dtype == torch.float32 else 0.0  # tf32 operands; 16-bit ones are exact
-    u_store = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}[dtype]
     magnitude = delta.double().abs() @ feedback.double().abs()
     y = y_below.double()
     fprime = activation_and_derivative_from_y(y, activation, slope)
-    e_fprime = 4 * u_acc * (1 + y.abs() + y * y)
+    e_fprime = 4 * U_ACC * (1 + y.abs() + y * y)
     exact = (delta.double() @ feedback.double()) * fprime
-    return exact, magnitude * (fprime.abs() * (2 * u_in + (feedback.shape[0] + 2) * u_acc) + e_fprime) \
-        + u_store * exact.abs() + 1e-30
+    return exact, magnitude * (fprime.abs() * (2 * _u_in(dtype) + (feedback.shape[0] + 2) * U_ACC) + e_fprime) \
+        + U_STORE[dtype] * exact.abs() + 1e-30
 
 
 def activation_and_derivative_from_y(y, activation, slope):
@@ -759,9 +762,6 @@ def activation_and_derivative_from_y(y, activation, slope):
     if activation == "sigmoid":
         return y * (1 - y)
     return torch.ones_like(y)
-
-
-U_STORE = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
 
 @pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
@@ -790,13 +790,11 @@ def _check_fused_mlp_backward(shape, dtype, device, launches=None):
         assert [name for name, _ in launches] == ["mlp_backward_kernel"] + ["split_sum_kernel"]
     u_store = U_STORE[dtype]
     torch.testing.assert_close(deltas[-1], grad_y)  # the identity at the top: δ_L = g
-    expected_deltas = {len(widths) - 1: grad_y.double()}
     for index in range(len(widths) - 1, 0, -1):
         exact, bound = _step_bound(deltas[index], feedbacks[index], outputs[index - 1], activations[index - 1],
                                    SLOPES[index - 1], dtype)
         assert_parity({"delta": deltas[index - 1]}, {"delta": exact}, dtype, bounds={"delta": bound},
                       name=f"delta_{index}")
-        expected_deltas[index - 1] = exact
     for index, wanted in enumerate(bias_grads):
         if not wanted:
             assert grad_bs[index] is None
@@ -806,13 +804,10 @@ def _check_fused_mlp_backward(shape, dtype, device, launches=None):
         rows = deltas[index].shape[0]
         exact = deltas[index].double().sum(0)
         absolute = deltas[index].double().abs().sum(0)
-        bound = (u_store + (rows + 1) * 2.0 ** -24) * absolute + u_store * exact.abs()
+        bound = (u_store + (rows + 1) * U_ACC) * absolute + u_store * exact.abs()
         assert_parity({"grad_bias": grad_bs[index]}, {"grad_bias": exact}, dtype, bounds={"grad_bias": bound},
                       name=f"grad_b_{index + 1}")
-    u_in = 2.0 ** -11 if dtype == torch.float32 else 0.0
-    exact = deltas[0].double() @ feedbacks[0].double()
-    bound = (deltas[0].double().abs() @ feedbacks[0].double().abs()) * (2 * u_in + (widths[0] + 1) * 2.0 ** -24) \
-        + u_store * exact.abs() + 1e-30
+    exact, bound = _dot_bound(deltas[0], feedbacks[0], dtype)
     assert_parity({"grad_x": grad_x}, {"grad_x": exact}, dtype, bounds={"grad_x": bound})
 
 
@@ -832,8 +827,6 @@ def _check_fused_mlp_weight_grads(shape, dtype, kernel_device, launches=None):
     deltas = [torch.randn(M, n, generator=gen).to(dtype).to(kernel_device) for n in widths]
     inputs = [torch.randn(K, M, generator=gen).to(dtype).to(kernel_device).t()]
     inputs += [torch.randn(M, n, generator=gen).to(dtype).to(kernel_device) for n in widths[:-1]]
-    u_in = 2.0 ** -11 if dtype == torch.float32 else 0.0
-    u_store = U_STORE[dtype]
     for wanted in ([True] * len(widths), [True, False, True, True][:len(widths)]):
         if launches is not None:
             launches.clear()
@@ -844,9 +837,7 @@ def _check_fused_mlp_weight_grads(shape, dtype, kernel_device, launches=None):
             if not want:
                 assert grad is None
                 continue
-            exact = delta.double().t() @ h.double()
-            bound = (delta.double().abs().t() @ h.double().abs()) * (2 * u_in + (M + 1) * 2.0 ** -24) \
-                + u_store * exact.abs() + 1e-30
+            exact, bound = _dot_bound(delta.t(), h, dtype)
             assert_parity({"grad_weight": grad}, {"grad_weight": exact}, dtype, bounds={"grad_weight": bound},
                           name=f"grad_W_{index + 1}")
         assert all(torch.equal(a, b) for a, b in zip(kernels.fa_mlp_weight_grads(deltas, inputs, wanted), grads)

@@ -412,58 +412,50 @@ def test_after_a_fused_call_changed_tensors_and_inputs_are_checked_again():
     assert y.dtype == torch.float32 and "FASequentialFunction" in y.grad_fn.name()
 
 
-def _launched_kernels(monkeypatch) -> list:
-    """The names of the kernels launched from now on, in order (each launch still runs)."""
-    from fa_triton.kernels import launchers
-
-    seen = []
-    for name, kernel in launchers.JIT_KERNELS.items():
-        def spy(*args, _run=kernel.run, _name=name, **kwargs):
-            seen.append(_name)
-            return _run(*args, **kwargs)
-
-        monkeypatch.setattr(kernel, "run", spy)
-    return seen
+def _names(launches) -> list[str]:
+    return [name for name, _ in launches]
 
 
 @pytest.mark.parametrize("method", ["fa", "usf", "brsf", "kp"])
-def test_a_narrow_triton_chain_runs_fused(method, monkeypatch, fp32_matmul_precision):
+def test_a_narrow_triton_chain_runs_fused(method, launches, fp32_matmul_precision):
     """Every width at most 128, no extra tensor (and fp32 with tf32 dots): the kernels' fused MLP
     (one launch for the forward, one for the backward's δ chain, one for the weight gradients),
-    the same gradients as the layers
-    one by one (the interpreter on the CPU)."""
+    the same gradients as the layers one by one (the interpreter on the CPU)."""
     fp32_matmul_precision(True)
     sizes = ((50, 113, "relu", 0.01), (113, 9, "leaky_relu", 0.2), (9, 16, "sigmoid", 0.01), (16, 3, "identity", 0.01))
     layers = _layers(method, "triton", torch.float32, KERNEL_DEVICE, layers=sizes)
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 5, 50, generator=gen).to(KERNEL_DEVICE)
     grad_y = torch.randn(2, 5, 3, generator=gen).to(KERNEL_DEVICE)
-    seen = _launched_kernels(monkeypatch)
     counters = _counters(layers)
     fused, grad_fn = _run(FASequential(*layers), x, grad_y)
     assert "FASequentialFunction" in grad_fn.name()
+    seen = _names(launches)
     assert seen.count("mlp_forward_kernel") == 1 and "forward_kernel" not in seen
     # The backward: the δ chain, grad_b and grad_x in one launch (and one sum of grad_b's
     # partials), every grad_W in one grouped launch; no δ pass, chain step or per-layer GEMM.
     assert seen.count("mlp_backward_kernel") == 1 and seen.count("mlp_weight_grad_kernel") == 1
     assert not {"dfa_delta_kernel", "local_error_kernel", "backward_input_kernel", "backward_weight_kernel"} & set(seen)
-    seen.clear()
+    launches.clear()
     _restore(layers, counters)  # brsf: the same draws
     one_by_one, _ = _run(nn.Sequential(*layers), x, grad_y)
+    seen = _names(launches)
     assert seen.count("forward_kernel") == 4 and "mlp_forward_kernel" not in seen
     for name, want in one_by_one.items():
         torch.testing.assert_close(fused[name], want, msg=lambda text, name=name: f"{name}: {text}")
     gelu = _layers(method, "triton", torch.float32, KERNEL_DEVICE, layers=((50, 9, "gelu", 0.01), (9, 3, "relu", 0.01)))
-    seen.clear()
+    launches.clear()
     FASequential(*gelu)(x)  # gelu keeps f'(z) besides y: layer by layer
+    seen = _names(launches)
     assert "mlp_forward_kernel" not in seen and seen.count("forward_kernel") == 2
     fp32_matmul_precision(False)
-    seen.clear()
+    launches.clear()
     FASequential(*layers)(x)  # IEEE fp32 dots: layer by layer
+    seen = _names(launches)
     assert "mlp_forward_kernel" not in seen and seen.count("forward_kernel") == 4
 
 
-def test_a_long_batch_takes_each_layer_s_weight_gemm(monkeypatch, fp32_matmul_precision):
+def test_a_long_batch_takes_each_layer_s_weight_gemm(monkeypatch, launches, fp32_matmul_precision):
     """Above tuning.MLP_GROUPED_MAX_ROWS rows the weight gradients are each layer's own GEMM
     (split over the batch); the δ chain stays fused; the same gradients as the layers one by one."""
     from fa_triton.kernels import tuning
@@ -475,8 +467,8 @@ def test_a_long_batch_takes_each_layer_s_weight_gemm(monkeypatch, fp32_matmul_pr
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(17, 6, generator=gen).to(KERNEL_DEVICE)
     grad_y = torch.randn(17, 2, generator=gen).to(KERNEL_DEVICE)
-    seen = _launched_kernels(monkeypatch)
     fused, _ = _run(FASequential(*layers), x, grad_y)
+    seen = _names(launches)
     assert seen.count("mlp_backward_kernel") == 1 and seen.count("backward_weight_kernel") == 3
     assert "mlp_weight_grad_kernel" not in seen
     one_by_one, _ = _run(nn.Sequential(*layers), x, grad_y)
