@@ -484,6 +484,12 @@ def fa_linear_dfa_delta(
 
 # ------------------------------------------------------------------------------- fused MLP
 
+def _four(per_layer: list, fill) -> list:
+    """A per-layer list padded to the fused kernels' fixed tuning.MLP_MAX_LAYERS slots (the slots
+    past LAYERS are compiled out; ``fill`` only gives them a valid argument)."""
+    return list(per_layer) + [fill] * (tuning.MLP_MAX_LAYERS - len(per_layer))
+
+
 def mlp_fusable(x: torch.Tensor, weights: list, biases: list) -> bool:
     """Whether :func:`fa_mlp_forward` takes this chain: 2 to ``tuning.MLP_MAX_LAYERS`` layers,
     every layer at most ``tuning.MLP_MAX_WIDTH`` wide, the widths chaining from x [M, K], and x,
@@ -549,17 +555,17 @@ def fa_mlp_forward(
         return outputs
     biases = [b if b is None or b.stride(0) == 1 else b.contiguous() for b in biases]
     cfg = as_config(config) if config is not None else tuning.mlp_config(M, K, max(widths), x.dtype, INTERPRETED)
-    ws = weights + [weights[0]] * (tuning.MLP_MAX_LAYERS - count)
-    bs = [y if b is None else b for b, y in zip(biases, outputs)] + [outputs[0]] * (tuning.MLP_MAX_LAYERS - count)
-    ys = outputs + [outputs[0]] * (tuning.MLP_MAX_LAYERS - count)
-    ns = widths + [widths[0]] * (tuning.MLP_MAX_LAYERS - count)
+    ws = _four(weights, weights[0])
+    bs = _four([y if b is None else b for b, y in zip(biases, outputs)], outputs[0])
+    ys = _four(outputs, outputs[0])
+    ns = _four(widths, widths[0])
     flags = {}
     for index in range(tuning.MLP_MAX_LAYERS):
         real = index < count
         flags[f"HAS_BIAS{index + 1}"] = real and biases[index] is not None
         flags[f"ACTIVATION{index + 1}"] = activations[index] if real else "identity"
         flags[f"BLOCK_N{index + 1}"] = tuning.block(ns[index], tuning.MLP_MAX_WIDTH)
-    slopes = [float(s) for s in negative_slopes] + [0.0] * (tuning.MLP_MAX_LAYERS - count)
+    slopes = _four([float(s) for s in negative_slopes], 0.0)
     launch = on_device(x, Launch(mlp.mlp_forward_kernel, (cdiv(M, cfg.block_rows),), dict(
         flags, LAYERS=count, INPUT_PRECISION=plans.dot_precision(x.dtype),
         USE_INT64=plans.needs_int64(x, *outputs, *weights), BLOCK_M=cfg.block_rows, BLOCK_K=cfg.block_red,
@@ -647,10 +653,9 @@ def fa_mlp_backward(
     programs = cdiv(M, cfg.block_rows)
     partial = grad_y.new_empty((programs, max(total, 1)), dtype=torch.float32)
     outputs = [y if y is None or y.is_contiguous() else y.contiguous() for y in outputs]
-    pad = tuning.MLP_MAX_LAYERS - count
-    ys = [deltas[0] if y is None else y for y in outputs] + [deltas[0]] * pad
-    fbs = [deltas[0] if b is None else b for b in feedbacks] + [deltas[0]] * pad
-    ns = widths + [widths[0]] * pad
+    ys = _four([deltas[0] if y is None else y for y in outputs], deltas[0])
+    fbs = _four([deltas[0] if b is None else b for b in feedbacks], deltas[0])
+    ns = _four(widths, widths[0])
     fb_strides = [s for b in fbs for s in (b.stride() if b.dim() == 2 else (0, 0))]
     flags = {}
     for index in range(tuning.MLP_MAX_LAYERS):
@@ -658,14 +663,14 @@ def fa_mlp_backward(
         flags[f"ACTIVATION{index + 1}"] = activations[index] if real else "identity"
         flags[f"BIAS{index + 1}"] = real and bool(bias_grads[index])
         flags[f"BLOCK_N{index + 1}"] = tuning.block(ns[index], tuning.MLP_MAX_WIDTH)
-    slopes = [float(s) for s in negative_slopes] + [0.0] * pad
+    slopes = _four([float(s) for s in negative_slopes], 0.0)
     x_strides = grad_x.stride() if grad_x is not None else (0, 0)
     launch = on_device(grad_y, Launch(mlp.mlp_backward_kernel, (programs,), dict(
         flags, LAYERS=count, NEED_GRAD_X=need_grad_x, INPUT_PRECISION=plans.dot_precision(grad_y.dtype),
         USE_INT64=plans.needs_int64(grad_y, grad_x, *deltas, *[t for t in outputs + feedbacks if t is not None]),
         BLOCK_M=cfg.block_rows, BLOCK_K=cfg.block_red, num_warps=cfg.num_warps, num_stages=cfg.num_stages)))
-    launch(grad_y, *ys, *fbs, *(deltas + [deltas[0]] * pad), partial, deltas[0] if grad_x is None else grad_x,
-           M, K, *ns, partial.shape[1], *(columns + [0] * pad), *grad_y.stride(), *fb_strides, *x_strides, *slopes)
+    launch(grad_y, *ys, *fbs, *_four(deltas, deltas[0]), partial, deltas[0] if grad_x is None else grad_x,
+           M, K, *ns, partial.shape[1], *_four(columns, 0), *grad_y.stride(), *fb_strides, *x_strides, *slopes)
     grad_bs = [None] * count
     if total:
         summed = grad_y.new_empty((total,))
