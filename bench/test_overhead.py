@@ -62,7 +62,7 @@ def test_compile_overhead_times_both():
     from bench import compile_overhead
 
     result = compile_overhead.measure(batch=4, steps=2, repeats=1)
-    assert set(result) == {"eager", "compiled"} and all(ms > 0 for ms in result.values())
+    assert set(result) == {"eager", "compiled", "nn_eager", "nn_compiled"} and all(ms > 0 for ms in result.values())
 
 
 def test_ensemble_trains_every_seed_both_ways(capsys):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from fa_triton import ACTIVATIONS, FALinear, fa_linear
+from fa_triton import ACTIVATIONS, DFANetwork, FAConv2d, FALinear, FASequential, fa_linear
 from fa_triton.ops import backends
 from fa_triton.ops.library import fa_linear_op
 from fa_triton.rules.methods import FA_RULE
@@ -191,6 +191,35 @@ def test_compile_fullgraph_matches_eager_cpu(backend):
         assert len(compiled) == len(eager) == 2 + 7
         for a, b in zip(eager, compiled):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def _small_model(kind, method):
+    """(a small model of ``kind``, its input's shape)."""
+    if kind == "FAConv2d":
+        return nn.Sequential(FAConv2d(3, 4, 3, method=method), nn.Flatten()), (2, 3, 6, 6)
+    if kind == "DFANetwork":
+        return DFANetwork([FALinear(12, 8), FALinear(8, 3, activation="identity")]), (5, 12)
+    layers = FALinear(12, 8, method=method), FALinear(8, 3, activation="identity", method=method)
+    return (FASequential if kind == "FASequential" else nn.Sequential)(*layers), (5, 12)
+
+
+@pytest.mark.parametrize("kind, method", [(kind, method) for kind in ("FALinear", "FASequential", "FAConv2d")
+                                          for method in ("fa", "brsf")] + [("DFANetwork", "dfa")])
+def test_compiled_model_is_not_recompiled_by_calls(kind, method):
+    # The modules' lazily filled state (a layer's rule, the backend resolved per device and
+    # dtype, the eager fast path's record, FASequential's plan) is not read while tracing:
+    # neither a second compiled call nor an eager call in between invalidates the graph. A
+    # guard on that state would recompile it.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, shape = _small_model(kind, method)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x = torch.randn(shape)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(x).sum().backward()
+        compiled(x).sum().backward()
+        model(x).sum().backward()
+        compiled(x).sum().backward()
 
 
 def _compiled_graphs(model, x, autocast=False):

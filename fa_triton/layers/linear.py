@@ -142,10 +142,10 @@ class FALinear(FeedbackState, FusedActivation, nn.Module):
         # feedback is None for backprop (B = W), usf and brsf (B from W's sign).
         check_inputs(x, weight, bias, feedback, self._activation, self._negative_slope,
                      needs_feedback=feedback is not None)
-        self._fit = None
-        if (type(x) is torch.Tensor and not torch.compiler.is_compiling() and not _any_autocast()
-                and not _transforms_active()):
-            self._record_fit(weight, bias, feedback)
+        if not torch.compiler.is_compiling():  # traced, the assignment would be a side effect of every call
+            self._fit = None
+            if type(x) is torch.Tensor and not _any_autocast() and not _transforms_active():
+                self._record_fit(weight, bias, feedback)
         return apply_checked(x, weight, bias, feedback, counter, self._activation, self._negative_slope, self.rule,
                              self._backend)
 

@@ -64,11 +64,21 @@ class FASequential(nn.Sequential):
         """(steps, notes): each step a child module or a list of (name, FALinear) (a fused
         chain); notes: why children next to FA layers are not fused. Cached per children, their
         hooks and backends."""
+        if torch.compiler.is_compiling():
+            # Built afresh while tracing: the graph would be guarded on the cache, and the
+            # first eager call's fill would recompile it.
+            return self._build_plan()
         key = tuple((name, id(module), _hooked(module), getattr(module, "backend", None))
                     for name, module in self._modules.items() if module is not None)
         cache = getattr(self, "_plan_cache", None)
         if cache is not None and cache[0] == key:
             return cache[1]
+        plan = self._build_plan()
+        self._plan_cache = (key, plan)
+        self._chain_fits = {}  # keyed by the steps' ids: a new plan, new steps
+        return plan
+
+    def _build_plan(self) -> tuple[list, list[str]]:
         steps, notes, pending = [], [], []  # pending: (name, module) of the chain being built
 
         def close():
@@ -108,8 +118,6 @@ class FASequential(nn.Sequential):
                     close()
             pending.append((name, module))
         close()
-        self._plan_cache = (key, (steps, notes))
-        self._chain_fits = {}  # keyed by the steps' ids: a new plan, new steps
         return steps, notes
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Sequential's name

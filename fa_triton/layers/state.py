@@ -115,9 +115,15 @@ class FeedbackState:
     @property
     def rule(self) -> FeedbackRule:
         """How the backward forms B (``fa_triton.methods.FeedbackRule``)."""
-        if self._rule is None or self._rule.seed != self._seed:
-            self._rule = rule_for(self._method, self.feedback_scale, self._seed if self._method == "brsf" else None)
-        return self._rule
+        if torch.compiler.is_compiling():
+            # Traced without the cache: the graph would be guarded on its state, and the first
+            # eager call's fill would recompile it.
+            return rule_for(self._method, self.feedback_scale, self._seed if self._method == "brsf" else None)
+        rule = self._rule
+        if rule is None or rule.seed != self._seed:
+            rule = self._rule = rule_for(self._method, self.feedback_scale,
+                                         self._seed if self._method == "brsf" else None)
+        return rule
 
     def reset_parameters(self) -> None:
         """The init's weight and bias, then B. kaiming: nn.Linear's and nn.Conv2d's own (the same

@@ -101,6 +101,9 @@ def resolve(backend: str, x: torch.Tensor) -> Backend:
     Raises ``ValueError``/``TypeError``/``RuntimeError`` naming the reason when ``backend``
     cannot run on x's device or dtype. Resolved once per (backend, device type, dtype).
     """
+    if torch.compiler.is_compiling():
+        # Traced, the cache would be guarded on: its first fill would recompile the graph.
+        return REGISTRY[_resolve(backend, x.device, x.dtype)]
     key = (backend, x.device.type, x.dtype)
     resolved = _RESOLVED.get(key)
     if resolved is None:
