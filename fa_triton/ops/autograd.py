@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable as _torch_once_differentiable
 
-from ..rules.activations import MAY_SAVE_EXTRA, apply_activation, extra_for_backward, saves_extra
+from ..rules.activations import MAY_SAVE_EXTRA, apply_activation, saves_extra
 from ..rules.methods import FeedbackRule, feedback_matrix
 from .backends import AUTO, TORCH, TRITON, Backend, resolve
 
@@ -191,39 +191,6 @@ class AutoFALinearFunction(torch.autograd.Function):
         return _backward_2d(ctx, grad_y, AUTO)
 
 
-class TransformFALinearFunction(torch.autograd.Function):
-    """The reference layer as ``torch.func`` runs it (vmap, grad, jacrev): the same forward ops and
-    backward (:func:`fa_backward` on the reference's steps) in the form functorch can transform
-    (``setup_context``; ``generate_vmap_rule``: under vmap each op is batched, so stacked models'
-    F.linear and δ B, δᵀ x become one batched matmul each — bmm — with no per-model loop).
-
-    Same inputs as the other Functions; returns (y, saved) with ``saved`` the tensor backward
-    reads for f' (y, or the extra tensor of ``saves_extra``), not differentiable.
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, weight, bias, feedback, counter, activation, negative_slope, rule):
-        z = F.linear(x, weight, bias)
-        y = apply_activation(z, activation, negative_slope)
-        # Computed whether or not backward reads it: without ctx, the forward cannot know.
-        return y, extra_for_backward(z, activation) if saves_extra(activation, negative_slope) else y.detach()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, feedback, counter, activation, negative_slope, rule = inputs
-        saved = output[1]
-        ctx.mark_non_differentiable(saved)
-        save_for_fa_backward(ctx, x, weight, feedback, counter, saved, activation, negative_slope, rule)
-        if x.dim() != 2:
-            ctx.x_shape = x.shape
-
-    @staticmethod
-    def backward(ctx, grad_y, _grad_saved):
-        return _backward_2d(ctx, grad_y, TORCH)
-
-
 TRITON.function = FALinearFunction
 TORCH.function = ReferenceFALinearFunction
 AUTO.function = AutoFALinearFunction
@@ -284,12 +251,10 @@ def _forward_mode() -> bool:
 
 def transformable(op, x, weight, bias, feedback, counter, activation: str, negative_slope: float,
                   rule: FeedbackRule) -> torch.Tensor:
-    """The layer for ``torch.func`` transforms (vmap, grad, jacrev:
-    ``torch.func.stack_module_state`` + ``functional_call`` trains many seeds in one pass), where
-    the eager autograd Functions cannot run. ``op(x, weight, bias)`` is ``F.linear`` (or a
-    convolution). The linear layer runs :class:`TransformFALinearFunction` (its ops batched by
-    vmap). A convolution runs in differentiable PyTorch ops:
-    z = op(x, W, b) with x's gradient sent through B instead of W by the term
+    """The layer in differentiable PyTorch ops, for ``torch.func`` transforms (vmap, grad,
+    jacrev: ``torch.func.stack_module_state`` + ``functional_call`` trains many seeds in one
+    pass), where the autograd Functions cannot run. ``op(x, weight, bias)`` is ``F.linear`` (or
+    a convolution); z = op(x, W, b) with x's gradient sent through B instead of W by the term
     op(x, B) - op(x, B).detach() (0 in value wherever op(x, B) is finite: then y is the
     Functions' y), so autograd gives grad_x = δ B, grad_W = δᵀ x, grad_b = Σ δ and, for kp, B's
     gradient = W's. One more GEMM (or convolution) than the Functions; y = f(z). Forward mode
@@ -304,8 +269,6 @@ def transformable(op, x, weight, bias, feedback, counter, activation: str, negat
             "method='brsf' under torch.func.vmap over stacked models: each model's Philox seed is a Python int "
             "(feedback_seed), which stack_module_state cannot stack, so every member would draw the first model's R; "
             "train brsf models one by one (vmap over the data alone works)")
-    if op is F.linear:
-        return TransformFALinearFunction.apply(x, weight, bias, feedback, counter, activation, negative_slope, rule)[0]
     if rule.method == "backprop":
         z = op(x, weight, bias)
     else:
