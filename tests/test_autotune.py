@@ -285,3 +285,67 @@ def test_the_cache_file_names_the_kernels_sources(tmp_path, monkeypatch):
     tuner = autotune.Tuner(directory=tmp_path, versions_of=lambda: dict(VERSIONS, kernels="abc123"))
     assert tuner._path("GPU").name.endswith("_fa_triton-0.1.0_kernels-abc123.json")
     assert len(autotune.kernels_hash()) == 12 and autotune.versions()["kernels"] == autotune.kernels_hash()
+
+
+@pytest.mark.parametrize("winner", ["fused", "stepwise"])
+def test_auto_times_the_fused_chain_against_the_chain_step_by_step(winner, monkeypatch, tmp_path,
+                                                                   fp32_matmul_precision):
+    # A narrow chain on backend="auto" (CPU tensors: the kernels through the interpreter): its
+    # forward and backward each run the fused MLP or the chain step by step, whichever the timer
+    # says is faster, chosen once per key; either way the chain's numbers are the kernels'.
+    from fa_triton.ops.sequential import FASequentialFunction
+
+    fp32_matmul_precision(True)  # the fused MLP takes fp32 with tf32 dots only
+    times = {"fused": 1.0, "stepwise": 2.0} if winner == "fused" else {"fused": 2.0, "stepwise": 1.0}
+
+    def timer(fn):  # the fused candidate's spy says when it ran; anything else is the stepwise run
+        timer.last = "stepwise"
+        fn()
+        return times[timer.last]
+
+    tuner = autotune.Tuner(timer=timer, directory=tmp_path, versions_of=lambda: VERSIONS)
+    monkeypatch.setattr(autotune, "TUNER", tuner)
+    backends.clear_auto_choices()
+    monkeypatch.setattr(auto_backend, "_BY_PUBLIC", dict(auto_backend._BY_PUBLIC))
+    fused_calls = {"chain_forward": 0, "chain_backward": 0}
+    spies = {}
+    for step in fused_calls:
+        original = getattr(backends.TRITON, step)
+
+        def spy(*args, _step=step, _original=original, **kwargs):
+            timer.last = "fused"
+            fused_calls[_step] += 1
+            return _original(*args, **kwargs)
+        spies[step] = spy
+    auto_backend._BY_PUBLIC["triton"] = backends.TRITON.replace(**spies)
+
+    gen = torch.Generator().manual_seed(3)
+    sizes = [(9, 16, "relu"), (16, 8, "tanh"), (8, 5, "identity")]
+    specs = tuple((activation, 0.01, FA_RULE) for _, _, activation in sizes)
+    params = []
+    for k, n, _ in sizes:
+        params += [torch.randn(n, k, generator=gen).requires_grad_(True), torch.randn(n, generator=gen)
+                   .requires_grad_(True), torch.randn(n, k, generator=gen), None]
+    params = [p if p is None else p.to(KERNEL_DEVICE).detach().requires_grad_(p.requires_grad) for p in params]
+    x = torch.randn(6, 9, generator=gen).to(KERNEL_DEVICE).requires_grad_(True)
+    grad_y = torch.randn(6, 5, generator=gen).to(KERNEL_DEVICE)
+
+    def step(backend):
+        for t in [x, *params]:
+            if t is not None:
+                t.grad = None
+        y = FASequentialFunction.apply(x, backend, specs, *params)
+        y.backward(grad_y)
+        return [y.detach(), x.grad] + [p.grad for p in params if p is not None and p.requires_grad]
+
+    got = step(backends.AUTO)
+    chain_keys = {key[1]: entry.choice for (_, key), entry in tuner.entries.items() if key[1].startswith("chain_")}
+    assert chain_keys == {"chain_forward": winner, "chain_backward": winner}
+    want = step(backends.TRITON)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    before = dict(fused_calls)
+    again = step(backends.AUTO)  # the choices are kept: nothing is timed, the winner runs once per step
+    assert fused_calls == {name: count + (winner == "fused") for name, count in before.items()}
+    for a, b in zip(again, want):
+        torch.testing.assert_close(a, b)

@@ -52,18 +52,12 @@ class FASequentialFunction(torch.autograd.Function):
                 # The whole chain in one launch where the backend has a fused form for it.
                 fused = backend.chain_forward(h, list(params[0::PER_LAYER]), list(params[1::PER_LAYER]),
                                               [(activation, slope) for activation, slope, _ in specs],
-                                              result.view(-1, last))
+                                              result.view(-1, last),
+                                              stepwise=lambda h=h: _forward_layers(backend, specs, params, h, result))
                 if fused is not None:
                     outputs, extras, h = fused[:-1] + [result], [None] * count, result
-        if not outputs:  # layer by layer
-            for index, (activation, slope, _) in enumerate(specs):
-                weight, bias = params[PER_LAYER * index], params[PER_LAYER * index + 1]
-                out = result.view(-1, weight.shape[0]) if result is not None and index == count - 1 else None
-                h, extra = backend.forward(h, weight, bias, activation, slope, saves_extra(activation, slope), out)
-                if out is not None:
-                    h = result
-                outputs.append(h)
-                extras.append(extra)
+        if not outputs:
+            outputs, extras, h = _forward_layers(backend, specs, params, h, result)
         # The last y is saved only when f'_L is read off it (the others are the next layers' inputs).
         last_activation, last_slope, _ = specs[-1]
         if last_activation == "identity" or saves_extra(last_activation, last_slope):
@@ -96,43 +90,63 @@ class FASequentialFunction(torch.autograd.Function):
         def f_source(index):  # what f'_l is read from: y_l, or the extra tensor
             return flat(extras[index]) if extras[index] is not None else flat(outputs[index])
 
-        grads = [None] * (PER_LAYER * count)
+        def stepwise():
+            grads = [None] * (PER_LAYER * count)
+            activation, slope, rule = specs[-1]
+            delta, grad_b = backend.local_error(flat(grad_y), f_source(count - 1), activation, slope, True,
+                                                need[3 + PER_LAYER * (count - 1) + 1])
+            grad_x = None
+            for index in range(count - 1, -1, -1):
+                base = 3 + PER_LAYER * index
+                rule = specs[index][2]
+                need_w, need_feedback = need[base], rule.trains_feedback and need[base + 2]
+                grads[PER_LAYER * index + 1] = grad_b
+                if need_w or need_feedback:
+                    grad_w = backend.backward_weight(delta, flat(x) if index == 0 else flat(outputs[index - 1]))
+                    grads[PER_LAYER * index] = grad_w if need_w else None
+                    grads[PER_LAYER * index + 2] = grad_w if need_feedback else None
+                if index == 0:
+                    if need[0]:
+                        grad_x = backend.backward_input(delta, feedbacks[0], weights[0], counters[0], rule)
+                        grad_x = grad_x.view(x.shape)
+                    break
+                below_activation, below_slope, _ = specs[index - 1]
+                feedback = backend.feedback_matrix(weights[index], feedbacks[index], counters[index], rule)
+                delta = backend.dfa_delta(delta, feedback, f_source(index - 1), ((below_activation, below_slope),),
+                                          (feedback.shape[1],))
+                below_bias = need[3 + PER_LAYER * (index - 1) + 1]
+                grad_b = backend.local_error(delta, None, "identity", 0.0, False, True)[1] if below_bias else None
+            return (grad_x, None, None, *grads)
+
         if all(extra is None for extra in extras):
             fused = _fused_backward(ctx, backend, specs, flat(grad_y), x, [flat(y) for y in outputs], weights,
-                                    feedbacks, counters, flat)
+                                    feedbacks, counters, flat, stepwise)
             if fused is not None:
                 return fused
-        activation, slope, rule = specs[-1]
-        delta, grad_b = backend.local_error(flat(grad_y), f_source(count - 1), activation, slope, True,
-                                            need[3 + PER_LAYER * (count - 1) + 1])
-        grad_x = None
-        for index in range(count - 1, -1, -1):
-            base = 3 + PER_LAYER * index
-            rule = specs[index][2]
-            need_w, need_feedback = need[base], rule.trains_feedback and need[base + 2]
-            grads[PER_LAYER * index + 1] = grad_b
-            if need_w or need_feedback:
-                grad_w = backend.backward_weight(delta, flat(x) if index == 0 else flat(outputs[index - 1]))
-                grads[PER_LAYER * index] = grad_w if need_w else None
-                grads[PER_LAYER * index + 2] = grad_w if need_feedback else None
-            if index == 0:
-                if need[0]:
-                    grad_x = backend.backward_input(delta, feedbacks[0], weights[0], counters[0], rule)
-                    grad_x = grad_x.view(x.shape)
-                break
-            below_activation, below_slope, _ = specs[index - 1]
-            feedback = backend.feedback_matrix(weights[index], feedbacks[index], counters[index], rule)
-            delta = backend.dfa_delta(delta, feedback, f_source(index - 1), ((below_activation, below_slope),),
-                                      (feedback.shape[1],))
-            below_bias = need[3 + PER_LAYER * (index - 1) + 1]
-            grad_b = backend.local_error(delta, None, "identity", 0.0, False, True)[1] if below_bias else None
-        return (grad_x, None, None, *grads)
+        return stepwise()
 
 
-def _fused_backward(ctx, backend: Backend, specs, grad_y, x, outputs, weights, feedbacks, counters, flat):
+def _forward_layers(backend: Backend, specs, params, h, result) -> tuple[list, list, torch.Tensor]:
+    """The chain's forward layer by layer: (every y_l, every extra tensor or None, the top y, written
+    into ``result`` when given)."""
+    count = len(specs)
+    outputs, extras = [], []
+    for index, (activation, slope, _) in enumerate(specs):
+        weight, bias = params[PER_LAYER * index], params[PER_LAYER * index + 1]
+        out = result.view(-1, weight.shape[0]) if result is not None and index == count - 1 else None
+        h, extra = backend.forward(h, weight, bias, activation, slope, saves_extra(activation, slope), out)
+        if out is not None:
+            h = result
+        outputs.append(h)
+        extras.append(extra)
+    return outputs, extras, h
+
+
+def _fused_backward(ctx, backend: Backend, specs, grad_y, x, outputs, weights, feedbacks, counters, flat, stepwise):
     """The chain's backward through the backend's ``chain_backward`` (the kernels' narrow MLP: the
     δ chain, every grad_b and grad_x in one launch, every grad_W in another), or None when the
-    backend has no fused form for it. Returns the Function's gradients."""
+    backend has no fused form for it (or, for "auto", when ``stepwise``, the step-by-step
+    backward, was faster). Returns the Function's gradients."""
     need = ctx.needs_input_grad
     count = len(specs)
 
@@ -144,7 +158,8 @@ def _fused_backward(ctx, backend: Backend, specs, grad_y, x, outputs, weights, f
              for i in range(count)]
     fused = backend.chain_backward(grad_y, flat(x), outputs, form_feedback,
                                    [(activation, slope) for activation, slope, _ in specs], need[0],
-                                   [need[3 + PER_LAYER * i + 1] for i in range(count)], [w or b for w, b in wants])
+                                   [need[3 + PER_LAYER * i + 1] for i in range(count)], [w or b for w, b in wants],
+                                   stepwise=stepwise)
     if fused is None:
         return None
     grad_ws, grad_bs, grad_x = fused

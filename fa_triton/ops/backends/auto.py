@@ -1,7 +1,8 @@
 """``backend="auto"``: on CUDA tensors of a Triton dtype, each step of the layer (forward, δ
 pass, backward input, backward weight, DFA's projection) runs on whichever of the Triton
 kernels and the PyTorch reference was faster for its shapes, dtype, layout and rule on this
-GPU: both are timed at the first call of a key and the choice kept
+GPU, and a narrow chain's forward and backward on whichever of the fused MLP and the chain run
+step by step was faster: both are timed at the first call of a key and the choice kept
 (``fa_triton.kernels.autotune``: in memory and on disk, per GPU and versions), so ``auto`` is
 never slower than the reference. Signatures as in ``reference.py``."""
 
@@ -99,23 +100,67 @@ STEPS = (AutoStep("forward", _forward_key), AutoStep("local_error", _local_error
          AutoStep("dfa_delta", _dfa_delta_key))
 
 
-def _no_chain_forward(x, weights, biases, activations, out=None):
-    """None: "auto" runs a chain layer by layer, each forward as it chose. The fused MLP has not
-    been timed against the per-layer forwards on a GPU (auto's promise: never slower than the
-    reference), so auto does not pick it yet; ``backend="triton"`` does."""
-    return None
+def _chain_forward_key(x, weights, biases, activations, out=None):
+    return ("chain_forward", _dtype(x), _bucket(x.shape[0]), x.shape[1], tuple(w.shape[0] for w in weights),
+            _layout(x), tuple(b is None for b in biases), tuple(activations))
 
 
-def _no_chain_backward(grad_y, x, outputs, form_feedback, activations, need_grad_x, bias_grads, weight_grads):
-    """None, for the reason of :func:`_no_chain_forward`: the backward runs step by step."""
-    return None
+def _chain_backward_key(grad_y, x, outputs, form_feedback, activations, need_grad_x, bias_grads, weight_grads):
+    return ("chain_backward", _dtype(grad_y), _bucket(grad_y.shape[0]), x.shape[1],
+            tuple(None if y is None else y.shape[1] for y in outputs), grad_y.shape[1], _layout(x),
+            tuple(activations), need_grad_x, tuple(bias_grads), tuple(weight_grads))
+
+
+class ChainStep:
+    """A chain step of ``backend="auto"`` (``chain_forward``, ``chain_backward``): per key,
+    whichever of the kernels' fused narrow MLP and the caller's ``stepwise`` run (the chain layer
+    by layer, or its backward step by step, each step as auto chose it) was faster on this GPU,
+    timed at the key's first call by the same tuner as :class:`AutoStep`. Returns the fused
+    result, or None for the caller to run stepwise. A chain the kernels cannot fuse is not timed;
+    during CUDA-graph capture the stand-in is stepwise."""
+
+    def __init__(self, step: str, key_of: Callable, fusable: Callable):
+        self.step, self.key_of, self.fusable = step, key_of, fusable
+        self.chosen: dict[tuple, str] = {}
+
+    def __call__(self, *args, stepwise=None):
+        if stepwise is None or not self.fusable(*args):
+            return None
+        key = (args[0].device.index,) + self.key_of(*args)
+        choice = self.chosen.get(key)
+        if choice is None:
+            choice = self._choose(key, args, stepwise)
+        return getattr(_BY_PUBLIC["triton"], self.step)(*args) if choice == "fused" else None
+
+    def _choose(self, key: tuple, args: tuple, stepwise: Callable) -> str:
+        device = args[0].device
+        tuner = kernels().autotune.TUNER
+        runs = {"fused": lambda: getattr(_BY_PUBLIC["triton"], self.step)(*args), "stepwise": stepwise}
+        with kernels().plans.tuning_device(device):
+            name, final = tuner.choose(kernels().tuning.device_name(device), ("auto",) + key[1:], ("fused", "stepwise"),
+                                       lambda name: runs[name](), stand_in="stepwise")
+        if final:
+            self.chosen[key] = name
+        return name
+
+
+def _forward_fusable(x, weights, biases, *_):
+    return kernels().mlp_fusable(x, weights, biases)
+
+
+def _backward_fusable(grad_y, x, outputs, *_):
+    return kernels().mlp_backward_fusable(grad_y, x, outputs)
+
+
+CHAIN_STEPS = (ChainStep("chain_forward", _chain_forward_key, _forward_fusable),
+               ChainStep("chain_backward", _chain_backward_key, _backward_fusable))
 
 
 # Forming B is one memory pass (no GEMM to choose for): auto runs on CUDA, where the kernels form it.
-AUTO = register(Backend("auto", *STEPS, TRITON.feedback_matrix, _no_chain_forward, _no_chain_backward))
+AUTO = register(Backend("auto", *STEPS, TRITON.feedback_matrix, *CHAIN_STEPS))
 
 
 def clear_auto_choices() -> None:
     """Forget this process's fast lookup of auto choices (the tuner keeps its own)."""
-    for step in STEPS:
+    for step in STEPS + CHAIN_STEPS:
         step.chosen.clear()

@@ -11,12 +11,16 @@ The eight steps, with the signatures every backend shares (``registry.Backend``)
     backward_weight(delta, x)                                 δ [M, N], x [M, K] -> grad_W [N, K]
     dfa_delta(error, feedback, saved, activations, widths)    e [M, n_out], B [n_out, Σ n_l] -> δ [M, Σ n_l]
     feedback_matrix(weight, feedback, counter, rule)          B [N, K] as the rule forms it
-    chain_forward(x, weights, biases, activations, out=None)  x [M, K] -> [y_1 … y_L] of a chain in one
-        fused launch (activations: (activation, negative_slope) per layer; out: the last y), or None
-    chain_backward(grad_y, x, outputs, form_feedback, activations, need_grad_x, bias_grads, weight_grads)
+    chain_forward(x, weights, biases, activations, out=None, stepwise=None)  x [M, K] -> [y_1 … y_L]
+        of a chain in one fused launch (activations: (activation, negative_slope) per layer; out:
+        the last y), or None
+    chain_backward(grad_y, x, outputs, form_feedback, activations, need_grad_x, bias_grads, weight_grads,
+                   stepwise=None)
         g [M, N_L], x [M, K], y_l -> ([grad_W_l or None], [grad_b_l or None], grad_x or None) of a
         chain in fused launches (form_feedback(l) -> B_l, called only once it fuses; the top y
         None for the identity), or None
+    (``stepwise``: a callable that runs what the caller runs on None, the chain layer by layer or
+    step by step; "auto" times the fused form against it.)
 
 ``saved`` is y, or the extra tensor (z, or f'(z) for gelu) where f' cannot be read off y
 (``fa_triton.rules.activations.saves_extra``).
@@ -80,12 +84,13 @@ def feedback_matrix(weight, feedback, counter, rule: FeedbackRule):
     return _rule_matrix(rule, weight, feedback, counter)
 
 
-def chain_forward(x, weights, biases, activations, out=None):
+def chain_forward(x, weights, biases, activations, out=None, stepwise=None):
     """None: the reference has no fused chain (each layer's forward runs in turn)."""
     return None
 
 
-def chain_backward(grad_y, x, outputs, form_feedback, activations, need_grad_x, bias_grads, weight_grads):
+def chain_backward(grad_y, x, outputs, form_feedback, activations, need_grad_x, bias_grads, weight_grads,
+                   stepwise=None):
     """None: the reference has no fused chain (the chain's backward runs step by step)."""
     return None
 

@@ -7,8 +7,9 @@ pass); ``backward_input`` (grad_x = δ B, B as the rule forms it) and ``backward
 δ = (e B) ⊙ f' for every hidden layer at once; also a chain's δ_{l-1} = (δ_l B_l) ⊙ f'_{l-1},
 ``fa_triton.ops.sequential``); ``feedback_matrix`` (B as the rule forms it, for dfa_delta);
 ``chain_forward`` and ``chain_backward`` (a chain's whole forward, and its backward's δ chain,
-in one fused launch each, or None where the backend has none for it: the chain then runs
-``forward`` layer by layer and ``dfa_delta`` step by step) —
+in one fused launch each, or None where the backend has none for it — or, for "auto", where
+the caller's ``stepwise`` run was faster: the chain then runs ``forward`` layer by layer and
+``dfa_delta`` step by step) —
 and what the op layer registers on it: its eager ``torch.autograd.Function``
 (``fa_triton.ops.autograd``), its ``torch.library`` ops and the layer through them
 (``fa_triton.ops.library``). Every caller — the layers, DFA, convert, the ops — finds a

@@ -58,7 +58,7 @@ def feedback_matrix(weight, feedback, counter, rule):
                                         counter=counter)
 
 
-def chain_forward(x, weights, biases, activations, out=None):
+def chain_forward(x, weights, biases, activations, out=None, stepwise=None):
     """The fused narrow MLP (one launch for every layer) when the chain fits it
     (``kernels.mlp_fusable``: 2 to 4 layers at most 128 wide), else None."""
     if not kernels().mlp_fusable(x, weights, biases):
@@ -67,7 +67,8 @@ def chain_forward(x, weights, biases, activations, out=None):
                                     out)
 
 
-def chain_backward(grad_y, x, outputs, form_feedback, activations, need_grad_x, bias_grads, weight_grads):
+def chain_backward(grad_y, x, outputs, form_feedback, activations, need_grad_x, bias_grads, weight_grads,
+                   stepwise=None):
     """The fused narrow MLP's backward when the chain fits it (``kernels.mlp_backward_fusable``,
     decided before any B is formed), else None: B_l formed (``form_feedback(l)``; B_1 only for
     grad_x), the δ chain, every grad_b and grad_x in one launch, then every grad_W from one
