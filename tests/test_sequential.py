@@ -321,6 +321,30 @@ def test_cuda_graph_replays_the_chain():
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.cuda
+def test_cuda_auto_chain_chooses_and_matches_the_kernels(fp32_matmul_precision):
+    # backend="auto" on a narrow chain times the fused MLP against the chain step by step
+    # (ops/backends/auto.py, ChainStep) and keeps a choice for both the forward and the backward;
+    # whichever it keeps, the numbers are the kernels' within fp32 (tf32 dots) rounding.
+    from fa_triton.ops import backends
+
+    fp32_matmul_precision(True)
+    backends.clear_auto_choices()
+    torch.manual_seed(0)
+    auto = fa_triton.models.mlp((64, 32, 16, 10), ("relu", "tanh", "identity"), backend="auto", device="cuda")
+    triton = fa_triton.models.mlp((64, 32, 16, 10), ("relu", "tanh", "identity"), backend="triton", device="cuda")
+    triton.load_state_dict(auto.state_dict())
+    x = torch.randn(48, 64, device="cuda")
+    results = []
+    for model in (auto, triton):
+        model(x).square().sum().backward()
+        results.append([p.grad for p in model.parameters()])
+    for chain_step in backends.auto.CHAIN_STEPS:
+        assert list(chain_step.chosen.values()) in (["fused"], ["stepwise"]), chain_step.step
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-3)
+
+
 def test_hooks_identity_taps_and_a_keyword_input_behave_as_in_nn_sequential():
     layers = _layers("fa", layers=((7, 5, "relu", 0.01), (5, 4, "tanh", 0.01), (4, 3, "identity", 0.01)))
     tap = nn.Identity()
