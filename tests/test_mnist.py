@@ -313,6 +313,40 @@ def test_cuda_graphed_steps_train_like_eager_steps(backend):
         torch.testing.assert_close(graphed_param, eager_param, atol=2e-4, rtol=1e-3)
 
 
+def test_graphed_evaluation_is_for_cuda_only():
+    # On the CPU evaluate's graphs are not used (nothing is captured); a captured forward refuses
+    # CPU tensors by name.
+    from fa_triton.experiments.training import GraphedForward
+
+    torch.manual_seed(0)
+    model = build_model().eval()
+    x, y = torch.rand(30, 784), torch.randint(0, 10, (30,))
+    graphs = {}
+    assert evaluate(model, x, y, chunk=10, graphs=graphs) == evaluate(model, x, y, chunk=10)
+    assert graphs == {}
+    with pytest.raises(ValueError, match="CUDA-graphed forward needs CUDA tensors, got cpu"):
+        GraphedForward(model, x)
+
+
+@pytest.mark.cuda
+def test_cuda_graphed_evaluation_equals_eager_and_follows_the_weights():
+    # Full chunks replay a forward captured at their first use; the short last chunk runs
+    # eagerly; an in-place weight update (an optimizer's step) is seen by the next replay.
+    torch.manual_seed(0)
+    model = build_model(device="cuda").eval()
+    x = torch.rand(250, 784, device="cuda")
+    y = torch.randint(0, 10, (250,), device="cuda")
+    graphs = {}
+    for _ in range(2):
+        got = evaluate(model, x, y, chunk=100, graphs=graphs)
+        want = evaluate(model, x, y, chunk=100)
+        assert abs(got[0] - want[0]) < 1e-5 and got[1] == want[1]
+        assert list(graphs) == [((100, 784), torch.float32)]
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.5)
+
+
 @pytest.mark.cuda
 def test_cuda_train_graphed_and_eager_give_the_same_table():
     kwargs = {"epochs": 2, "device": "cuda", "data_dir": require_mnist(), "download": False, "progress": False,

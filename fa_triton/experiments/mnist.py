@@ -21,6 +21,7 @@ from . import datasets
 from .datasets import MissingDataError, default_data_dir  # noqa: F401 - importable from here as before
 from .report import format_table, plot_training  # noqa: F401 - importable from here as before
 from .training import (  # noqa: F401 - the tutorial's loop, importable from here as before
+    GraphedForward,
     GraphedTrainStep,
     batch_indices,
     evaluate,

@@ -261,6 +261,7 @@ class SeedRun:
         self.crops = torch.Generator().manual_seed(seed + 2**32)  # augmentation: its own stream
         self.step = GraphedTrainStep(self.model, self.optimizer, data.x_train, data.y_train,
                                      config.batch_size) if graphed else None
+        self.eval_graphs = {} if graphed else None  # evaluation's captured forwards (GraphedForward)
         self.rows: list[dict] = []
         self.epoch = 0
         if config.uses_augmentation:
@@ -380,7 +381,8 @@ class SeedRun:
                "epoch": epoch, "lr": lr}
         splits = [("train", data.x_train, data.y_train), ("val", data.x_val, data.y_val),
                   ("test", data.x_test, data.y_test)]
-        results = {name: evaluate(self.model, x, y, chunk=chunk) for name, x, y in splits if x is not None}
+        results = {name: evaluate(self.model, x, y, chunk=chunk, graphs=self.eval_graphs)
+                   for name, x, y in splits if x is not None}
         row.update({f"loss_{name}": loss for name, (loss, _) in results.items()})  # the tutorial's order
         row.update({f"acc_{name}": acc for name, (_, acc) in results.items()})
         row["seconds"] = seconds
