@@ -341,6 +341,8 @@ def test_auto_times_the_fused_chain_against_the_chain_step_by_step(winner, monke
     got = step(backends.AUTO)
     chain_keys = {key[1]: entry.choice for (_, key), entry in tuner.entries.items() if key[1].startswith("chain_")}
     assert chain_keys == {"chain_forward": winner, "chain_backward": winner}
+    backward_key = next(key for _, key in tuner.entries if key[1] == "chain_backward")
+    assert backward_key[-1] == ("fa", "fa", "fa")  # how B is formed changes both forms' costs
     want = step(backends.TRITON)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
@@ -349,3 +351,14 @@ def test_auto_times_the_fused_chain_against_the_chain_step_by_step(winner, monke
     assert fused_calls == {name: count + (winner == "fused") for name, count in before.items()}
     for a, b in zip(again, want):
         torch.testing.assert_close(a, b)
+    # Keywords as the other backends take them: out by name, a misspelt one refused by name.
+    weights, biases = params[0::4], params[1::4]
+    out = torch.empty(6, 5, device=KERNEL_DEVICE)
+    with torch.no_grad():
+        fused = backends.AUTO.chain_forward(x.detach(), weights, biases, [(a, s) for a, s, _ in specs], out=out,
+                                            stepwise=lambda: None)
+    assert (fused is not None) == (winner == "fused")  # None: the caller runs the chain layer by layer
+    if fused is not None:
+        torch.testing.assert_close(out, want[0])
+    with pytest.raises(TypeError, match="unexpected keyword argument 'output'"):
+        backends.AUTO.chain_forward(x.detach(), weights, biases, [], output=out, stepwise=lambda: None)

@@ -328,6 +328,41 @@ def test_graphed_evaluation_is_for_cuda_only():
         GraphedForward(model, x)
 
 
+def test_graphed_evaluation_recaptures_for_new_tensors_and_falls_back_when_capture_fails(monkeypatch):
+    # The cache logic of evaluate's graphs, with a stand-in for the CUDA capture: one capture per
+    # kind of rows and module mode, another once the model's tensors were replaced, and after a
+    # failed capture a warning and eager evaluation of that kind from then on.
+    from fa_triton.experiments import training
+
+    captured = []
+
+    class FakeGraph:
+        def __init__(self, model, rows):
+            if rows.shape[0] == 13:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            captured.append(rows.shape)
+            self.pointer = model[0].weight.data_ptr()
+
+        def fits(self, model):
+            return model[0].weight.data_ptr() == self.pointer
+
+    monkeypatch.setattr(training, "GraphedForward", FakeGraph)
+    torch.manual_seed(0)
+    model = build_model().eval()
+    graphs = {}
+    rows = torch.rand(10, 784)
+    first = training._graphed_forward(graphs, model, rows)
+    assert training._graphed_forward(graphs, model, rows) is first and len(captured) == 1
+    model.train()
+    assert training._graphed_forward(graphs, model, rows) is not first and len(captured) == 2  # the other mode
+    model.eval()
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    assert training._graphed_forward(graphs, model, rows) is not first and len(captured) == 3  # new tensors
+    with pytest.warns(UserWarning, match="could not be captured in a CUDA graph.*evaluated eagerly"):
+        assert training._graphed_forward(graphs, model, torch.rand(13, 784)) is None
+    assert training._graphed_forward(graphs, model, torch.rand(13, 784)) is None and len(captured) == 3
+
+
 @pytest.mark.cuda
 def test_cuda_graphed_evaluation_equals_eager_and_follows_the_weights():
     # Full chunks replay a forward captured at their first use; the short last chunk runs

@@ -46,11 +46,15 @@ class GraphedForward:
     returned logits are the graph's static output, overwritten by the next call. Captured
     after two eager forwards on a side stream (they also tune the Triton kernels, which cannot
     be tuned while a graph is captured). In-place updates of the parameters (an optimizer's
-    step) are seen by every replay; the module's mode is the one at capture."""
+    step) are seen by every replay; the module's mode is the one at capture. :meth:`fits`
+    says whether the model still holds the memory the graph reads (a ``load_state_dict`` with
+    ``assign=True``, a move or a cast gives it new tensors: the graph must be captured again)."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor, warmup: int = 2) -> None:
         if not example.is_cuda:
             raise ValueError(f"a CUDA-graphed forward needs CUDA tensors, got {example.device}")
+        # The tensors themselves are kept too: their memory stays theirs while the graph lives.
+        self.state = [(t, t.data_ptr()) for t in (*model.parameters(), *model.buffers())]
         self.static_x = example.clone()
         device = example.device
         side = torch.cuda.Stream(device=device)
@@ -62,6 +66,12 @@ class GraphedForward:
         self.graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(self.graph):
             self.static_out = model(self.static_x)
+
+    def fits(self, model: nn.Module) -> bool:
+        """Whether ``model``'s parameters and buffers are the captured ones, in the same memory."""
+        now = [*model.parameters(), *model.buffers()]
+        return len(now) == len(self.state) and all(
+            t is held and t.data_ptr() == pointer for t, (held, pointer) in zip(now, self.state))
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         self.static_x.copy_(rows)
@@ -78,19 +88,18 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
     The forward passes run ``chunk`` rows at a time (the numbers come out the same). ``graphs``:
     a dict the caller keeps for one model across calls; on CUDA each full chunk then replays a
-    :class:`GraphedForward` captured at its first call (one per input shape and dtype).
+    :class:`GraphedForward` captured at its first call (one per input shape, dtype, device and
+    the module's train/eval mode, outside autocast; captured again when the model's tensors
+    were replaced; if a capture fails, a warning says so and that shape runs eagerly).
     """
     losses, correct = [], []
     for start in range(0, len(x), chunk):
         rows = x[start:start + chunk]
-        if graphs is not None and rows.is_cuda and len(rows) == chunk:
-            key = (tuple(rows.shape), rows.dtype)
-            forward = graphs.get(key)
-            if forward is None:
-                forward = graphs[key] = GraphedForward(model, rows)
-            logits = forward(rows)
-        else:
-            logits = model(rows)
+        forward = None
+        if (graphs is not None and rows.is_cuda and len(rows) == chunk
+                and not torch.is_autocast_enabled(rows.device.type)):
+            forward = _graphed_forward(graphs, model, rows)
+        logits = forward(rows) if forward is not None else model(rows)
         target = y[start:start + chunk]
         losses.append(F.cross_entropy(logits.float(), target, reduction="none"))
         correct.append((logits.argmax(1) == target).float())
@@ -98,6 +107,26 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     if batch_size is None:
         return losses.double().mean().item(), correct.double().mean().item()
     return mean_over_batches(losses, batch_size), mean_over_batches(correct, batch_size)
+
+
+def _graphed_forward(graphs: dict, model: nn.Module, rows: torch.Tensor) -> GraphedForward | None:
+    """The captured forward for ``rows``' kind from ``graphs`` (captured now if it is new, or if
+    the model's tensors changed), or None where capturing failed (that kind then runs eagerly)."""
+    key = (tuple(rows.shape), rows.dtype, rows.device, model.training)
+    forward = graphs.get(key, _MISSING)
+    if forward is None or (forward is not _MISSING and forward.fits(model)):
+        return forward
+    try:
+        forward = GraphedForward(model, rows)
+    except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager evaluation
+        warnings.warn(f"evaluation could not be captured in a CUDA graph ({type(err).__name__}: {err}); "
+                      f"rows of shape {tuple(rows.shape)} are evaluated eagerly", stacklevel=3)
+        forward = None
+    graphs[key] = forward
+    return forward
+
+
+_MISSING = object()
 
 
 def batch_indices(n: int, batch_size: int, generator: torch.Generator, *, rank: int = 0,

@@ -155,8 +155,10 @@ class FASequential(nn.Sequential):
         the same tensors and rule, so the widths, dtypes and devices checked then still fit) and
         an x of the same dtype, width and device, in plain eager mode without global hooks —
         else None (the full checks run)."""
+        if torch.compiler.is_compiling():  # traced, the record would be guarded on
+            return None
         recorded = self.__dict__.get("_chain_fits", _NO_FITS).get(id(step))  # (a pickle from before has none)
-        if recorded is None or torch.compiler.is_compiling():
+        if recorded is None:
             return None
         layer_fits, fits = recorded
         first = layer_fits[0]

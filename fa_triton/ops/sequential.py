@@ -159,7 +159,7 @@ def _fused_backward(ctx, backend: Backend, specs, grad_y, x, outputs, weights, f
     fused = backend.chain_backward(grad_y, flat(x), outputs, form_feedback,
                                    [(activation, slope) for activation, slope, _ in specs], need[0],
                                    [need[3 + PER_LAYER * i + 1] for i in range(count)], [w or b for w, b in wants],
-                                   stepwise=stepwise)
+                                   tuple(rule.method for _, _, rule in specs), stepwise=stepwise)
     if fused is None:
         return None
     grad_ws, grad_bs, grad_x = fused

@@ -102,13 +102,14 @@ STEPS = (AutoStep("forward", _forward_key), AutoStep("local_error", _local_error
 
 def _chain_forward_key(x, weights, biases, activations, out=None):
     return ("chain_forward", _dtype(x), _bucket(x.shape[0]), x.shape[1], tuple(w.shape[0] for w in weights),
-            _layout(x), tuple(b is None for b in biases), tuple(activations))
+            _layout(x), tuple(_layout(w) for w in weights), tuple(b is None for b in biases), tuple(activations))
 
 
-def _chain_backward_key(grad_y, x, outputs, form_feedback, activations, need_grad_x, bias_grads, weight_grads):
+def _chain_backward_key(grad_y, x, outputs, form_feedback, activations, need_grad_x, bias_grads, weight_grads,
+                        methods=()):
     return ("chain_backward", _dtype(grad_y), _bucket(grad_y.shape[0]), x.shape[1],
             tuple(None if y is None else y.shape[1] for y in outputs), grad_y.shape[1], _layout(x),
-            tuple(activations), need_grad_x, tuple(bias_grads), tuple(weight_grads))
+            tuple(activations), need_grad_x, tuple(bias_grads), tuple(weight_grads), tuple(methods))
 
 
 class ChainStep:
@@ -119,11 +120,17 @@ class ChainStep:
     result, or None for the caller to run stepwise. A chain the kernels cannot fuse is not timed;
     during CUDA-graph capture the stand-in is stepwise."""
 
-    def __init__(self, step: str, key_of: Callable, fusable: Callable):
+    def __init__(self, step: str, key_of: Callable, fusable: Callable, last: str, arity: int):
         self.step, self.key_of, self.fusable = step, key_of, fusable
+        self.last, self.arity = last, arity  # the last parameter's name, the parameters before stepwise
         self.chosen: dict[tuple, str] = {}
 
-    def __call__(self, *args, stepwise=None):
+    def __call__(self, *args, stepwise=None, **kwargs):
+        if kwargs:  # the step's last parameter (chain_forward's out, chain_backward's methods) by name
+            (name, value), = kwargs.items()
+            if name != self.last or len(args) != self.arity - 1:
+                raise TypeError(f"{self.step}() got an unexpected keyword argument {name!r}")
+            args = args + (value,)
         if stepwise is None or not self.fusable(*args):
             return None
         key = (args[0].device.index,) + self.key_of(*args)
@@ -152,8 +159,8 @@ def _backward_fusable(grad_y, x, outputs, *_):
     return kernels().mlp_backward_fusable(grad_y, x, outputs)
 
 
-CHAIN_STEPS = (ChainStep("chain_forward", _chain_forward_key, _forward_fusable),
-               ChainStep("chain_backward", _chain_backward_key, _backward_fusable))
+CHAIN_STEPS = (ChainStep("chain_forward", _chain_forward_key, _forward_fusable, "out", 5),
+               ChainStep("chain_backward", _chain_backward_key, _backward_fusable, "methods", 9))
 
 
 # Forming B is one memory pass (no GEMM to choose for): auto runs on CUDA, where the kernels form it.

@@ -15,12 +15,13 @@ The eight steps, with the signatures every backend shares (``registry.Backend``)
         of a chain in one fused launch (activations: (activation, negative_slope) per layer; out:
         the last y), or None
     chain_backward(grad_y, x, outputs, form_feedback, activations, need_grad_x, bias_grads, weight_grads,
-                   stepwise=None)
+                   methods=(), stepwise=None)
         g [M, N_L], x [M, K], y_l -> ([grad_W_l or None], [grad_b_l or None], grad_x or None) of a
         chain in fused launches (form_feedback(l) -> B_l, called only once it fuses; the top y
         None for the identity), or None
-    (``stepwise``: a callable that runs what the caller runs on None, the chain layer by layer or
-    step by step; "auto" times the fused form against it.)
+    (``methods``: each layer's rule's method; ``stepwise``: a callable that runs what the caller
+    runs on None, the chain layer by layer or step by step. "auto" times the fused form against
+    ``stepwise``, keyed by the methods too: how B is formed changes the two forms' costs.)
 
 ``saved`` is y, or the extra tensor (z, or f'(z) for gelu) where f' cannot be read off y
 (``fa_triton.rules.activations.saves_extra``).
@@ -90,7 +91,7 @@ def chain_forward(x, weights, biases, activations, out=None, stepwise=None):
 
 
 def chain_backward(grad_y, x, outputs, form_feedback, activations, need_grad_x, bias_grads, weight_grads,
-                   stepwise=None):
+                   methods=(), stepwise=None):
     """None: the reference has no fused chain (the chain's backward runs step by step)."""
     return None
 

@@ -68,7 +68,7 @@ def chain_forward(x, weights, biases, activations, out=None, stepwise=None):
 
 
 def chain_backward(grad_y, x, outputs, form_feedback, activations, need_grad_x, bias_grads, weight_grads,
-                   stepwise=None):
+                   methods=(), stepwise=None):
     """The fused narrow MLP's backward when the chain fits it (``kernels.mlp_backward_fusable``,
     decided before any B is formed), else None: B_l formed (``form_feedback(l)``; B_1 only for
     grad_x), the δ chain, every grad_b and grad_x in one launch, then every grad_W from one
