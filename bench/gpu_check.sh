@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a machine with a CUDA GPU (H100/H200: about 6 minutes), in this order:
+# One command for a machine with a CUDA GPU (H100/H200: about 8 minutes), in this order:
 #   (a) the CUDA tests (python3 -m pytest -m cuda tests/ bench/), time-boxed;
 #   (b) each kernel at 8192^3 and 4096^3 in bf16 (then fp16, tf32 and the tutorial's layers in fp32,
 #       as time allows) beside the cuBLAS GEMM and the tutorial GEMM of the same shape and layout,
@@ -10,6 +10,12 @@
 #       (python -m bench.run --preset gpu-check);
 #   (d) peak memory of forward + backward against the reference (python -m bench.memory, heuristic configs);
 #   (e) torch.compile(fullgraph=True) of the tutorial MLP against eager (python -m bench.compile_overhead);
+#   (f) the network (issue "the network as the unit"): 8 seeds of the tutorial MLP in one vmapped
+#       pass against one by one (python -m bench.ensemble --device cuda), then, when MNIST is in
+#       GPU_CHECK_DATA_DIR (default .gpu_data: torchvision's MNIST/raw/ there, git-ignored, to be
+#       named in the device tool's carry), seconds per epoch of the FA MLP and nn.Linear, eager,
+#       graphed and on the fused MLP, and fa_triton.mnist.train's 10 epochs
+#       (python -m bench.mnist_epoch_time --device cuda --tf32 --train-epochs 10);
 # then every tuning choice made (fa_triton.kernels.autotune.tuning_report(), from the cache below)
 # and the report: the issue's targets (PASS / FAIL / unmeasured), each kernel, the layer table.
 #
@@ -24,7 +30,8 @@
 #
 # Time boxes (seconds): the tests GPU_CHECK_TEST_SECONDS (100), the per-kernel sweep
 # GPU_CHECK_KERNEL_SECONDS (95, compiling included), memory GPU_CHECK_MEMORY_SECONDS (25), the
-# layer benchmarks what is left of GPU_CHECK_SECONDS (345) in all.
+# layer benchmarks what is left of GPU_CHECK_SECONDS (345) for (a)-(e) in all; then the network
+# GPU_CHECK_NETWORK_SECONDS (120).
 # The tests run with FA_TRITON_AUTOTUNE=0 (heuristic configs, few compiles); the tuned path and
 # every autotune candidate are covered by their own cuda tests, and the benchmarks autotune.
 # Every candidate config (the tuner's table): python -m bench.sweep, a separate call of <= 8 minutes.
@@ -44,6 +51,10 @@ TEST_SECONDS=${GPU_CHECK_TEST_SECONDS:-100}
 KERNEL_SECONDS=${GPU_CHECK_KERNEL_SECONDS:-95}
 MEMORY_SECONDS=${GPU_CHECK_MEMORY_SECONDS:-25}
 COMPILE_SECONDS=${GPU_CHECK_COMPILE_SECONDS:-40}
+NETWORK_SECONDS=${GPU_CHECK_NETWORK_SECONDS:-120}
+DATA_DIR=${GPU_CHECK_DATA_DIR:-.gpu_data}
+ENSEMBLE_ARGS=()
+EPOCH_ARGS=(--tf32 --train-epochs 10 --rounds 2)
 COMPILE_ARGS=()
 DRY=()
 SWEEP_MODE=(--preset gpu-check --same-tile bf16,fp16)
@@ -51,6 +62,8 @@ if [ "$DEVICE" = "cpu" ]; then
     DRY=(--dry-run)
     SWEEP_MODE=(--same-tile --workers 0)  # the interpreter compiles nothing ahead
     COMPILE_ARGS=(--steps 3 --repeats 2)
+    ENSEMBLE_ARGS=(--quick)
+    EPOCH_ARGS=(--rounds 1 --chunk 200)
 fi
 start=$SECONDS
 since=$(date -u +%Y-%m-%dT%H:%M:%SZ)
@@ -173,12 +186,38 @@ if [ "$compile_status" -ne 0 ]; then
     status=1
 fi
 
+network_txt="$RESULTS/network-$gpu.txt"
+section "(f) the network: 8 seeds in one pass (python -m bench.ensemble), MNIST epochs (python -m bench.mnist_epoch_time; at most ${NETWORK_SECONDS} s)"
+network_start=$SECONDS
+timeout -s INT -k 10 "$NETWORK_SECONDS" \
+    "$PYTHON" -m bench.ensemble --device "$DEVICE" ${ENSEMBLE_ARGS[@]+"${ENSEMBLE_ARGS[@]}"} | tee "$network_txt"
+network_status=$?
+if [ -d "$DATA_DIR/MNIST/raw" ]; then
+    network_left=$((NETWORK_SECONDS - (SECONDS - network_start)))
+    if [ "$network_left" -lt 10 ]; then
+        network_left=10
+    fi
+    timeout -s INT -k 10 "$network_left" \
+        "$PYTHON" -m bench.mnist_epoch_time --device "$DEVICE" --data-dir "$DATA_DIR" "${EPOCH_ARGS[@]}" \
+        | tee -a "$network_txt"
+    epoch_status=$?
+    if [ "$epoch_status" -ne 0 ]; then
+        network_status=$epoch_status
+    fi
+else
+    echo "no MNIST under $DATA_DIR/MNIST/raw: the epoch times are skipped (copy torchvision's MNIST/raw there)" \
+        | tee -a "$network_txt"
+fi
+if [ "$network_status" -ne 0 ]; then
+    status=1
+fi
+
 section "tuning choices (fa_triton.kernels.autotune.tuning_report(); the whole report: $choices_txt)"
 "$PYTHON" -m bench.choices --cache-dir "$FA_TRITON_CACHE_DIR" --output "$choices_txt" --brief
 
 section "summary"
-echo "tests: exit ${test_status}$(timed_out "$test_status") | kernels: exit ${kernel_status}$(timed_out "$kernel_status") | layer: exit ${bench_status}$(timed_out "$bench_status") | memory: exit ${memory_status} | compile: exit ${compile_status}$(timed_out "$compile_status") | total $((SECONDS - start)) s"
-echo "results: $csv (+ PNGs next to it), $sweep_csv, $memory_txt, $compile_txt, $choices_txt, $FA_TRITON_CACHE_DIR/, $log"
+echo "tests: exit ${test_status}$(timed_out "$test_status") | kernels: exit ${kernel_status}$(timed_out "$kernel_status") | layer: exit ${bench_status}$(timed_out "$bench_status") | memory: exit ${memory_status} | compile: exit ${compile_status}$(timed_out "$compile_status") | network: exit ${network_status}$(timed_out "$network_status") | total $((SECONDS - start)) s"
+echo "results: $csv (+ PNGs next to it), $sweep_csv, $memory_txt, $compile_txt, $network_txt, $choices_txt, $FA_TRITON_CACHE_DIR/, $log"
 echo
 "$PYTHON" -m bench.report "$csv" --since "$since" --sweep "$sweep_csv"
 exit "$status"
