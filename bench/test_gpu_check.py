@@ -32,7 +32,8 @@ def test_gpu_check_dry_run(tmp_path):
                 "=== (e) torch.compile(fullgraph=True) against eager", "=== (f) the network",
                 "=== tuning choices", "=== summary"]
     assert [text.index(s) for s in sections] == sorted(text.index(s) for s in sections)  # in this order
-    assert "tests: exit 0 | kernels: exit 0 | layer: exit 0 | memory: exit 0 | compile: exit 0 | network: exit 0" in text
+    assert ("tests: exit 0 | kernels: exit 0 | layer: exit 0 | memory: exit 0 | compile: exit 0 | "
+            "network: exit 0") in text
     assert "compiled / eager = " in text
     assert "one pass / one seed's step: " in text  # the ensemble ran (its smoke size)
     assert "skipped" in text  # the cuda tests ran (and skipped without a GPU)
