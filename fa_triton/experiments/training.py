@@ -40,6 +40,17 @@ def mean_over_batches(values: torch.Tensor, batch_size: int) -> float:
     return means.mean().item()
 
 
+def on_side_stream(device: torch.device, fn):
+    """``fn()`` on a new CUDA stream ordered after the current one (and the current one after it):
+    where PyTorch's CUDA-graph documentation has the warm-up before a capture run."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        result = fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    return result
+
+
 class GraphedForward:
     """``model(rows)`` without gradients for a fixed input shape, captured in one
     ``torch.cuda.CUDAGraph``: each call copies the rows into a static input and replays. The
@@ -56,13 +67,9 @@ class GraphedForward:
         # The tensors themselves are kept too: their memory stays theirs while the graph lives.
         self.state = [(t, t.data_ptr()) for t in (*model.parameters(), *model.buffers())]
         self.static_x = example.clone()
-        device = example.device
-        side = torch.cuda.Stream(device=device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.no_grad(), torch.cuda.stream(side):
+        with torch.no_grad():
             for _ in range(warmup):
-                model(self.static_x)
-        torch.cuda.current_stream(device).wait_stream(side)
+                on_side_stream(example.device, lambda: model(self.static_x))
         self.graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(self.graph):
             self.static_out = model(self.static_x)
@@ -109,6 +116,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return mean_over_batches(losses, batch_size), mean_over_batches(correct, batch_size)
 
 
+_MISSING = object()
+
+
 def _graphed_forward(graphs: dict, model: nn.Module, rows: torch.Tensor) -> GraphedForward | None:
     """The captured forward for ``rows``' kind from ``graphs`` (captured now if it is new, or if
     the model's tensors changed), or None where capturing failed (that kind then runs eagerly)."""
@@ -124,9 +134,6 @@ def _graphed_forward(graphs: dict, model: nn.Module, rows: torch.Tensor) -> Grap
         forward = None
     graphs[key] = forward
     return forward
-
-
-_MISSING = object()
 
 
 def batch_indices(n: int, batch_size: int, generator: torch.Generator, *, rank: int = 0,
@@ -190,12 +197,8 @@ class GraphedTrainStep:
         if self.graph is None:
             if self.steps < self.warmup:
                 self.steps += 1
-                side = torch.cuda.Stream(device=self.x.device)
-                side.wait_stream(torch.cuda.current_stream(self.x.device))
-                with torch.cuda.stream(side):
-                    loss = train_step(self.model, self.optimizer, self.x, self.y, idx)
-                torch.cuda.current_stream(self.x.device).wait_stream(side)
-                return loss
+                return on_side_stream(self.x.device,
+                                      lambda: train_step(self.model, self.optimizer, self.x, self.y, idx))
             self._capture()
         self.idx.copy_(idx)
         self.graph.replay()

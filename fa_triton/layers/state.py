@@ -118,12 +118,14 @@ class FeedbackState:
         if torch.compiler.is_compiling():
             # Traced without the cache: the graph would be guarded on its state, and the first
             # eager call's fill would recompile it.
-            return rule_for(self._method, self.feedback_scale, self._seed if self._method == "brsf" else None)
+            return self._new_rule()
         rule = self._rule
         if rule is None or rule.seed != self._seed:
-            rule = self._rule = rule_for(self._method, self.feedback_scale,
-                                         self._seed if self._method == "brsf" else None)
+            rule = self._rule = self._new_rule()
         return rule
+
+    def _new_rule(self) -> FeedbackRule:
+        return rule_for(self._method, self.feedback_scale, self._seed if self._method == "brsf" else None)
 
     def reset_parameters(self) -> None:
         """The init's weight and bias, then B. kaiming: nn.Linear's and nn.Conv2d's own (the same

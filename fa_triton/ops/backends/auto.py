@@ -120,17 +120,11 @@ class ChainStep:
     result, or None for the caller to run stepwise. A chain the kernels cannot fuse is not timed;
     during CUDA-graph capture the stand-in is stepwise."""
 
-    def __init__(self, step: str, key_of: Callable, fusable: Callable, last: str, arity: int):
+    def __init__(self, step: str, key_of: Callable, fusable: Callable):
         self.step, self.key_of, self.fusable = step, key_of, fusable
-        self.last, self.arity = last, arity  # the last parameter's name, the parameters before stepwise
         self.chosen: dict[tuple, str] = {}
 
-    def __call__(self, *args, stepwise=None, **kwargs):
-        if kwargs:  # the step's last parameter (chain_forward's out, chain_backward's methods) by name
-            (name, value), = kwargs.items()
-            if name != self.last or len(args) != self.arity - 1:
-                raise TypeError(f"{self.step}() got an unexpected keyword argument {name!r}")
-            args = args + (value,)
+    def __call__(self, *args, stepwise=None):
         if stepwise is None or not self.fusable(*args):
             return None
         key = (args[0].device.index,) + self.key_of(*args)
@@ -159,12 +153,22 @@ def _backward_fusable(grad_y, x, outputs, *_):
     return kernels().mlp_backward_fusable(grad_y, x, outputs)
 
 
-CHAIN_STEPS = (ChainStep("chain_forward", _chain_forward_key, _forward_fusable, "out", 5),
-               ChainStep("chain_backward", _chain_backward_key, _backward_fusable, "methods", 9))
+CHAIN_STEPS = (ChainStep("chain_forward", _chain_forward_key, _forward_fusable),
+               ChainStep("chain_backward", _chain_backward_key, _backward_fusable))
+
+
+def chain_forward(x, weights, biases, activations, out=None, stepwise=None):
+    return CHAIN_STEPS[0](x, weights, biases, activations, out, stepwise=stepwise)
+
+
+def chain_backward(grad_y, x, outputs, form_feedback, activations, need_grad_x, bias_grads, weight_grads,
+                   methods=(), stepwise=None):
+    return CHAIN_STEPS[1](grad_y, x, outputs, form_feedback, activations, need_grad_x, bias_grads, weight_grads,
+                          methods, stepwise=stepwise)
 
 
 # Forming B is one memory pass (no GEMM to choose for): auto runs on CUDA, where the kernels form it.
-AUTO = register(Backend("auto", *STEPS, TRITON.feedback_matrix, *CHAIN_STEPS))
+AUTO = register(Backend("auto", *STEPS, TRITON.feedback_matrix, chain_forward, chain_backward))
 
 
 def clear_auto_choices() -> None:
