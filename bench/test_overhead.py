@@ -1,5 +1,7 @@
 """The host-cost, memory, methods and conv benchmarks on the CPU: what they measure, not how fast."""
 
+import pytest
+
 from bench import launch_overhead, memory
 from fa_triton.kernels.launchers import JIT_KERNELS
 
@@ -65,13 +67,12 @@ def test_compile_overhead_times_both():
     assert set(result) == {"eager", "compiled", "nn_eager", "nn_compiled"} and all(ms > 0 for ms in result.values())
 
 
-def test_ensemble_trains_every_seed_both_ways(capsys):
-
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ensemble_trains_every_seed_every_way(capsys, backend):
     from bench import ensemble
 
-    one_by_one, together = ensemble.build(seeds=2, method="fa", batch=4)
-    one_by_one()
-    together()  # both ways step (a failing vmap or optimizer would raise here)
-    assert ensemble.main(["--quick"]) == 0
+    for step in ensemble.build(seeds=2, method="fa", batch=4, backend=backend):
+        step()  # every way steps (a failing vmap, backward or optimizer would raise here)
+    assert ensemble.main(["--quick", "--backend", backend]) == 0
     out = capsys.readouterr().out
-    assert "one by one" in out and "one pass" in out and "one pass / one by one:" in out
+    assert f"backend {backend}" in out and "one pass, grad" in out and "one pass / one by one:" in out

@@ -6,7 +6,8 @@
 - ``mlp_kernels``: the fused narrow MLP (a chain of up to 4 layers at most 128 wide): its forward in
   one launch, its backward's δ chain in another.
 - ``tuning``: ``LaunchConfig``, tile tables, heuristic, autotuner; ``tuned_tables``: the sweep's table.
-- ``plans``: the cached launch plans; ``launchers``: the launchers below.
+- ``plans``: the cached launch plans; ``launchers``: the launchers below (``fa_stacked_*``: E models'
+  layer in one launch, the model as the grid's third axis).
 - ``tutorial_gemm``: the Triton tutorial's GEMM, the yardstick of the loop guard and the benchmarks.
 
 Importing this package compiles nothing and touches no GPU; set ``TRITON_INTERPRET=1``
@@ -27,6 +28,11 @@ from .launchers import (
     fa_mlp_backward,
     fa_mlp_forward,
     fa_mlp_weight_grads,
+    fa_stacked_backward_input,
+    fa_stacked_backward_weight,
+    fa_stacked_feedback,
+    fa_stacked_forward,
+    fa_stacked_local_error,
     mlp_backward_fusable,
     mlp_fusable,
 )
@@ -44,6 +50,11 @@ __all__ = [
     "fa_mlp_forward",
     "fa_mlp_backward",
     "fa_mlp_weight_grads",
+    "fa_stacked_forward",
+    "fa_stacked_local_error",
+    "fa_stacked_feedback",
+    "fa_stacked_backward_input",
+    "fa_stacked_backward_weight",
     "mlp_fusable",
     "mlp_backward_fusable",
     "tuning_report",

@@ -8,6 +8,7 @@
 - :func:`released` — an accumulator as new values for an epilogue (keeps ptxas from
   serializing the main loop).
 - :func:`grouped_tile` — tutorial-03 grouped ordering of output tiles.
+- :func:`model_offset` — where this program's model starts in a stacked launch.
 
 Every formula here is the one of ``fa_triton/activations.py`` (the PyTorch reference), special
 values included: NaN propagates as in ``torch.relu`` and its backward.
@@ -133,3 +134,14 @@ def grouped_tile(pid, num_rows, num_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: 
     pid_row = first_pid_row + ((pid % num_pid_in_group) % group_size)
     pid_col = (pid % num_pid_in_group) // group_size
     return pid_row, pid_col
+
+
+@triton.jit
+def model_offset(stride, USE_INT64: tl.constexpr):
+    """The element offset of this program's model in a stacked launch (E models' layers in one
+    grid: model e = program_id(2), ``stride`` apart; 0 for a single model, whose launch has one
+    program along that axis and passes stride 0)."""
+    model = tl.program_id(2)
+    if USE_INT64:
+        model = model.to(tl.int64)
+    return model * stride

@@ -11,6 +11,8 @@ Shapes (nn.Linear's layout)::
     fa_mlp_forward:             x [M, K], W_l [N_l, N_l-1], b_l        -> [y_1 … y_L] of a narrow chain, one launch
     fa_mlp_backward:            g [M, N_L], y_l, B_l                   -> [δ_1 … δ_L], grad_b_l, grad_x: its δ chain
     fa_mlp_weight_grads:        δ_l [M, N_l], h_{l-1} [M, K_l]         -> every grad_W_l, one grouped launch
+    fa_stacked_*:               the forward, δ pass, B, and both backward GEMMs of E models [E, ...] in one
+                                launch each (E seeds of one network under torch.func.vmap)
 
 The two backward launchers take g and form δ = g ⊙ f'(z) by the δ pass first (skipped when f
 is the identity and nothing else is asked of it); the layer's autograd runs the pass once and
@@ -62,6 +64,11 @@ __all__ = [
     "fa_mlp_forward",
     "fa_mlp_backward",
     "fa_mlp_weight_grads",
+    "fa_stacked_forward",
+    "fa_stacked_local_error",
+    "fa_stacked_feedback",
+    "fa_stacked_backward_input",
+    "fa_stacked_backward_weight",
     "mlp_fusable",
     "mlp_backward_fusable",
     "clear_plans",
@@ -215,7 +222,7 @@ def fa_linear_local_error(
     if bias_grad and splits > 1:
         partial = torch.empty((splits, N), device=grad_y.device, dtype=torch.float32)
     launch(grad_y, saved_arg, delta_arg, grad_y if partial is None else partial, M, N, rows_per_split,
-           *key.g, *key.saved, *key.delta, float(negative_slope))
+           0, *key.g, 0, *key.saved, 0, *key.delta, 0, float(negative_slope))  # one model: no model strides
     if bias_grad and splits > 1:
         split_sum(partial, grad_b, splits)
     return delta, grad_b
@@ -295,8 +302,8 @@ def fa_linear_feedback(
     launch = Launch(passes.feedback_kernel, (cdiv(N, block_n), cdiv(K, block_k)), dict(
         METHOD=method, USE_INT64=plans.needs_int64(weight, feedback, out), BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=4))
-    on_device(weight, launch)(weight, feedback_arg, out if counter is None else counter, out, N, K, *weight.stride(),
-                              *feedback_arg.stride(), float(feedback_scale), seed)
+    on_device(weight, launch)(weight, feedback_arg, out if counter is None else counter, out, N, K, 0, *weight.stride(),
+                              0, *feedback_arg.stride(), 0, float(feedback_scale), seed)  # one model
     return out
 
 
@@ -726,3 +733,190 @@ def fa_mlp_weight_grads(deltas: list, inputs: list, wanted: list, *,
         num_stages=cfg.num_stages)))
     launch(*operands, M, *sizes, *(ends + [total] * pad)[:3], *strides)
     return grads
+
+
+# ------------------------------------------------------------------------------------ stacked
+#
+# E models' same layer (E seeds of one network, torch.func.vmap over stacked parameters) in one
+# launch per job: the single-model pointer kernels with the model as the grid's third axis
+# (jit_helpers.model_offset). The config is the heuristic's for one model's problem on an E-th
+# of the SMs (the models share the GPU), without split reduction or tensor descriptors, or the
+# one given; each model's result is then bitwise what its own launch with that config gives.
+
+def _stacked_config(job: str, rows: int, cols: int, red: int, dtype: torch.dtype, models: int,
+                    device: torch.device, config) -> LaunchConfig:
+    if config is not None:
+        cfg = as_config(config)
+        if cfg.tma or cfg.split > 1:
+            raise ValueError(f"a stacked launch takes neither tensor descriptors nor split reductions, got {cfg}")
+        return cfg
+    sms = max(1, tuning.sm_count(device) // models)
+    return tuning.heuristic_config(job, rows, cols, red, dtype, sms, INTERPRETED).replace(split=1)
+
+
+def _check_stacked(t: torch.Tensor | None, dims: int, name: str) -> None:
+    if t is not None and t.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimensions (the models first), got shape {tuple(t.shape)}")
+
+
+def fa_stacked_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str,
+    negative_slope: float = 0.0,
+    store_extra: bool = False,
+    *,
+    config: LaunchConfig | dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`fa_linear_forward` of E models in one launch: x [E, M, K], weight [E, N, K], bias
+    [E, N] or None (any strides, 0 between models included) -> y [E, M, N] and, when
+    ``store_extra``, the extra tensor [E, M, N] (else None), contiguous."""
+    _check_activation(activation)
+    _check_stacked(x, 3, "x")
+    E, M, K = x.shape
+    N = weight.shape[1] if weight.dim() == 3 else -1
+    _check_shape(weight, (E, N, K), "weight")
+    _check_shape(bias, (E, N), "bias")
+    y = x.new_empty((E, M, N))
+    extra = x.new_empty((E, M, N)) if store_extra else None
+    if E == 0 or M == 0 or N == 0:
+        return y, extra
+    if bias is not None and bias.stride(1) != 1 and N > 1:
+        bias = bias.contiguous()  # the kernel reads bias with a unit stride
+    cfg = _stacked_config("forward", M, N, K, x.dtype, E, x.device, config)
+    launch = Launch(gemm.forward_kernel, (cdiv(M, cfg.block_rows) * cdiv(N, cfg.block_cols), 1, E), dict(
+        HAS_BIAS=bias is not None, STORE_EXTRA=store_extra, ACTIVATION=activation,
+        USE_INT64=plans.needs_int64(x, weight, y), SPLIT=False,
+        EPILOGUE_HALVES=plans.epilogue_halves(activation, store_extra, cfg),
+        **plans.gemm_meta(cfg, plans.dot_precision(x.dtype), "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")))
+    on_device(x, launch)(x, weight, y if bias is None else bias, y, y if extra is None else extra, y, M, N, K, K,
+                         *x.stride(), *weight.stride(), 0 if bias is None else bias.stride(0), *y.stride(),
+                         float(negative_slope))
+    return y, extra
+
+
+def fa_stacked_local_error(
+    grad_y: torch.Tensor,
+    saved: torch.Tensor | None,
+    activation: str,
+    negative_slope: float = 0.0,
+    *,
+    store_delta: bool = True,
+    bias_grad: bool = True,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """:func:`fa_linear_local_error` of E models in one launch: grad_y, saved [E, M, N] (saved
+    None for the identity) -> (δ [E, M, N] or None, grad_b [E, N] or None), in ``dtype``
+    (default grad_y's); grad_b summed in fp32 from δ before its rounding, in a fixed order."""
+    _check_activation(activation)
+    _check_stacked(grad_y, 3, "grad_y")
+    E, M, N = grad_y.shape
+    _check_shape(saved, (E, M, N), "saved")
+    dtype = grad_y.dtype if dtype is None else dtype
+    delta = grad_y.new_empty((E, M, N), dtype=dtype) if store_delta else None
+    grad_b = grad_y.new_empty((E, N), dtype=dtype) if bias_grad else None
+    if E == 0 or N == 0 or not (store_delta or bias_grad):
+        return delta, grad_b
+    if M == 0:
+        return delta, None if grad_b is None else grad_b.zero_()
+    cfg = tuning.pass_config(M, N, max(1, tuning.sm_count(grad_y.device) // E), INTERPRETED)
+    saved_arg = grad_y if saved is None else saved
+    delta_arg = grad_y if delta is None else delta
+    launch = Launch(passes.local_error_kernel, (cdiv(N, cfg.block_cols), 1, E), dict(
+        ACTIVATION=activation, STORE_DELTA=store_delta, BIAS_GRAD=bias_grad,
+        USE_INT64=plans.needs_int64(grad_y, saved, delta), BLOCK_M=cfg.block_rows, BLOCK_N=cfg.block_cols,
+        num_warps=cfg.num_warps))
+    on_device(grad_y, launch)(grad_y, saved_arg, delta_arg, grad_y if grad_b is None else grad_b, M, N, M,
+                              *grad_y.stride(), *saved_arg.stride(), *delta_arg.stride(),
+                              0 if grad_b is None else grad_b.stride(0), float(negative_slope))
+    return delta, grad_b
+
+
+def fa_stacked_feedback(
+    weight: torch.Tensor,
+    feedback: torch.Tensor | None,
+    method: str,
+    *,
+    feedback_scale: float = 1.0,
+    seed: int = 0,
+    counter: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`fa_linear_feedback` of E models in one launch: weight [E, N, K] (and feedback R
+    [E, N, K] for frsf) -> B [E, N, K] (contiguous, W's dtype). brsf: one seed and draw for all,
+    so every model draws the R its own launch would."""
+    _check_stacked(weight, 3, "weight")
+    E, N, K = weight.shape
+    if method not in SIGN_METHODS:
+        raise ValueError(f"method must be one of {SIGN_METHODS} to form B from W's sign, got {method!r}")
+    if method == "frsf" and feedback is None:
+        raise ValueError("method='frsf' needs feedback (the magnitudes R)")
+    if method == "brsf" and (counter is None or counter.numel() != 1 or counter.dtype != torch.int64):
+        raise ValueError("method='brsf' needs counter, an int64 tensor of one element")
+    if method == "frsf":
+        _check_shape(feedback, (E, N, K), "feedback")
+    out = weight.new_empty((E, N, K))
+    if out.numel() == 0:
+        return out
+    feedback_arg = weight if feedback is None else feedback
+    block_n, block_k = (64, 64) if INTERPRETED else (32, 128)
+    launch = Launch(passes.feedback_kernel, (cdiv(N, block_n), cdiv(K, block_k), E), dict(
+        METHOD=method, USE_INT64=plans.needs_int64(weight, feedback, out), BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=4))
+    on_device(weight, launch)(weight, feedback_arg, out if counter is None else counter, out, N, K, *weight.stride(),
+                              *feedback_arg.stride(), N * K, float(feedback_scale), seed)
+    return out
+
+
+def fa_stacked_backward_input(
+    delta: torch.Tensor,
+    feedback: torch.Tensor,
+    *,
+    config: LaunchConfig | dict | None = None,
+) -> torch.Tensor:
+    """grad_x = δ B of E models in one launch: δ [E, M, N], B [E, N, K] (any strides) -> grad_x
+    [E, M, K] (contiguous, B's dtype; δ must have it too)."""
+    _check_stacked(delta, 3, "delta")
+    E, M, N = delta.shape
+    K = feedback.shape[2] if feedback.dim() == 3 else -1
+    _check_shape(feedback, (E, N, K), "feedback")
+    if delta.dtype != feedback.dtype:
+        raise TypeError(f"delta and feedback must have one dtype, got {delta.dtype} and {feedback.dtype}")
+    grad_x = feedback.new_empty((E, M, K))
+    if grad_x.numel() == 0:
+        return grad_x
+    if N == 0:
+        return grad_x.zero_()
+    cfg = _stacked_config("backward_input", M, K, N, feedback.dtype, E, delta.device, config)
+    launch = Launch(gemm.backward_input_kernel, (cdiv(M, cfg.block_rows) * cdiv(K, cfg.block_cols), 1, E), dict(
+        USE_INT64=plans.needs_int64(delta, feedback, grad_x),
+        **plans.gemm_meta(cfg, plans.dot_precision(feedback.dtype), "BLOCK_M", "BLOCK_K", "BLOCK_N", "GROUP_M")))
+    on_device(grad_x, launch)(delta, feedback, grad_x, M, N, K, *delta.stride(), *feedback.stride(), *grad_x.stride())
+    return grad_x
+
+
+def fa_stacked_backward_weight(
+    delta: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    config: LaunchConfig | dict | None = None,
+) -> torch.Tensor:
+    """grad_W = δᵀ x of E models in one launch: δ [E, M, N], x [E, M, K] (any strides, one dtype)
+    -> grad_W [E, N, K] (contiguous, x's dtype)."""
+    _check_stacked(delta, 3, "delta")
+    E, M, N = delta.shape
+    K = x.shape[2] if x.dim() == 3 else -1
+    _check_shape(x, (E, M, K), "x")
+    if delta.dtype != x.dtype:
+        raise TypeError(f"delta and x must have one dtype, got {delta.dtype} and {x.dtype}")
+    grad_w = x.new_empty((E, N, K))
+    if grad_w.numel() == 0:
+        return grad_w
+    if M == 0:
+        return grad_w.zero_()
+    cfg = _stacked_config("backward_weight", N, K, M, x.dtype, E, x.device, config)
+    launch = Launch(gemm.backward_weight_kernel, (cdiv(N, cfg.block_rows) * cdiv(K, cfg.block_cols), 1, E), dict(
+        USE_INT64=plans.needs_int64(delta, x, grad_w),
+        **plans.gemm_meta(cfg, plans.dot_precision(x.dtype), "BLOCK_N", "BLOCK_K", "BLOCK_M", "GROUP_N")))
+    on_device(x, launch)(delta, x, grad_w, M, N, K, M, *delta.stride(), *x.stride(), grad_w.stride(0), 0, K, 1)
+    return grad_w

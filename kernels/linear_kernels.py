@@ -23,6 +23,11 @@ write fp32 partials [splits, ...]; one more kernel adds them in slice order (the
 applies bias and activation). This fills the GPU when the output has few tiles (batch 64, or a
 64→10 layer at batch 8192).
 
+Stacked launches (the pointer kernels but DFA's): E models' layers — E seeds of one network
+trained in one pass, ``torch.func.vmap`` over stacked parameters — run as one grid whose third
+axis is the model (``jit_helpers.model_offset``); each operand's ``stride_*e`` is the distance
+between models (0 for an operand all models share, and for the single model of a plain launch).
+
 Argument order follows Triton's tutorials: pointers (or descriptors), sizes, strides, scalars,
 constexpr flags, constexpr blocks.
 """
@@ -30,7 +35,14 @@ constexpr flags, constexpr blocks.
 import triton
 import triton.language as tl
 
-from .jit_helpers import activation_and_extra, activation_backward, apply_activation, grouped_tile, released
+from .jit_helpers import (
+    activation_and_extra,
+    activation_backward,
+    apply_activation,
+    grouped_tile,
+    model_offset,
+    released,
+)
 
 # ----------------------------------------------------------------------------------- forward
 
@@ -84,10 +96,11 @@ def forward_kernel(
     x_ptr, weight_ptr, bias_ptr, y_ptr, extra_ptr, partial_ptr,
     # sizes
     M, N, K, k_per_split,
-    # strides
-    stride_xm, stride_xk,
-    stride_wn, stride_wk,
-    stride_ym, stride_yn,
+    # strides (stride_*e: between the models of a stacked launch; y's serve the extra tensor too)
+    stride_xe, stride_xm, stride_xk,
+    stride_we, stride_wn, stride_wk,
+    stride_be,
+    stride_ye, stride_ym, stride_yn,
     # scalars
     negative_slope,
     # flags
@@ -104,8 +117,13 @@ def forward_kernel(
 
     SPLIT: program (tile, s), s = program_id(1), sums only K range [s·k_per_split, …) and
     stores its raw fp32 sum in partial[s] ([splits, M, N], contiguous); the epilogue is then
-    forward_split_epilogue_kernel's.
+    forward_split_epilogue_kernel's. A stacked launch (program_id(2) = the model) has no split.
     """
+    x_ptr += model_offset(stride_xe, USE_INT64)
+    weight_ptr += model_offset(stride_we, USE_INT64)
+    bias_ptr += model_offset(stride_be, USE_INT64)
+    y_ptr += model_offset(stride_ye, USE_INT64)
+    extra_ptr += model_offset(stride_ye, USE_INT64)
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -239,16 +257,19 @@ def backward_input_kernel(
     delta_ptr, feedback_ptr, grad_x_ptr,
     # sizes
     M, N, K,
-    # strides
-    stride_dm, stride_dn,
-    stride_bn, stride_bk,
-    stride_gxm, stride_gxk,
+    # strides (stride_*e: between the models of a stacked launch)
+    stride_de, stride_dm, stride_dn,
+    stride_be, stride_bn, stride_bk,
+    stride_gxe, stride_gxm, stride_gxk,
     # flags
     INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr,
     # blocks
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """grad_x[M, K] = δ[M, N] @ B[N, K]: tiles over (M, K), reduces over N (the tutorial's A·B)."""
+    delta_ptr += model_offset(stride_de, USE_INT64)
+    feedback_ptr += model_offset(stride_be, USE_INT64)
+    grad_x_ptr += model_offset(stride_gxe, USE_INT64)
     pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -311,10 +332,10 @@ def backward_weight_kernel(
     delta_ptr, x_ptr, grad_w_ptr,
     # sizes
     M, N, K, rows_per_split,
-    # strides
-    stride_dm, stride_dn,
-    stride_xm, stride_xk,
-    stride_gws, stride_gwn, stride_gwk,
+    # strides (stride_*e: between the models of a stacked launch)
+    stride_de, stride_dm, stride_dn,
+    stride_xe, stride_xm, stride_xk,
+    stride_gwe, stride_gws, stride_gwn, stride_gwk,
     # flags
     INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr,
     # blocks
@@ -325,8 +346,12 @@ def backward_weight_kernel(
     δᵀ is loaded as [BLOCK_N, BLOCK_M] tiles through δ's strides (the tutorial's Aᵀ·B read, no
     transpose in registers). Split over the batch: program (tile, s), s = program_id(1), reduces
     rows [s·rows_per_split, (s+1)·rows_per_split) into slice s of grad_w (fp32 partials
-    stride_gws apart), which split_sum_kernel adds in order. Unsplit: rows_per_split = M.
+    stride_gws apart), which split_sum_kernel adds in order. Unsplit: rows_per_split = M. A
+    stacked launch (program_id(2) = the model) has no split.
     """
+    delta_ptr += model_offset(stride_de, USE_INT64)
+    x_ptr += model_offset(stride_xe, USE_INT64)
+    grad_w_ptr += model_offset(stride_gwe, USE_INT64)
     pid_n, pid_k = grouped_tile(tl.program_id(0), N, K, BLOCK_N, BLOCK_K, GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)

@@ -9,13 +9,15 @@ tensors once, and feeds the GEMMs of ``linear_kernels.py`` plain operands.
   into a buffer that lives only for one backward: no B is kept between steps.
 - :func:`split_sum_kernel` — Σ_s partial[s] in slice order (split reductions).
 
-Argument order as in ``linear_kernels.py``: pointers, sizes, strides, scalars, flags, blocks.
+Both passes take a model axis as the GEMMs do (``linear_kernels.py``: stacked launches,
+program_id(2), ``stride_*e`` between models). Argument order as there: pointers, sizes, strides,
+scalars, flags, blocks.
 """
 
 import triton
 import triton.language as tl
 
-from .jit_helpers import activation_backward, feedback_tile
+from .jit_helpers import activation_backward, feedback_tile, model_offset
 
 
 @triton.jit
@@ -24,10 +26,11 @@ def local_error_kernel(
     grad_y_ptr, saved_ptr, delta_ptr, bias_out_ptr,
     # sizes
     M, N, rows_per_split,
-    # strides
-    stride_gm, stride_gn,
-    stride_sm, stride_sn,
-    stride_dm, stride_dn,
+    # strides (stride_*e: between the models of a stacked launch)
+    stride_ge, stride_gm, stride_gn,
+    stride_se, stride_sm, stride_sn,
+    stride_de, stride_dm, stride_dn,
+    stride_oe,
     # scalars
     negative_slope,
     # flags
@@ -40,8 +43,13 @@ def local_error_kernel(
 
     Program (column block, s), s = program_id(1), walks rows [s·rows_per_split, …) of its
     columns. bias_out is [splits, N] (row s = this slice's sums, contiguous): fp32 partials for
-    split_sum_kernel, or grad_b itself (its dtype) when there is one slice.
+    split_sum_kernel, or grad_b itself (its dtype) when there is one slice; stride_oe apart
+    between the models of a stacked launch (which has one slice).
     """
+    grad_y_ptr += model_offset(stride_ge, USE_INT64)
+    saved_ptr += model_offset(stride_se, USE_INT64)
+    delta_ptr += model_offset(stride_de, USE_INT64)
+    bias_out_ptr += model_offset(stride_oe, USE_INT64)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -76,9 +84,10 @@ def feedback_kernel(
     weight_ptr, feedback_ptr, counter_ptr, out_ptr,
     # sizes
     N, K,
-    # strides
-    stride_wn, stride_wk,
-    stride_fn, stride_fk,
+    # strides (stride_*e: between the models of a stacked launch)
+    stride_we, stride_wn, stride_wk,
+    stride_fe, stride_fn, stride_fk,
+    stride_oe,
     # scalars
     scale, seed,
     # flags
@@ -86,9 +95,13 @@ def feedback_kernel(
     # blocks
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out[N, K] (contiguous, W's dtype) = B as the sign method METHOD forms it
+    """out[N, K] (rows contiguous, W's dtype) = B as the sign method METHOD forms it
     (jit_helpers.feedback_tile): scale·sign(W) ("usf"), |R|·sign(W) with R = feedback ("frsf"),
-    or with |R| drawn by Philox from (seed, the draw number at counter_ptr) ("brsf")."""
+    or with |R| drawn by Philox from (seed, the draw number at counter_ptr) ("brsf"). In a
+    stacked launch every model draws the same R (one seed and counter), as its own launch would."""
+    weight_ptr += model_offset(stride_we, USE_INT64)
+    feedback_ptr += model_offset(stride_fe, USE_INT64)
+    out_ptr += model_offset(stride_oe, USE_INT64)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     if USE_INT64:

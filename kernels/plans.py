@@ -238,14 +238,14 @@ def split_sum(partial: torch.Tensor, out: torch.Tensor, splits: int) -> None:
     on_device(out, launch)(partial, out, numel, splits)
 
 
-def _gemm_meta(cfg: LaunchConfig, precision: str, rows: str, cols: str, red: str, group: str) -> dict:
+def gemm_meta(cfg: LaunchConfig, precision: str, rows: str, cols: str, red: str, group: str) -> dict:
     return {rows: cfg.block_rows, cols: cfg.block_cols, red: cfg.block_red, group: cfg.group,
             "INPUT_PRECISION": precision, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
 # ----------------------------------------------------------------------------------- forward
 
-def _epilogue_halves(activation: str, store_extra: bool, cfg: LaunchConfig) -> bool:
+def epilogue_halves(activation: str, store_extra: bool, cfg: LaunchConfig) -> bool:
     # gelu's epilogue (erf and exp for y and f'(z)) on a 128x256 tile overflows the register file.
     return store_extra and cfg.block_rows * cfg.block_cols >= 128 * 256
 
@@ -261,15 +261,15 @@ class ForwardPlan:
         layout_ok = not use_int64 and tma_layout(x, weight, y)
         M, N, K = key.M, key.N, key.K
         flags = dict(HAS_BIAS=not no_bias, STORE_EXTRA=store_extra, ACTIVATION=activation)
-        strides = (*x.stride(), *weight.stride(), *y.stride())
+        strides = (0, *x.stride(), 0, *weight.stride(), 0, 0, *y.stride())  # one model: no model strides
 
         def pointer(cfg: LaunchConfig):
             tiles = cdiv(M, cfg.block_rows) * cdiv(N, cfg.block_cols)
             splits, k_per_split = tuning.split_plan(K, tuning.cap_split(cfg.split, K, M * N, cfg.block_red),
                                                     cfg.block_red)
             main = Launch(gemm.forward_kernel, (tiles, splits), dict(
-                flags, USE_INT64=use_int64, SPLIT=splits > 1, EPILOGUE_HALVES=_epilogue_halves(
-                    activation, store_extra, cfg), **_gemm_meta(cfg, key.precision, "BLOCK_M", "BLOCK_N", "BLOCK_K",
+                flags, USE_INT64=use_int64, SPLIT=splits > 1, EPILOGUE_HALVES=epilogue_halves(
+                    activation, store_extra, cfg), **gemm_meta(cfg, key.precision, "BLOCK_M", "BLOCK_N", "BLOCK_K",
                                                                 "GROUP_M")))
             if splits == 1:
                 def run(x, weight, bias, y, extra, slope):
@@ -284,7 +284,7 @@ class ForwardPlan:
                 partial = torch.empty((splits, M, N), device=x.device, dtype=torch.float32)
                 main(x, weight, partial, partial, partial, partial, M, N, K, k_per_split, *strides, slope)
                 epilogue(partial, y if bias is None else bias, y, y if extra is None else extra, M, N, splits,
-                         strides[4], strides[5], slope)
+                         strides[-2], strides[-1], slope)
             return run_split
 
         def make_runner(cfg: LaunchConfig):
@@ -292,10 +292,10 @@ class ForwardPlan:
             if not cfg.tma:
                 return on_device(x, pointer(cfg))
             fallback = pointer(cfg.replace(tma=False, split=1))
-            halves = _epilogue_halves(activation, store_extra, cfg)
+            halves = epilogue_halves(activation, store_extra, cfg)
             tma = Launch(gemm.forward_tma_kernel, (cdiv(M, cfg.block_rows) * cdiv(N, cfg.block_cols),),
                          dict(flags, EPILOGUE_HALVES=halves,
-                              **_gemm_meta(cfg, key.precision, "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")))
+                              **gemm_meta(cfg, key.precision, "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")))
             bm, bn, bk = cfg.block_rows, cfg.block_cols, cfg.block_red
 
             def run_tma(x, weight, bias, y, extra, slope):
@@ -305,7 +305,7 @@ class ForwardPlan:
                 y_desc = descriptor(y, bm, bn)
                 tma(descriptor(x, bm, bk), descriptor(weight, bn, bk), y if bias is None else bias, y_desc,
                     y_desc if extra is None or halves else descriptor(extra, bm, bn), y,
-                    y if extra is None else extra, M, N, K, strides[4], strides[5], slope)
+                    y if extra is None else extra, M, N, K, strides[-2], strides[-1], slope)
             return on_device(x, run_tma)
 
         problem = Problem("forward", M, N, K, "rows", key.dtype, key.precision, activation, store_extra, layout_ok)
@@ -323,12 +323,12 @@ class BackwardInputPlan:
         M, N, K = key.M, key.N, key.K
         use_int64 = needs_int64(delta, feedback, grad_x)
         layout_ok = not use_int64 and tma_layout(delta, feedback, grad_x)
-        strides = (*delta.stride(), *feedback.stride(), *grad_x.stride())
+        strides = (0, *delta.stride(), 0, *feedback.stride(), 0, *grad_x.stride())  # one model: no model strides
 
         def make_runner(cfg: LaunchConfig):
             check_tma(cfg, layout_ok, "backward-input")
             grid = (cdiv(M, cfg.block_rows) * cdiv(K, cfg.block_cols),)
-            meta = _gemm_meta(cfg, key.precision, "BLOCK_M", "BLOCK_K", "BLOCK_N", "GROUP_M")
+            meta = gemm_meta(cfg, key.precision, "BLOCK_M", "BLOCK_K", "BLOCK_N", "GROUP_M")
             pointer = Launch(gemm.backward_input_kernel, grid, dict(meta, USE_INT64=use_int64))
 
             def run(delta, feedback, grad_x):
@@ -361,7 +361,7 @@ class BackwardWeightPlan:
         (split_k,) = key.flags
         use_int64 = needs_int64(delta, x, grad_w)
         layout_ok = not use_int64 and tma_layout(delta, x)
-        strides = (*delta.stride(), *x.stride())
+        strides = (0, *delta.stride(), 0, *x.stride())  # one model: no model strides
 
         def make_runner(cfg: LaunchConfig):
             check_tma(cfg, layout_ok, "backward-weight")
@@ -369,7 +369,7 @@ class BackwardWeightPlan:
             split = tuning.cap_split(cfg.split if split_k is None else split_k, M, N * K, cfg.block_red)
             splits, rows_per_split = tuning.split_plan(M, split, cfg.block_red)
             grid = (cdiv(N, cfg.block_rows) * cdiv(K, cfg.block_cols), splits)
-            meta = _gemm_meta(cfg, key.precision, "BLOCK_N", "BLOCK_K", "BLOCK_M", "GROUP_N")
+            meta = gemm_meta(cfg, key.precision, "BLOCK_N", "BLOCK_K", "BLOCK_M", "GROUP_N")
             pointer = Launch(gemm.backward_weight_kernel, grid, dict(meta, USE_INT64=use_int64))
             tma = Launch(gemm.backward_weight_tma_kernel, grid, meta) if cfg.tma else None
             bn, bk, bm = cfg.block_rows, cfg.block_cols, cfg.block_red
@@ -377,9 +377,10 @@ class BackwardWeightPlan:
             def run(delta, x, grad_w):
                 # Unsplit: straight into grad_w. Split: fp32 partials [splits, N·K], added in order.
                 out = grad_w if splits == 1 else torch.empty((splits, N * K), device=x.device, dtype=torch.float32)
-                out_strides = (N * K if splits > 1 else 0, K, 1)
+                out_strides = (0, N * K if splits > 1 else 0, K, 1)
                 if tma is not None and aligned(delta, x):
-                    tma(descriptor(delta, bm, bn), descriptor(x, bm, bk), out, M, N, K, rows_per_split, *out_strides)
+                    tma(descriptor(delta, bm, bn), descriptor(x, bm, bk), out, M, N, K, rows_per_split,
+                        *out_strides[1:])
                 else:
                     pointer(delta, x, out, M, N, K, rows_per_split, *strides, *out_strides)
                 if splits > 1:
@@ -407,7 +408,7 @@ class DFAPlan:
             check_tma(cfg, False, "DFA")
             launch = Launch(gemm.dfa_delta_kernel, (cdiv(M, cfg.block_rows) * cdiv(N, cfg.block_cols),),
                             dict(ACTIVATION=activation, USE_INT64=use_int64,
-                                 **_gemm_meta(cfg, key.precision, "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")))
+                                 **gemm_meta(cfg, key.precision, "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")))
 
             def run(error, feedback, saved, delta, slope):
                 launch(error, feedback, saved, delta, M, N, K, *strides, slope)

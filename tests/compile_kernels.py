@@ -229,6 +229,31 @@ def variants() -> dict[str, Variant]:
                 launchers.fa_mlp_weight_grads, [_meta(M, n, dtype=d) for n in widths],
                 [_meta(M, k, dtype=d) for k in inputs], [True] * 3), dt, (90, 80) if dt == "bf16" else (90,),
                 (128, 784, M))
+    # Stacked launches (8 seeds of the tutorial's network in one pass: the model as the grid's third
+    # axis) at the configs they get, every job, and the sign rules' B.
+    for K, N, activation in TUTORIAL_LAYERS:
+        for dt in ("bf16", "tf32"):
+            d, models, M = DTYPES[dt], 8, 64
+            x, weight, delta = _meta(models, M, K, dtype=d), _meta(models, N, K, dtype=d), _meta(models, M, N, dtype=d)
+            prefix = f"stacked-{models}x{M}x{K}x{N}-{dt}"
+
+            def config(job, rows, cols, red, d=d, models=models):  # as the launcher picks it on 132 SMs
+                return tuning.heuristic_config(job, rows, cols, red, d, SMS // models).replace(split=1)
+
+            v[f"{prefix}-forward"] = Variant(functools.partial(
+                launchers.fa_stacked_forward, x, weight, _meta(models, N, dtype=d), activation,
+                config=config("forward", M, N, K)), dt, (90, 80), (M, N, K))
+            v[f"{prefix}-local_error"] = Variant(functools.partial(
+                launchers.fa_stacked_local_error, delta, delta, activation), dt, (90, 80))
+            v[f"{prefix}-backward_input"] = Variant(functools.partial(
+                launchers.fa_stacked_backward_input, delta, weight, config=config("backward_input", M, K, N)), dt,
+                (90, 80), (M, K, N))
+            v[f"{prefix}-backward_weight"] = Variant(functools.partial(
+                launchers.fa_stacked_backward_weight, delta, x, config=config("backward_weight", N, K, M)), dt,
+                (90, 80), (N, K, M))
+    v["stacked-feedback-bf16-brsf"] = Variant(functools.partial(
+        launchers.fa_stacked_feedback, _meta(8, 128, 784, dtype=torch.bfloat16), None, "brsf", feedback_scale=0.05,
+        seed=7, counter=_meta(1, dtype=torch.int64)), "bf16", (90, 80))
     # int64 offsets, for real: 2^21 + 1 rows of 1024, and a stride of 2^31; odd sizes, small tiles.
     mid, small = LaunchConfig(64, 64, 64, 4, 4), LaunchConfig(16, 16, 16, 4, 3)
     f16 = torch.float16

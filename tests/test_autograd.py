@@ -1,7 +1,10 @@
 """fa_triton/ops/autograd.py under torch.func transforms: the layers' aten-op form
 (``transformable``) that vmap and grad run, so PyTorch's model-ensembling recipe
 (``stack_module_state`` + ``vmap`` over ``functional_call``) trains many seeds in one pass.
-Each member's gradients are held to its own separate run in float64."""
+Each member's gradients are held to its own separate run in float64. On backend="triton" a
+vmap (with plain autograd outside it) runs the kernels' stacked ops instead (the vmap rule of
+``fa_triton.ops.library``): one launch per job for every member, each member held to its own
+separate run within fp32 rounding."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 
 import fa_triton
 from fa_triton import FAConv2d
-from tests.oracle import assert_parity
+from tests.oracle import assert_parity, layer_bounds, oracle, oracle_feedback
 
 SEEDS = 3
 
@@ -113,3 +116,96 @@ def test_brsf_refuses_stacked_models_but_runs_under_grad():
     separate = _separate_grads([model], xs[:1], targets[:1])[0]
     for name, want in separate.items():
         assert_parity(grads[name], want, torch.float64, name=name)
+
+
+# ------------------------------------------------------------ the kernels' stacked launches
+
+def _triton_mlps(method, device):
+    models = []
+    for seed in range(SEEDS):
+        torch.manual_seed(seed)
+        models.append(fa_triton.models.mlp((7, 6, 5, 3), ("relu", "tanh", "identity"), method=method,
+                                           backend="triton").to(device))
+    return models
+
+
+def _stacked_loss_grads(models, xs, targets):
+    """PyTorch's ensembling recipe with plain autograd outside the vmap: (each member's loss,
+    each parameter's gradient [members, ...])."""
+    params, buffers = stack_module_state(models)
+    params = {name: p.detach().requires_grad_() for name, p in params.items()}
+    base = copy.deepcopy(models[0]).to("meta")
+    losses = vmap(lambda p, b, x, t: F.cross_entropy(functional_call(base, (p, b), (x,)), t))(params, buffers, xs,
+                                                                                                targets)
+    losses.sum().backward()
+    return losses, {name: p.grad for name, p in params.items()}
+
+
+@pytest.mark.parametrize("method", [m for m in fa_triton.METHODS if m != "brsf"])
+def test_vmap_on_triton_is_one_stacked_launch_per_job(method, kernel_device, launches):
+    models = _triton_mlps(method, kernel_device)
+    gen = torch.Generator().manual_seed(5)
+    xs = torch.randn(SEEDS, 4, 7, generator=gen).to(kernel_device)
+    targets = torch.randint(0, 3, (SEEDS, 4), generator=gen).to(kernel_device)
+    losses, together = _stacked_loss_grads(models, xs, targets)
+    gemms = [(name, grid) for name, grid in launches
+             if name.endswith(("forward_kernel", "input_kernel", "weight_kernel"))]
+    # 3 forwards, δ B for the 2 layers above the first (the data needs no gradient), 3 δᵀ x: each
+    # one launch whose grid's third axis is the members.
+    assert sorted(name for name, _ in gemms) == sorted(["forward_kernel"] * 3 + ["backward_input_kernel"] * 2
+                                                       + ["backward_weight_kernel"] * 3), launches
+    assert all(len(grid) == 3 and grid[2] == SEEDS for _, grid in launches), launches
+    for member, separate in enumerate(_separate_grads(models, xs, targets)):
+        assert set(together) == set(separate)
+        for name, want in separate.items():
+            torch.testing.assert_close(together[name][member], want, rtol=1e-5, atol=1e-6,
+                                       msg=lambda text, where=f"{method} member {member} {name}": f"{where}: {text}")
+
+
+def test_vmap_on_triton_layer_matches_the_oracle_per_member(kernel_device):
+    # One FALinear per member (frsf: B from R and W's sign, in the kernel), against the float64
+    # oracle of the member's own layer within the fp32 bounds.
+    layers = []
+    for seed in range(SEEDS):
+        torch.manual_seed(seed)
+        layers.append(fa_triton.FALinear(17, 13, activation="tanh", method="frsf", backend="triton").to(kernel_device))
+    gen = torch.Generator().manual_seed(9)
+    xs = torch.randn(SEEDS, 5, 17, generator=gen).to(kernel_device).requires_grad_(True)
+    grad_y = torch.randn(SEEDS, 5, 13, generator=gen).to(kernel_device)
+    params, buffers = stack_module_state(layers)
+    params = {name: p.detach().requires_grad_() for name, p in params.items()}
+    base = copy.deepcopy(layers[0]).to("meta")
+    y = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)))(params, buffers, xs)
+    y.backward(grad_y)
+    for member, layer in enumerate(layers):
+        B = oracle_feedback("frsf", layer.weight, layer.feedback)
+        expected = oracle(xs[member], layer.weight, layer.bias, B, grad_y[member], "tanh")
+        bounds = layer_bounds(xs[member], layer.weight, layer.bias, B, grad_y[member], "tanh", dtype=torch.float32,
+                              method="frsf")
+        result = {"y": y[member], "grad_x": xs.grad[member], "grad_weight": params["weight"].grad[member],
+                  "grad_bias": params["bias"].grad[member]}
+        assert_parity(result, expected, torch.float32, bounds=bounds, name=f"member {member}")
+
+
+def test_vmap_on_triton_over_the_data_alone_shares_the_layer(kernel_device, launches):
+    # Parameters not stacked (vmap over x only): every member reads the one W (stride 0), brsf's
+    # one draw included, and W's gradient is the members' sum, as for the flattened batch.
+    torch.manual_seed(0)
+    layer = fa_triton.FALinear(7, 5, activation="relu", method="brsf", backend="triton").to(kernel_device)
+    twin = copy.deepcopy(layer)
+    xs = torch.randn(SEEDS, 4, 7, device=kernel_device)
+    vmap(layer)(xs).square().sum().backward()
+    assert [grid[2] for name, grid in launches if name == "forward_kernel"] == [SEEDS]
+    twin(xs.reshape(-1, 7)).square().sum().backward()
+    assert torch.equal(layer.counter, twin.counter)
+    for (name, got), want in zip(layer.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5,
+                                   msg=lambda text, name=name: f"{name}: {text}")
+
+
+def test_vmap_on_triton_refuses_stacked_brsf(kernel_device):
+    models = _triton_mlps("brsf", kernel_device)
+    xs = torch.randn(SEEDS, 4, 7, device=kernel_device)
+    targets = torch.zeros(SEEDS, 4, dtype=torch.int64, device=kernel_device)
+    with pytest.raises(ValueError, match="method='brsf' under torch.func.vmap over stacked models"):
+        _stacked_loss_grads(models, xs, targets)

@@ -928,3 +928,104 @@ def test_cuda_fused_mlp_backward_and_weight_grads(shape, dtype, fp32_matmul_prec
     fp32_matmul_precision(True)
     _check_fused_mlp_backward(shape, dtype, "cuda")
     _check_fused_mlp_weight_grads(shape, dtype, "cuda")
+
+
+# --------------------------------------------------------------------------------- stacked
+
+STACKED_MODELS = 3
+STACKED_CONFIG = LaunchConfig(16, 16, 16, 4, 1)
+
+
+def _stacked(shape, layout, gen, device, *, positive=False):
+    """[E, *shape] of STACKED_MODELS models laid out as ``layout``: "contiguous"; "inner" (the
+    models' axis not the outermost in memory: what vmap's movedim gives); "shared" (one tensor
+    for every model, stride 0 between them)."""
+    if layout == "shared":
+        t = torch.randn(*shape, generator=gen).expand(STACKED_MODELS, *shape)
+    elif layout == "inner":
+        t = torch.randn(*shape, STACKED_MODELS, generator=gen).movedim(-1, 0)
+    else:
+        t = torch.randn(STACKED_MODELS, *shape, generator=gen)
+    return (t.abs() + 0.2 if positive else t).to(device)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "inner", "shared"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape", [(1, 7, 17), (7, 17, 5)], ids=lambda s: "x".join(map(str, s)))
+def test_stacked_launches_are_each_models_own_launch(shape, activation, layout, kernel_device, launches):
+    # E models' layer in one launch per job, each model's result bitwise what its own launch
+    # with the same config gives (the model is only the grid's third axis), whatever the layout.
+    M, K, N = shape
+    gen = torch.Generator().manual_seed(7)
+    x, weight = _stacked((M, K), layout, gen, kernel_device), _stacked((N, K), "contiguous", gen, kernel_device)
+    bias, grad_y = _stacked((N,), layout, gen, kernel_device), _stacked((M, N), layout, gen, kernel_device)
+    store = fa_triton.rules.activations.saves_extra(activation, 0.1)
+    y, extra = kernels.fa_stacked_forward(x, weight, bias, activation, 0.1, store, config=STACKED_CONFIG)
+    saved = extra if store else y
+    delta, grad_b = kernels.fa_stacked_local_error(grad_y, saved, activation, 0.1)
+    grad_x = kernels.fa_stacked_backward_input(delta, weight, config=STACKED_CONFIG)
+    grad_w = kernels.fa_stacked_backward_weight(delta, x, config=STACKED_CONFIG)
+    assert [(name, grid[-1]) for name, grid in launches] == [
+        ("forward_kernel", STACKED_MODELS), ("local_error_kernel", STACKED_MODELS),
+        ("backward_input_kernel", STACKED_MODELS), ("backward_weight_kernel", STACKED_MODELS)]
+    one_pass = LaunchConfig(64, 64, 16, split=1)
+    for e in range(STACKED_MODELS):
+        y_e, extra_e = kernels.fa_linear_forward(x[e], weight[e], bias[e], activation, 0.1, store,
+                                                 config=STACKED_CONFIG)
+        delta_e, grad_b_e = kernels.fa_linear_local_error(grad_y[e], saved[e], activation, 0.1, config=one_pass)
+        assert torch.equal(y[e], y_e) and (extra is None) == (extra_e is None)
+        assert extra is None or torch.equal(extra[e], extra_e)
+        assert torch.equal(delta[e], delta_e) and torch.equal(grad_b[e], grad_b_e)
+        assert torch.equal(grad_x[e], kernels.fa_linear_backward_input(delta[e], None, weight[e], "identity",
+                                                                      config=STACKED_CONFIG))
+        assert torch.equal(grad_w[e], kernels.fa_linear_backward_weight(delta[e], None, x[e], "identity", 0.0, False,
+                                                                       config=STACKED_CONFIG)[0])
+
+
+@pytest.mark.parametrize("method", ["fa", "usf", "frsf", "brsf"])
+def test_stacked_layer_matches_the_oracle(method, kernel_device):
+    # Each model's y, grad_x, grad_W and grad_b against the float64 oracle of its own layer (B
+    # from the rule's equations), within the fp32 bounds; the stacked config is the heuristic's.
+    M, K, N = 7, 17, 13
+    gen = torch.Generator().manual_seed(8)
+    x, weight = _stacked((M, K), "contiguous", gen, kernel_device), _stacked((N, K), "contiguous", gen, kernel_device)
+    bias, grad_y = _stacked((N,), "contiguous", gen, kernel_device), _stacked((M, N), "contiguous", gen, kernel_device)
+    magnitudes = _stacked((N, K), "contiguous", gen, kernel_device)
+    counter = torch.tensor([4], dtype=torch.int64, device=kernel_device)
+    y, _ = kernels.fa_stacked_forward(x, weight, bias, "tanh")
+    delta, grad_b = kernels.fa_stacked_local_error(grad_y, y, "tanh")
+    if method == "fa":
+        feedback = magnitudes
+    else:
+        feedback = kernels.fa_stacked_feedback(weight, magnitudes if method == "frsf" else None, method,
+                                               feedback_scale=0.3, seed=5, counter=counter)
+    grad_x = kernels.fa_stacked_backward_input(delta, feedback)
+    grad_w = kernels.fa_stacked_backward_weight(delta, x)
+    for e in range(STACKED_MODELS):
+        B = oracle_feedback(method, weight[e], None if method in ("usf", "brsf") else magnitudes[e], scale=0.3,
+                            seed=5, counter=counter)
+        expected = oracle(x[e], weight[e], bias[e], B, grad_y[e], "tanh")
+        bounds = layer_bounds(x[e], weight[e], bias[e], B, grad_y[e], "tanh", dtype=torch.float32, method=method)
+        result = {"y": y[e], "grad_x": grad_x[e], "grad_weight": grad_w[e], "grad_bias": grad_b[e]}
+        assert_parity(result, expected, torch.float32, bounds=bounds, name=f"{method} model {e}")
+
+
+def test_stacked_launchers_refuse_misfits(kernel_device):
+    x, weight = torch.randn(2, 4, 3, device=kernel_device), torch.randn(2, 5, 3, device=kernel_device)
+    delta = torch.randn(2, 4, 5, device=kernel_device)
+    with pytest.raises(ValueError, match=r"x must have 3 dimensions \(the models first\), got shape \(4, 3\)"):
+        kernels.fa_stacked_forward(x[0], weight, None, "relu")
+    with pytest.raises(ValueError, match=r"weight must have shape \(2, 5, 3\) to fit the other operands, got \(3, 5, "):
+        kernels.fa_stacked_forward(x, torch.randn(3, 5, 3, device=kernel_device), None, "relu")
+    with pytest.raises(ValueError, match=r"bias must have shape \(2, 5\)"):
+        kernels.fa_stacked_forward(x, weight, torch.randn(5, device=kernel_device), "relu")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        kernels.fa_stacked_local_error(delta, delta, "rleu")
+    with pytest.raises(ValueError, match=r"feedback must have shape \(2, 5, 7\)|feedback must have shape"):
+        kernels.fa_stacked_backward_input(delta, torch.randn(2, 4, 3, device=kernel_device))
+    with pytest.raises(TypeError, match="delta and x must have one dtype"):
+        kernels.fa_stacked_backward_weight(delta.double(), x)
+    with pytest.raises(ValueError, match="neither tensor descriptors nor split reductions"):
+        kernels.fa_stacked_backward_weight(delta, x, config=LaunchConfig(16, 16, 16, split=2))
+    with pytest.raises(ValueError, match="method must be one of"):
+        kernels.fa_stacked_feedback(weight, None, "fa")

@@ -86,9 +86,31 @@ def test_opcheck_backward(backend):
         torch.library.opcheck(backward_weight, weight_args)
 
 
+def _stacked(args, models=2):
+    """The op's arguments for ``models`` models: each floating tensor stacked in front (a leaf
+    again where it was one), the rest (brsf's counter, flags) as they are."""
+    def stack(t):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            return t
+        return torch.stack([t.detach()] * models).requires_grad_(t.requires_grad)
+    return tuple(stack(a) for a in args)
+
+
+def test_opcheck_stacked_ops():
+    # The E-models family the vmap rule runs (fa_triton::triton_stacked_*): its fakes, schemas
+    # and autograd as the 2-D ops'.
+    forward, local_error, backward_input, backward_weight = backends.TRITON_STACKED.ops
+    for args in forward_samples(KERNEL_DEVICE):
+        torch.library.opcheck(forward, _stacked(args))
+    for error_args, input_args, weight_args in backward_samples(KERNEL_DEVICE):
+        torch.library.opcheck(local_error, _stacked(error_args))
+        torch.library.opcheck(backward_input, _stacked(input_args))
+        torch.library.opcheck(backward_weight, _stacked(weight_args))
+
+
 def test_ops_are_registered():
     for name in ("forward", "local_error", "backward_input", "backward_weight"):
-        for family in ("triton", "torch", "auto"):
+        for family in ("triton", "torch", "auto", "triton_stacked"):
             assert hasattr(torch.ops.fa_triton, f"{family}_{name}")
 
 

@@ -392,19 +392,29 @@ def test_a_factory_module_in_the_current_folder_is_found(data_dir, tmp_path, mon
     assert list(df["epoch"]) == [1]
 
 
-@pytest.mark.parametrize("method, model", [("fa", "mlp"), ("kp", "mlp"), ("backprop", "mlp"), ("fa", "lenet")])
-def test_seeds_together_match_the_seeds_one_by_one(data_dir, tmp_path, method, model):
+@pytest.mark.parametrize("method, model, backend", [("fa", "mlp", "torch"), ("kp", "mlp", "torch"),
+                                                    ("backprop", "mlp", "torch"), ("fa", "lenet", "torch"),
+                                                    ("fa", "mlp", "triton")])
+def test_seeds_together_match_the_seeds_one_by_one(data_dir, tmp_path, method, model, backend, launches):
     """One torch.func pass per step for every seed: each seed's rows as its own run's, within
-    fp32 rounding (the stacked GEMMs round differently); outputs and checkpoints as usual."""
-    cfg = config(data_dir, tmp_path, seeds=(0, 1, 2), method=method, model=model)
+    fp32 rounding (the stacked GEMMs round differently); outputs and checkpoints as usual. On
+    backend="triton" the pass is the kernels' stacked launches (vmap, then plain autograd)."""
+    # The interpreter runs the kernels: a smaller run there (2 seeds, 1 epoch of 4 steps).
+    small = dict(seeds=(0, 1), epochs=1, train_samples=128) if backend == "triton" else dict(seeds=(0, 1, 2))
+    cfg = config(data_dir, tmp_path, method=method, model=model, backend=backend, **small)
     separate = run_quietly(cfg, write=False)
+    assert all(len(grid) < 3 or grid[2] == 1 for _, grid in launches)
     together = run_quietly(cfg.replace(together=True))
+    # The kernels' stacked launches (the members on the grid's third axis), or none on the reference.
+    assert {name for name, grid in launches if len(grid) == 3 and grid[2] == len(cfg.seeds)} == (
+        {"forward_kernel", "local_error_kernel", "backward_input_kernel", "backward_weight_kernel"}
+        if backend == "triton" else set())
     assert list(together["seed"]) == list(separate["seed"]) and list(together["epoch"]) == list(separate["epoch"])
     for column in [c for c in separate.columns if c.startswith(("loss_", "acc_", "angle_", "grad_angle_"))]:
         torch.testing.assert_close(torch.tensor(together[column].to_numpy()), torch.tensor(separate[column].to_numpy()),
                                    rtol=1e-4, atol=1e-4, msg=lambda text, column=column: f"{column}: {text}")
     out = tmp_path / "run"
-    assert {p.name for p in (out / "checkpoints").iterdir()} == {"seed0.pt", "seed1.pt", "seed2.pt"}
+    assert {p.name for p in (out / "checkpoints").iterdir()} == {f"seed{seed}.pt" for seed in cfg.seeds}
     assert (out / "metrics.csv").exists() and (out / "summary.csv").exists()
 
 

@@ -424,11 +424,27 @@ def together_reason(config: RunConfig, model: nn.Module | None = None, world_siz
     return None
 
 
+def runs_stacked_kernels(model: nn.Module) -> bool:
+    """Whether a ``vmap`` over stacked copies of ``model`` runs the kernels' stacked launches: some
+    FALinear whose backend resolves to the kernels for its weight (backend "triton", or "auto" on
+    CUDA), which the vmap rule of ``fa_triton.ops.library`` takes."""
+    from ..layers.linear import FALinear
+
+    return any(resolve(m.backend, m.weight).name != "torch" for m in model.modules() if isinstance(m, FALinear))
+
+
 class Together:
     """Several seeds' runs trained in one pass per step: their models' parameters and buffers
-    stacked, one ``vmap(grad)`` of the loss over ``functional_call`` (PyTorch's ensembling
-    recipe; the layers' torch.func form), then each seed's own optimizer step. Each seed keeps
-    its own data order, augmentation, optimizer, schedule, rows and checkpoint."""
+    stacked, then each seed's own optimizer step; each seed keeps its own data order,
+    augmentation, optimizer, schedule, rows and checkpoint. The pass is PyTorch's ensembling
+    recipe, a ``vmap`` of the loss over ``functional_call``, in one of two forms:
+
+    - when the layers run the kernels (:func:`runs_stacked_kernels`): the vmapped losses, then one
+      backward of their sum through plain autograd (each seed's gradient is its own: the sum's
+      derivative is 1), so that every layer's forward and backward jobs are one stacked launch
+      for all seeds (a grad transform would take the layers' aten-op form instead);
+    - on the reference: ``vmap(grad(...))`` of the loss (the layers' aten-op form, batched
+      matmuls), which on the CPU costs less than autograd outside the vmap (bench/ensemble.py)."""
 
     def __init__(self, runs: list[SeedRun]) -> None:
         import copy
@@ -443,7 +459,18 @@ class Together:
         def loss(params, buffers, x, y):
             return F.cross_entropy(functional_call(base, (params, buffers), (x,)), y)
 
-        self.step = vmap(grad_and_value(loss))
+        self.losses = vmap(loss)
+        self.grads = None if runs_stacked_kernels(runs[0].model) else vmap(grad_and_value(loss))
+
+    def step(self, params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """(each parameter's gradient [seeds, ...], each seed's loss [seeds]) at the stacked ``params``."""
+        if self.grads is not None:
+            return self.grads(params, buffers, x, y)
+        params = {name: p.requires_grad_() for name, p in params.items()}  # fresh stacks: leaves of their own
+        loss = self.losses(params, buffers, x, y)
+        loss.sum().backward()
+        # A parameter the loss does not reach gets zeros, as torch.func.grad gives it.
+        return {name: torch.zeros_like(p) if p.grad is None else p.grad for name, p in params.items()}, loss.detach()
 
     def train_epoch(self, progress=None) -> list[dict]:
         """One epoch of every seed; their rows. Raises :class:`NonFiniteLoss` naming the seed."""

@@ -233,6 +233,12 @@ def autocast_inputs(x, weight, bias, feedback):
     return cast(x), cast(weight), cast(bias), cast(feedback)
 
 
+STACKED_BRSF = (
+    "method='brsf' under torch.func.vmap over stacked models: each model's Philox seed is a Python int "
+    "(feedback_seed), which stack_module_state cannot stack, so every member would draw the first model's R; "
+    "train brsf models one by one (vmap over the data alone works)")
+
+
 def _stacked(t) -> bool:
     """Whether ``t`` is batched by an enclosing vmap (under any grad wrappers)."""
     functorch = torch._C._functorch
@@ -241,6 +247,12 @@ def _stacked(t) -> bool:
             return True
         t = functorch.get_unwrapped(t)
     return False
+
+
+def _vmap_only() -> bool:
+    """Whether every enclosing ``torch.func`` transform is a vmap (no grad, jvp or functionalize)."""
+    functorch = torch._C._functorch
+    return all(level.key() == functorch.TransformType.Vmap for level in functorch.get_interpreter_stack() or ())
 
 
 def _forward_mode() -> bool:
@@ -265,10 +277,7 @@ def transformable(op, x, weight, bias, feedback, counter, activation: str, negat
             "replaces only the backward pass's W by B, so a tangent would be neither the true one (through W) "
             "nor FA's; use reverse mode (grad, vjp, jacrev)")
     if rule.method == "brsf" and _stacked(counter):
-        raise ValueError(
-            "method='brsf' under torch.func.vmap over stacked models: each model's Philox seed is a Python int "
-            "(feedback_seed), which stack_module_state cannot stack, so every member would draw the first model's R; "
-            "train brsf models one by one (vmap over the data alone works)")
+        raise ValueError(STACKED_BRSF)
     if rule.method == "backprop":
         z = op(x, weight, bias)
     else:
@@ -299,7 +308,14 @@ def apply_checked(x, weight, bias, feedback, counter, activation: str, negative_
     """The layer on inputs already checked (and autocast): the resolved backend's autograd
     Function in eager mode (:func:`eager_runner`), its ``torch.library`` op while tracing."""
     if torch._C._are_functorch_transforms_active():
-        # vmap, grad, jacrev: the Functions have no vmap rule; the same layer in aten ops does.
+        if _vmap_only():
+            resolved = resolve(backend, x)
+            if resolved is not TORCH:
+                # The kernels' op, whose vmap rule runs E models in one stacked launch per job
+                # (fa_triton.ops.library); plain autograd outside the vmap runs its backward.
+                return resolved.layer_op(x, weight, bias, feedback, counter, activation, negative_slope, rule)
+        # grad, jacrev (and vmap on the reference): the Functions have no torch.func form; the
+        # same layer in aten ops has (vmap batches them: bmm).
         return transformable(F.linear, x, weight, bias, feedback, counter, activation, negative_slope, rule)
     resolved = resolve(backend, x)
     if torch.compiler.is_compiling() and resolved.name != "torch":

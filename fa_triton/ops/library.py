@@ -15,6 +15,13 @@ batch dimensions around them::
     fa_triton::triton_backward_weight(delta[M,N], x[M,K]) -> grad_W[N,K]
     fa_triton::torch_* and fa_triton::auto_*: the same signatures over the reference backend
         (plain PyTorch ops; any device, any floating dtype) and backend="auto"
+    fa_triton::triton_stacked_*: the same over E models at once, every tensor with the models first
+        (x [E, M, K], weight [E, N, K], y [E, M, N], grad_b [E, N]); one stacked launch per job
+
+Under ``torch.func.vmap`` (no grad transform inside it) the triton and auto forward ops run the
+stacked ops (``register_vmap``): E seeds' layer in one launch, and plain autograd outside the vmap
+runs their stacked backward. PyTorch's model-ensembling recipe (``stack_module_state``,
+``vmap`` over ``functional_call``) then costs one launch per job whatever E.
 
 ``extra`` is what backward reads besides y (``saves_extra``: z = x Wᵀ + b, or f'(z) for gelu)
 [M, N] when it needs one, else an empty [0] tensor; ``delta`` is δ = g ⊙ f'(z) [M, N] when
@@ -41,8 +48,8 @@ from torch import Tensor
 
 from ..rules.activations import saves_extra
 from ..rules.methods import FeedbackRule
-from .autograd import fa_backward, save_for_fa_backward
-from .backends import AUTO, TORCH, TRITON, Backend
+from .autograd import STACKED_BRSF, fa_backward, save_for_fa_backward
+from .backends import AUTO, TORCH, TRITON, TRITON_STACKED, Backend
 
 __all__ = ["fa_linear_op", "next_draw"]
 
@@ -114,23 +121,25 @@ def _define(backend: Backend):
     return forward, local_error, backward_input, backward_weight
 
 
+# The fakes: shapes as the ops give them, with any leading model axis of the stacked family.
+
 def _forward_fake(x, weight, bias, feedback, counter, activation, negative_slope, method, scale, seed):
-    y = x.new_empty((x.shape[0], weight.shape[0]))
+    y = x.new_empty((*x.shape[:-1], weight.shape[-2]))
     return y, x.new_empty(y.shape) if saves_extra(activation, negative_slope) else _empty(x)
 
 
 def _local_error_fake(grad_y, saved, activation, negative_slope, need_delta, bias_grad):
     delta = grad_y.new_empty(grad_y.shape) if need_delta else _empty(grad_y)
-    return delta, grad_y.new_empty((grad_y.shape[1],)) if bias_grad else _empty(grad_y)
+    return delta, grad_y.new_empty((*grad_y.shape[:-2], grad_y.shape[-1])) if bias_grad else _empty(grad_y)
 
 
 def _backward_input_fake(delta, feedback, weight, counter, method, scale, seed):
     source = weight if FeedbackRule(method).reads_weight else feedback
-    return source.new_empty((delta.shape[0], source.shape[1]))
+    return source.new_empty((*delta.shape[:-1], source.shape[-1]))
 
 
 def _backward_weight_fake(delta, x):
-    return x.new_empty((delta.shape[1], x.shape[1]))
+    return x.new_empty((*delta.shape[:-2], delta.shape[-1], x.shape[-1]))
 
 
 def _setup_context(ctx, inputs, output):
@@ -160,6 +169,34 @@ for _backend in (TRITON, TORCH, AUTO):
     # (forward, local_error, backward_input, backward_weight) of each backend, and the layer over them.
     _backend.ops = _define(_backend)
     _backend.layer_op = functools.partial(fa_linear_op, backend=_backend)
+# The same four ops over E models at once (fa_triton::triton_stacked_*), for the vmap rule below.
+TRITON_STACKED.ops = _define(TRITON_STACKED)
+
+
+def _stack(t: Optional[Tensor], dim: Optional[int], models: int) -> Optional[Tensor]:
+    """``t`` with the models first: its vmapped dimension moved there, or, shared by all models,
+    expanded along a new one (a view with stride 0: nothing is copied)."""
+    if t is None:
+        return None
+    return t.movedim(dim, 0) if dim is not None else t.expand(models, *t.shape)
+
+
+def _vmap_forward(info, in_dims, x, weight, bias, feedback, counter, activation, negative_slope, method, scale, seed):
+    """The kernels' forward op under ``torch.func.vmap`` (E models stacked by
+    ``torch.func.stack_module_state``, or the data alone batched): the stacked ops, one launch per
+    job for all E models; its backward (plain autograd outside the vmap) is stacked too."""
+    x_dim, weight_dim, bias_dim, feedback_dim, counter_dim = in_dims[:5]
+    if counter_dim is not None:
+        raise ValueError(STACKED_BRSF)
+    models = info.batch_size
+    y, extra = TRITON_STACKED.ops[0](_stack(x, x_dim, models), _stack(weight, weight_dim, models),
+                                     _stack(bias, bias_dim, models), _stack(feedback, feedback_dim, models), counter,
+                                     activation, negative_slope, method, scale, seed)
+    return (y, extra), (0, 0 if extra.dim() == 3 else None)
+
+
+for _backend in (TRITON, AUTO):
+    _backend.ops[0].register_vmap(_vmap_forward)
 
 
 @torch.library.custom_op("fa_triton::next_draw", mutates_args=("counter",))

@@ -1,6 +1,11 @@
 """The Triton backend (``backend="triton"``): the layer's steps on the fused kernels of
 ``fa_triton.kernels`` (CUDA tensors in fp32, fp16 or bf16; CPU tensors through Triton's
-interpreter under ``TRITON_INTERPRET=1``). Signatures as in ``reference.py``."""
+interpreter under ``TRITON_INTERPRET=1``). Signatures as in ``reference.py``.
+
+``TRITON_STACKED``: its four layer steps for E models at once (every tensor with the models
+first: x [E, M, K], weight [E, N, K], δ [E, M, N], grad_b [E, N]), one stacked launch each
+(``kernels.fa_stacked_*``); what a ``torch.func.vmap`` over stacked models runs (the vmap rule of
+``fa_triton.ops.library``). Not a ``backend=`` value: it has no DFA or chain steps."""
 
 from __future__ import annotations
 
@@ -11,12 +16,12 @@ def forward(x, weight, bias, activation, negative_slope, store_extra, out=None):
     return kernels().fa_linear_forward(x, weight, bias, activation, negative_slope, store_extra, out)
 
 
-def local_error(grad_y, saved, activation, negative_slope, need_delta, bias_grad):
+def local_error(grad_y, saved, activation, negative_slope, need_delta, bias_grad, launcher=None):
     if activation == "identity" and not bias_grad:
         return (grad_y if need_delta else None), None  # δ = g: no pass at all
     store = need_delta and activation != "identity"
-    delta, grad_b = kernels().fa_linear_local_error(grad_y, saved, activation, negative_slope, store_delta=store,
-                                                    bias_grad=bias_grad)
+    launcher = launcher or kernels().fa_linear_local_error
+    delta, grad_b = launcher(grad_y, saved, activation, negative_slope, store_delta=store, bias_grad=bias_grad)
     return (delta if store else grad_y if need_delta else None), grad_b
 
 
@@ -89,3 +94,43 @@ def chain_backward(grad_y, x, outputs, form_feedback, activations, need_grad_x, 
 
 TRITON = register(Backend("triton", forward, local_error, backward_input, backward_weight, dfa_delta,
                           feedback_matrix, chain_forward, chain_backward))
+
+
+# ------------------------------------------------------------------- E models at once
+
+def stacked_forward(x, weight, bias, activation, negative_slope, store_extra, out=None):
+    return kernels().fa_stacked_forward(x, weight, bias, activation, negative_slope, store_extra)
+
+
+def stacked_local_error(grad_y, saved, activation, negative_slope, need_delta, bias_grad):
+    return local_error(grad_y, saved, activation, negative_slope, need_delta, bias_grad,
+                       kernels().fa_stacked_local_error)
+
+
+def stacked_feedback_matrix(weight, feedback, counter, rule):
+    """B [E, N, K] as the rule forms it (the sign methods' into a buffer for this backward only)."""
+    if rule.method == "backprop":
+        return weight
+    if not rule.forms_b:
+        return feedback
+    return kernels().fa_stacked_feedback(weight, feedback, rule.method, feedback_scale=rule.scale, seed=rule.seed,
+                                         counter=counter)
+
+
+def stacked_backward_input(delta, feedback, weight, counter, rule):
+    feedback = stacked_feedback_matrix(weight, feedback, counter, rule)
+    return kernels().fa_stacked_backward_input(delta if delta.dtype == feedback.dtype else delta.to(feedback.dtype),
+                                               feedback)
+
+
+def stacked_backward_weight(delta, x):
+    return kernels().fa_stacked_backward_weight(delta if delta.dtype == x.dtype else delta.to(x.dtype), x)
+
+
+def _no_stacked_chain(*args, **kwargs):
+    raise NotImplementedError("the stacked Triton steps have no DFA or chain step: E models' chains run layer by layer")
+
+
+TRITON_STACKED = Backend("triton_stacked", stacked_forward, stacked_local_error, stacked_backward_input,
+                         stacked_backward_weight, _no_stacked_chain, stacked_feedback_matrix, _no_stacked_chain,
+                         _no_stacked_chain)
