@@ -53,14 +53,15 @@ def dfa_delta(error, feedback, saved, activations, widths):
     return delta
 
 
-def feedback_matrix(weight, feedback, counter, rule):
-    """B as the rule forms it: the sign methods' into a buffer for this backward only (one pass)."""
+def feedback_matrix(weight, feedback, counter, rule, launcher=None):
+    """B as the rule forms it: the sign methods' into a buffer for this backward only (one pass;
+    ``launcher``: the stacked one for E models)."""
     if rule.method == "backprop":
         return weight
     if not rule.forms_b:
         return feedback
-    return kernels().fa_linear_feedback(weight, feedback, rule.method, feedback_scale=rule.scale, seed=rule.seed,
-                                        counter=counter)
+    launcher = launcher or kernels().fa_linear_feedback
+    return launcher(weight, feedback, rule.method, feedback_scale=rule.scale, seed=rule.seed, counter=counter)
 
 
 def chain_forward(x, weights, biases, activations, out=None, stepwise=None):
@@ -108,13 +109,8 @@ def stacked_local_error(grad_y, saved, activation, negative_slope, need_delta, b
 
 
 def stacked_feedback_matrix(weight, feedback, counter, rule):
-    """B [E, N, K] as the rule forms it (the sign methods' into a buffer for this backward only)."""
-    if rule.method == "backprop":
-        return weight
-    if not rule.forms_b:
-        return feedback
-    return kernels().fa_stacked_feedback(weight, feedback, rule.method, feedback_scale=rule.scale, seed=rule.seed,
-                                         counter=counter)
+    """B [E, N, K] as the rule forms it."""
+    return feedback_matrix(weight, feedback, counter, rule, kernels().fa_stacked_feedback)
 
 
 def stacked_backward_input(delta, feedback, weight, counter, rule):
