@@ -754,9 +754,16 @@ def _stacked_config(job: str, rows: int, cols: int, red: int, dtype: torch.dtype
     return tuning.heuristic_config(job, rows, cols, red, dtype, sms, INTERPRETED).replace(split=1)
 
 
+# The models are the grid's third axis, which CUDA caps at 65535 programs.
+MAX_STACKED_MODELS = 65535
+
+
 def _check_stacked(t: torch.Tensor | None, dims: int, name: str) -> None:
     if t is not None and t.dim() != dims:
         raise ValueError(f"{name} must have {dims} dimensions (the models first), got shape {tuple(t.shape)}")
+    if t is not None and t.shape[0] > MAX_STACKED_MODELS:
+        raise ValueError(f"a stacked launch takes at most {MAX_STACKED_MODELS} models (the grid's third axis), "
+                         f"got {name} of shape {tuple(t.shape)}")
 
 
 def fa_stacked_forward(
@@ -805,10 +812,13 @@ def fa_stacked_local_error(
     store_delta: bool = True,
     bias_grad: bool = True,
     dtype: torch.dtype | None = None,
+    config: LaunchConfig | dict | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """:func:`fa_linear_local_error` of E models in one launch: grad_y, saved [E, M, N] (saved
     None for the identity) -> (δ [E, M, N] or None, grad_b [E, N] or None), in ``dtype``
-    (default grad_y's); grad_b summed in fp32 from δ before its rounding, in a fixed order."""
+    (default grad_y's); grad_b summed in fp32 from δ before its rounding, in a fixed order;
+    ``config``: block_rows × block_cols and num_warps of the pass (default: the tuned one's for
+    an E-th of the SMs)."""
     _check_activation(activation)
     _check_stacked(grad_y, 3, "grad_y")
     E, M, N = grad_y.shape
@@ -820,7 +830,12 @@ def fa_stacked_local_error(
         return delta, grad_b
     if M == 0:
         return delta, None if grad_b is None else grad_b.zero_()
-    cfg = tuning.pass_config(M, N, max(1, tuning.sm_count(grad_y.device) // E), INTERPRETED)
+    if config is not None:
+        cfg = as_config(config)
+        if cfg.split > 1:
+            raise ValueError(f"a stacked launch takes no split reduction, got {cfg}")
+    else:
+        cfg = tuning.pass_config(M, N, max(1, tuning.sm_count(grad_y.device) // E), INTERPRETED)
     saved_arg = grad_y if saved is None else saved
     delta_arg = grad_y if delta is None else delta
     launch = Launch(passes.local_error_kernel, (cdiv(N, cfg.block_cols), 1, E), dict(

@@ -9,6 +9,7 @@ separate run within fp32 rounding."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -188,19 +189,64 @@ def test_vmap_on_triton_layer_matches_the_oracle_per_member(kernel_device):
 
 
 def test_vmap_on_triton_over_the_data_alone_shares_the_layer(kernel_device, launches):
-    # Parameters not stacked (vmap over x only): every member reads the one W (stride 0), brsf's
-    # one draw included, and W's gradient is the members' sum, as for the flattened batch.
+    # Parameters not stacked (vmap over x only): the members' rows are one flattened batch, so
+    # the layer's own single-model launch runs once on them (no model axis), brsf's one draw
+    # included, and every gradient is the flattened batch's (grad_x through the one R).
     torch.manual_seed(0)
     layer = fa_triton.FALinear(7, 5, activation="relu", method="brsf", backend="triton").to(kernel_device)
     twin = copy.deepcopy(layer)
-    xs = torch.randn(SEEDS, 4, 7, device=kernel_device)
+    xs = torch.randn(SEEDS, 4, 7, device=kernel_device).requires_grad_(True)
+    flat = xs.detach().reshape(-1, 7).requires_grad_(True)
     vmap(layer)(xs).square().sum().backward()
-    assert [grid[2] for name, grid in launches if name == "forward_kernel"] == [SEEDS]
-    twin(xs.reshape(-1, 7)).square().sum().backward()
+    assert [name for name, _ in launches].count("forward_kernel") == 1, launches
+    assert all(len(grid) < 3 or grid[2] == 1 for _, grid in launches), launches
+    twin(flat).square().sum().backward()
     assert torch.equal(layer.counter, twin.counter)
+    torch.testing.assert_close(xs.grad, flat.grad.view(SEEDS, 4, 7), rtol=1e-5, atol=1e-6)
     for (name, got), want in zip(layer.named_parameters(), twin.parameters()):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5,
                                    msg=lambda text, name=name: f"{name}: {text}")
+
+
+def test_vmap_on_triton_over_stacked_kp_models_gives_each_parameter_its_own_gradient(kernel_device):
+    # kp's B gradient is W's: after two backward passes (no zero_grad) each is twice one pass's,
+    # in storages of their own (a shared one would have grown threefold, or been clipped
+    # together). The members are the parameters' last axis (in_dims=-1): each gradient then
+    # reaches its parameter through a view with the parameter's own strides, which autograd
+    # keeps as the .grad without a copy.
+    models = _triton_mlps("kp", kernel_device)
+    xs = torch.randn(SEEDS, 4, 7, device=kernel_device)
+    targets = torch.zeros(SEEDS, 4, dtype=torch.int64, device=kernel_device)
+    params, buffers = stack_module_state(models)
+    params = {name: p.detach().movedim(0, -1).requires_grad_() for name, p in params.items()}
+    base = copy.deepcopy(models[0]).to("meta")
+
+    def step():
+        vmap(lambda p, b, x, t: F.cross_entropy(functional_call(base, (p, b), (x,)), t), in_dims=(-1, 0, 0, 0))(
+            params, buffers, xs, targets).sum().backward()
+
+    step()
+    once = {name: p.grad.clone() for name, p in params.items()}
+    step()
+    for name, p in params.items():
+        torch.testing.assert_close(p.grad, 2 * once[name], rtol=1e-6, atol=1e-7, msg=lambda text, name=name: name)
+    pairs = [(name, name.replace("weight", "feedback")) for name in params if name.endswith("weight")]
+    assert pairs and all(feedback in params for _, feedback in pairs)
+    for weight, feedback in pairs:
+        assert params[weight].grad.untyped_storage().data_ptr() != params[feedback].grad.untyped_storage().data_ptr()
+
+
+def test_nested_vmaps_on_triton_run_the_aten_form_without_a_fallback(kernel_device, launches):
+    # A vmap inside a vmap: the stacked ops have no vmap rule, so the layer takes its aten form
+    # (no kernel launch, no per-slice fallback warning), with the flattened batch's values.
+    torch.manual_seed(0)
+    layer = fa_triton.FALinear(7, 5, activation="tanh", method="frsf", backend="triton").to(kernel_device)
+    xs = torch.randn(2, 3, 4, 7, device=kernel_device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = vmap(vmap(layer))(xs)
+    assert launches == []
+    torch.testing.assert_close(y, layer(xs.reshape(-1, 7)).view(2, 3, 4, 5), rtol=1e-5, atol=1e-6)
 
 
 def test_vmap_on_triton_refuses_stacked_brsf(kernel_device):

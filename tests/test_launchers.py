@@ -962,13 +962,13 @@ def test_stacked_launches_are_each_models_own_launch(shape, activation, layout, 
     store = fa_triton.rules.activations.saves_extra(activation, 0.1)
     y, extra = kernels.fa_stacked_forward(x, weight, bias, activation, 0.1, store, config=STACKED_CONFIG)
     saved = extra if store else y
-    delta, grad_b = kernels.fa_stacked_local_error(grad_y, saved, activation, 0.1)
+    one_pass = LaunchConfig(64, 64, 16, split=1)  # the δ pass's: one slice of rows, as stacked
+    delta, grad_b = kernels.fa_stacked_local_error(grad_y, saved, activation, 0.1, config=one_pass)
     grad_x = kernels.fa_stacked_backward_input(delta, weight, config=STACKED_CONFIG)
     grad_w = kernels.fa_stacked_backward_weight(delta, x, config=STACKED_CONFIG)
     assert [(name, grid[-1]) for name, grid in launches] == [
         ("forward_kernel", STACKED_MODELS), ("local_error_kernel", STACKED_MODELS),
         ("backward_input_kernel", STACKED_MODELS), ("backward_weight_kernel", STACKED_MODELS)]
-    one_pass = LaunchConfig(64, 64, 16, split=1)
     for e in range(STACKED_MODELS):
         y_e, extra_e = kernels.fa_linear_forward(x[e], weight[e], bias[e], activation, 0.1, store,
                                                  config=STACKED_CONFIG)
@@ -1021,11 +1021,16 @@ def test_stacked_launchers_refuse_misfits(kernel_device):
         kernels.fa_stacked_forward(x, weight, torch.randn(5, device=kernel_device), "relu")
     with pytest.raises(ValueError, match="activation must be one of"):
         kernels.fa_stacked_local_error(delta, delta, "rleu")
-    with pytest.raises(ValueError, match=r"feedback must have shape \(2, 5, 7\)|feedback must have shape"):
+    with pytest.raises(ValueError, match=r"feedback must have shape \(2, 5, 3\)"):
         kernels.fa_stacked_backward_input(delta, torch.randn(2, 4, 3, device=kernel_device))
     with pytest.raises(TypeError, match="delta and x must have one dtype"):
         kernels.fa_stacked_backward_weight(delta.double(), x)
     with pytest.raises(ValueError, match="neither tensor descriptors nor split reductions"):
         kernels.fa_stacked_backward_weight(delta, x, config=LaunchConfig(16, 16, 16, split=2))
+    with pytest.raises(ValueError, match="no split reduction"):
+        kernels.fa_stacked_local_error(delta, delta, "relu", config=LaunchConfig(16, 16, 16, split=2))
     with pytest.raises(ValueError, match="method must be one of"):
         kernels.fa_stacked_feedback(weight, None, "fa")
+    many = weight[:1].expand(kernels.launchers.MAX_STACKED_MODELS + 1, 5, 3)  # a view: nothing allocated
+    with pytest.raises(ValueError, match=r"at most 65535 models .*got weight of shape \(65536, 5, 3\)"):
+        kernels.fa_stacked_feedback(many, None, "usf")

@@ -249,10 +249,12 @@ def _stacked(t) -> bool:
     return False
 
 
-def _vmap_only() -> bool:
-    """Whether every enclosing ``torch.func`` transform is a vmap (no grad, jvp or functionalize)."""
+def _one_vmap() -> bool:
+    """Whether the only enclosing ``torch.func`` transform is one vmap (no grad, jvp or
+    functionalize, no vmap inside another: the stacked ops have no vmap rule of their own)."""
     functorch = torch._C._functorch
-    return all(level.key() == functorch.TransformType.Vmap for level in functorch.get_interpreter_stack() or ())
+    levels = functorch.get_interpreter_stack() or ()
+    return len(levels) == 1 and levels[0].key() == functorch.TransformType.Vmap
 
 
 def _forward_mode() -> bool:
@@ -308,13 +310,13 @@ def apply_checked(x, weight, bias, feedback, counter, activation: str, negative_
     """The layer on inputs already checked (and autocast): the resolved backend's autograd
     Function in eager mode (:func:`eager_runner`), its ``torch.library`` op while tracing."""
     if torch._C._are_functorch_transforms_active():
-        if _vmap_only():
+        if _one_vmap():
             resolved = resolve(backend, x)
             if resolved is not TORCH:
                 # The kernels' op, whose vmap rule runs E models in one stacked launch per job
                 # (fa_triton.ops.library); plain autograd outside the vmap runs its backward.
                 return resolved.layer_op(x, weight, bias, feedback, counter, activation, negative_slope, rule)
-        # grad, jacrev (and vmap on the reference): the Functions have no torch.func form; the
+        # grad, jacrev, nested vmaps (and vmap on the reference): the Functions have no torch.func form; the
         # same layer in aten ops has (vmap batches them: bmm).
         return transformable(F.linear, x, weight, bias, feedback, counter, activation, negative_slope, rule)
     resolved = resolve(backend, x)

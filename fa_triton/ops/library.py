@@ -18,9 +18,9 @@ batch dimensions around them::
     fa_triton::triton_stacked_*: the same over E models at once, every tensor with the models first
         (x [E, M, K], weight [E, N, K], y [E, M, N], grad_b [E, N]); one stacked launch per job
 
-Under ``torch.func.vmap`` (no grad transform inside it) the triton and auto forward ops run the
+Under one ``torch.func.vmap`` (no other transform) the triton and auto forward ops run the
 stacked ops (``register_vmap``): E seeds' layer in one launch, and plain autograd outside the vmap
-runs their stacked backward. PyTorch's model-ensembling recipe (``stack_module_state``,
+runs their stacked backward; a vmap over the data alone runs the layer once on the E·M rows. PyTorch's model-ensembling recipe (``stack_module_state``,
 ``vmap`` over ``functional_call``) then costs one launch per job whatever E.
 
 ``extra`` is what backward reads besides y (``saves_extra``: z = x Wᵀ + b, or f'(z) for gelu)
@@ -66,6 +66,7 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
 def _define(backend: Backend):
     """The four ops of one backend, over its steps."""
     prefix = f"fa_triton::{backend.name}"
+    stacked = backend is TRITON_STACKED
 
     @torch.library.custom_op(f"{prefix}_forward", mutates_args=())
     def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], feedback: Optional[Tensor],
@@ -115,6 +116,11 @@ def _define(backend: Backend):
         # extra is an internal output: nothing downstream uses it, so grad_extra is ignored.
         x, weight, feedback, counter, saved = ctx.saved_tensors
         grads = fa_backward(ctx, grad_y, x, weight, feedback, counter, saved, op_backend)
+        if stacked and grads[3] is not None and grads[3] is grads[1]:
+            # kp's B gradient is W's. Autograd copies a tensor it accumulates twice, but here each
+            # reaches its parameter through a view of its own (the vmap's movedim), which it
+            # would not: weight.grad and feedback.grad would share one storage.
+            grads = (*grads[:3], grads[3].clone())
         return (*grads, None, None, None, None, None, None)
 
     forward.register_autograd(backward, setup_context=_setup_context)
@@ -176,27 +182,38 @@ TRITON_STACKED.ops = _define(TRITON_STACKED)
 def _stack(t: Optional[Tensor], dim: Optional[int], models: int) -> Optional[Tensor]:
     """``t`` with the models first: its vmapped dimension moved there, or, shared by all models,
     expanded along a new one (a view with stride 0: nothing is copied)."""
-    if t is None:
-        return None
+    if t is None or dim == 0:
+        return t
     return t.movedim(dim, 0) if dim is not None else t.expand(models, *t.shape)
 
 
-def _vmap_forward(info, in_dims, x, weight, bias, feedback, counter, activation, negative_slope, method, scale, seed):
-    """The kernels' forward op under ``torch.func.vmap`` (E models stacked by
-    ``torch.func.stack_module_state``, or the data alone batched): the stacked ops, one launch per
-    job for all E models; its backward (plain autograd outside the vmap) is stacked too."""
+def _vmap_forward(backend: Backend, info, in_dims, x, weight, bias, feedback, counter, activation, negative_slope,
+                  method, scale, seed):
+    """``backend``'s forward op under ``torch.func.vmap``. E models stacked by
+    ``torch.func.stack_module_state``: the stacked ops, one launch per job for all E models,
+    whose backward (plain autograd outside the vmap) is stacked too. The data alone batched
+    (one layer for every member): the members' rows are one batch of E·M rows, so the layer's
+    own op runs once on them, as on any flattened batch."""
     x_dim, weight_dim, bias_dim, feedback_dim, counter_dim = in_dims[:5]
     if counter_dim is not None:
         raise ValueError(STACKED_BRSF)
-    models = info.batch_size
-    y, extra = TRITON_STACKED.ops[0](_stack(x, x_dim, models), _stack(weight, weight_dim, models),
-                                     _stack(bias, bias_dim, models), _stack(feedback, feedback_dim, models), counter,
-                                     activation, negative_slope, method, scale, seed)
+    if weight_dim is None and bias_dim is None and feedback_dim is None:
+        rows = x.movedim(x_dim, 0)  # [E, M, K]: each member's x is 2-D (fa_linear_op flattens it)
+        y, extra = backend.ops[0](rows.reshape(-1, rows.shape[-1]), weight, bias, feedback, counter, activation,
+                                  negative_slope, method, scale, seed)
+        y = y.view(*rows.shape[:-1], y.shape[-1])
+        if extra.dim() == 2:
+            return (y, extra.view(y.shape)), (0, 0)
+        return (y, extra), (0, None)
+    y, extra = TRITON_STACKED.ops[0](_stack(x, x_dim, info.batch_size), _stack(weight, weight_dim, info.batch_size),
+                                     _stack(bias, bias_dim, info.batch_size),
+                                     _stack(feedback, feedback_dim, info.batch_size), counter, activation,
+                                     negative_slope, method, scale, seed)
     return (y, extra), (0, 0 if extra.dim() == 3 else None)
 
 
 for _backend in (TRITON, AUTO):
-    _backend.ops[0].register_vmap(_vmap_forward)
+    _backend.ops[0].register_vmap(functools.partial(_vmap_forward, _backend))
 
 
 @torch.library.custom_op("fa_triton::next_draw", mutates_args=("counter",))
