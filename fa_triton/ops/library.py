@@ -20,8 +20,9 @@ batch dimensions around them::
 
 Under one ``torch.func.vmap`` (no other transform) the triton and auto forward ops run the
 stacked ops (``register_vmap``): E seeds' layer in one launch, and plain autograd outside the vmap
-runs their stacked backward; a vmap over the data alone runs the layer once on the E·M rows. PyTorch's model-ensembling recipe (``stack_module_state``,
-``vmap`` over ``functional_call``) then costs one launch per job whatever E.
+runs their stacked backward; a vmap over the data alone runs the layer once on the E·M rows.
+PyTorch's model-ensembling recipe (``stack_module_state``, ``vmap`` over ``functional_call``)
+then costs one launch per job whatever E.
 
 ``extra`` is what backward reads besides y (``saves_extra``: z = x Wᵀ + b, or f'(z) for gelu)
 [M, N] when it needs one, else an empty [0] tensor; ``delta`` is δ = g ⊙ f'(z) [M, N] when
