@@ -883,6 +883,25 @@ def fa_stacked_feedback(
     return out
 
 
+def _stacked_gemm_sizes(delta: torch.Tensor, other: torch.Tensor, name: str) -> tuple[int, int, int, int]:
+    """(E, M, N, K) of a stacked backward GEMM: δ [E, M, N] with B [E, N, K] (``name``
+    "feedback") or x [E, M, K] (``name`` "x"), checked, in one dtype."""
+    _check_stacked(delta, 3, "delta")
+    E, M, N = delta.shape
+    K = other.shape[2] if other.dim() == 3 else -1
+    _check_shape(other, (E, N if name == "feedback" else M, K), name)
+    if delta.dtype != other.dtype:
+        raise TypeError(f"delta and {name} must have one dtype, got {delta.dtype} and {other.dtype}")
+    return E, M, N, K
+
+
+def _finished(out: torch.Tensor, reduction: int) -> bool:
+    """Whether ``out`` needs no launch: it is empty, or its sum runs over nothing (then zeroed)."""
+    if out.numel() and not reduction:
+        out.zero_()
+    return not out.numel() or not reduction
+
+
 def fa_stacked_backward_input(
     delta: torch.Tensor,
     feedback: torch.Tensor,
@@ -891,17 +910,10 @@ def fa_stacked_backward_input(
 ) -> torch.Tensor:
     """grad_x = δ B of E models in one launch: δ [E, M, N], B [E, N, K] (any strides) -> grad_x
     [E, M, K] (contiguous, B's dtype; δ must have it too)."""
-    _check_stacked(delta, 3, "delta")
-    E, M, N = delta.shape
-    K = feedback.shape[2] if feedback.dim() == 3 else -1
-    _check_shape(feedback, (E, N, K), "feedback")
-    if delta.dtype != feedback.dtype:
-        raise TypeError(f"delta and feedback must have one dtype, got {delta.dtype} and {feedback.dtype}")
+    E, M, N, K = _stacked_gemm_sizes(delta, feedback, "feedback")
     grad_x = feedback.new_empty((E, M, K))
-    if grad_x.numel() == 0:
+    if _finished(grad_x, N):
         return grad_x
-    if N == 0:
-        return grad_x.zero_()
     cfg = _stacked_config("backward_input", M, K, N, feedback.dtype, E, delta.device, config)
     launch = Launch(gemm.backward_input_kernel, (cdiv(M, cfg.block_rows) * cdiv(K, cfg.block_cols), 1, E), dict(
         USE_INT64=plans.needs_int64(delta, feedback, grad_x),
@@ -918,17 +930,10 @@ def fa_stacked_backward_weight(
 ) -> torch.Tensor:
     """grad_W = δᵀ x of E models in one launch: δ [E, M, N], x [E, M, K] (any strides, one dtype)
     -> grad_W [E, N, K] (contiguous, x's dtype)."""
-    _check_stacked(delta, 3, "delta")
-    E, M, N = delta.shape
-    K = x.shape[2] if x.dim() == 3 else -1
-    _check_shape(x, (E, M, K), "x")
-    if delta.dtype != x.dtype:
-        raise TypeError(f"delta and x must have one dtype, got {delta.dtype} and {x.dtype}")
+    E, M, N, K = _stacked_gemm_sizes(delta, x, "x")
     grad_w = x.new_empty((E, N, K))
-    if grad_w.numel() == 0:
+    if _finished(grad_w, M):
         return grad_w
-    if M == 0:
-        return grad_w.zero_()
     cfg = _stacked_config("backward_weight", N, K, M, x.dtype, E, x.device, config)
     launch = Launch(gemm.backward_weight_kernel, (cdiv(N, cfg.block_rows) * cdiv(K, cfg.block_cols), 1, E), dict(
         USE_INT64=plans.needs_int64(delta, x, grad_w),
