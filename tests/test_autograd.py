@@ -255,3 +255,44 @@ def test_vmap_on_triton_refuses_stacked_brsf(kernel_device):
     targets = torch.zeros(SEEDS, 4, dtype=torch.int64, device=kernel_device)
     with pytest.raises(ValueError, match="method='brsf' under torch.func.vmap over stacked models"):
         _stacked_loss_grads(models, xs, targets)
+
+
+# ------------------------------------------------------------- torch.compile of a vmapped step
+
+def _vmapped_loss(models):
+    base = copy.deepcopy(models[0]).to("meta")
+    return vmap(lambda p, b, x, t: F.cross_entropy(functional_call(base, (p, b), (x,)), t))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiled_vmap_over_stacked_models_equals_eager(backend, kernel_device):
+    # torch.compile(fullgraph=True) of the ensembling recipe's vmapped loss: the transform checks
+    # are evaluated while tracing, so the graph holds what eager runs (the stacked ops on
+    # triton, the aten form on the reference); losses and kp's gradients as eager's.
+    models = _triton_mlps("kp", kernel_device) if backend == "triton" else _mlps("kp")
+    dtype = next(models[0].parameters()).dtype
+    gen = torch.Generator().manual_seed(3)
+    xs = torch.randn(SEEDS, 4, 7, generator=gen, dtype=dtype).to(kernel_device if backend == "triton" else "cpu")
+    targets = torch.randint(0, 3, (SEEDS, 4), generator=gen).to(xs.device)
+    runs = []
+    for compiled in (False, True):
+        params, buffers = stack_module_state(models)
+        params = {name: p.detach().requires_grad_() for name, p in params.items()}
+        loss = _vmapped_loss(models)
+        losses = (torch.compile(loss, fullgraph=True) if compiled else loss)(params, buffers, xs, targets)
+        losses.sum().backward()
+        runs.append((losses.detach(), {name: p.grad for name, p in params.items()}))
+    (eager_losses, eager), (compiled_losses, compiled) = runs
+    torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-6, atol=1e-7)
+    for name, want in eager.items():
+        torch.testing.assert_close(compiled[name], want, rtol=1e-5, atol=1e-7, msg=lambda text, name=name: name)
+
+
+def test_compiled_vmap_refuses_stacked_brsf():
+    # Traced, the draw (fa_triton::next_draw) meets the batched counters first: the same refusal.
+    models = _mlps("brsf")
+    params, buffers = stack_module_state(models)
+    xs = torch.randn(SEEDS, 4, 7, dtype=torch.float64)
+    targets = torch.zeros(SEEDS, 4, dtype=torch.int64)
+    with pytest.raises(Exception, match="stack_module_state cannot stack"):
+        torch.compile(_vmapped_loss(models), fullgraph=True)(params, buffers, xs, targets)

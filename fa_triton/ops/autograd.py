@@ -249,6 +249,10 @@ def _stacked(t) -> bool:
     return False
 
 
+# Both read functorch's interpreter stack, which Dynamo cannot trace: under torch.compile of a
+# vmapped function they are evaluated while tracing (the transforms are those of the traced
+# code, fixed in its graph).
+@torch.compiler.assume_constant_result
 def _one_vmap() -> bool:
     """Whether the only enclosing ``torch.func`` transform is one vmap (no grad, jvp or
     functionalize, no vmap inside another: the stacked ops have no vmap rule of their own)."""
@@ -257,6 +261,7 @@ def _one_vmap() -> bool:
     return len(levels) == 1 and levels[0].key() == functorch.TransformType.Vmap
 
 
+@torch.compiler.assume_constant_result
 def _forward_mode() -> bool:
     """Whether a forward-mode transform (jvp, jacfwd) encloses this call."""
     functorch = torch._C._functorch

@@ -228,6 +228,14 @@ def _next_draw_fake(counter):
     return torch.empty_like(counter)
 
 
+@_next_draw.register_vmap
+def _next_draw_vmap(info, in_dims, counter):
+    # Traced under a vmap (torch.compile of a vmapped step): stacked members' counters are
+    # batched, and brsf cannot run over stacked models (STACKED_BRSF); the eager vmap refuses in
+    # the layer op, before any draw.
+    raise ValueError(STACKED_BRSF)
+
+
 def next_draw(counter: Tensor) -> Tensor:
     """brsf's draw number for this training forward: ``counter`` advanced in place, and its new
     value as a tensor of its own (the backward's). Eagerly two ops; while tracing one opaque op:
