@@ -26,7 +26,7 @@ def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     c3 = torch.zeros_like(c0)
     product_0, product_2 = torch.empty_like(c0), torch.empty_like(c0)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    for _ in range(10):
+    for _ in range(9):
         torch.mul(c0, 0xD2511F53, out=product_0)
         torch.mul(c2, 0xCD9E8D57, out=product_2)
         # c2 = hi(c0·A) ^ c3 ^ k1 and c0 = hi(c2·B) ^ c1 ^ k0, the upper 32 bits (the arithmetic
@@ -37,6 +37,9 @@ def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
         c1, c3, product_0, product_2 = product_2, product_0, c1, c3
         k0 = (k0 + 0x9E3779B9) & _MASK32
         k1 = (k1 + 0xBB67AE85) & _MASK32
-    # The bits as int32, x, then -x - 1 where x < 0: for c0 >= 2³¹ that is 2³² - 1 - c0.
-    x = torch.where(c0 >= 2**31, _MASK32 - c0, c0)
-    return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32, device=offsets.device)
+    # The tenth round: only c0 is read.
+    torch.mul(c2, 0xCD9E8D57, out=product_2)
+    torch.bitwise_right_shift(product_2, 32, out=c0).bitwise_xor_(c1).bitwise_xor_(k0).bitwise_and_(_MASK32)
+    # The bits as int32, x, then -x - 1 where x < 0: for c0 >= 2³¹ that is 2³² - 1 - c0 = c0 ^ (2³² - 1).
+    c0.bitwise_xor_(torch.bitwise_right_shift(c0, 31, out=c2).mul_(_MASK32))
+    return c0.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32, device=offsets.device)
