@@ -25,8 +25,9 @@ torch thread by default. Providers, each with its own model and optimizer, for e
 - ``nn``: the same MLP of ``nn.Linear`` + ``nn.ReLU`` under ordinary autograd: the baseline.
 
 Timing: one process, interleaved rounds. Each round times every (method, provider) in turn, ``--steps``
-steps each (the groups' order rotates from round to round; within a method's group fa_triton, per-layer,
-BioTorch and nn, so nn is timed once per group, beside each method). Round 0 warms up and is not
+steps each (the groups' order rotates from round to round, and so does the providers' order within a
+group: fa_triton, per-layer, BioTorch, nn, shifted by one each round; nn is timed once per group,
+beside each method). Round 0 warms up and is not
 counted. Reported per provider: the median and the min over rounds of ms per step; the ratios are
 the median over rounds of the per-round ratio of the two providers timed side by side (the same
 group), which keeps a busy machine's drift out of them.
@@ -188,12 +189,15 @@ def _time(step, n: int) -> float:
     return (time.perf_counter_ns() - start) / n / 1e6
 
 
-def _round(methods, step_of, count: int) -> dict:
-    """{method: {provider: ms per step}}: each method's group in turn, fa_triton, per-layer, BioTorch, nn."""
+def _round(methods, step_of, count: int, shift: int = 0) -> dict:
+    """{method: {provider: ms per step}}: each method's group in turn, its providers in the order
+    fa_triton, per-layer, BioTorch, nn rotated by ``shift`` (a provider's place in the group, which
+    the one before it can slow or speed, changes from round to round)."""
     by_method = {}
+    order = PROVIDERS[shift % len(PROVIDERS):] + PROVIDERS[:shift % len(PROVIDERS)]
     for method in methods:
         by_method[method] = times = {}
-        for provider in PROVIDERS:
+        for provider in order:
             key = (None, "nn") if provider == "nn" else (method, provider)
             if key in step_of:
                 times[provider] = _time(step_of[key], count)
@@ -221,7 +225,7 @@ def measure(methods=METHODS, steps: int = 100, rounds: int = 15, warmup_steps: i
             gc.disable()
             try:
                 by_method = _round(methods[round_ % len(methods):] + methods[:round_ % len(methods)], step_of,
-                                   steps if round_ else warmup_steps)
+                                   steps if round_ else warmup_steps, shift=round_)
             finally:
                 gc.enable()
             if not round_:
