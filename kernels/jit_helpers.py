@@ -137,11 +137,15 @@ def grouped_tile(pid, num_rows, num_cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: 
 
 
 @triton.jit
-def model_offset(stride, USE_INT64: tl.constexpr):
+def model_offset(stride, STACKED: tl.constexpr, USE_INT64: tl.constexpr):
     """The element offset of this program's model in a stacked launch (E models' layers in one
-    grid: model e = program_id(2), ``stride`` apart; 0 for a single model, whose launch has one
-    program along that axis and passes stride 0)."""
-    model = tl.program_id(2)
-    if USE_INT64:
-        model = model.to(tl.int64)
-    return model * stride
+    grid: model e = program_id(2), ``stride`` apart); 0 for a single model's launch. A constexpr
+    flag, not stride 0, so that a single model's kernel carries no model offset at all (three
+    64-bit offsets cost registers: ptxas spilled a tight fp32 backward-input tile without it)."""
+    offset = 0
+    if STACKED:
+        model = tl.program_id(2)
+        if USE_INT64:
+            model = model.to(tl.int64)
+        offset = model * stride
+    return offset

@@ -257,8 +257,8 @@ def _local_error_plan(key: PassKey, grad_y, saved, delta) -> tuple:
     splits = cdiv(M, rows_per_split)
     launch = on_device(grad_y, Launch(passes.local_error_kernel, (cdiv(N, cfg.block_cols), splits), dict(
         ACTIVATION=key.activation, STORE_DELTA=key.store_delta, BIAS_GRAD=key.bias_grad,
-        USE_INT64=plans.needs_int64(grad_y, saved, delta), BLOCK_M=cfg.block_rows, BLOCK_N=cfg.block_cols,
-        num_warps=cfg.num_warps)))
+        USE_INT64=plans.needs_int64(grad_y, saved, delta), STACKED=False, BLOCK_M=cfg.block_rows,
+        BLOCK_N=cfg.block_cols, num_warps=cfg.num_warps)))
     plan = (launch, splits, rows_per_split)
     remember(key, plan)
     return plan
@@ -300,8 +300,8 @@ def fa_linear_feedback(
     feedback_arg = weight if feedback is None else feedback
     block_n, block_k = (64, 64) if INTERPRETED else (32, 128)
     launch = Launch(passes.feedback_kernel, (cdiv(N, block_n), cdiv(K, block_k)), dict(
-        METHOD=method, USE_INT64=plans.needs_int64(weight, feedback, out), BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4))
+        METHOD=method, USE_INT64=plans.needs_int64(weight, feedback, out), STACKED=False, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=4))
     on_device(weight, launch)(weight, feedback_arg, out if counter is None else counter, out, N, K, 0, *weight.stride(),
                               0, *feedback_arg.stride(), 0, float(feedback_scale), seed)  # one model
     return out
@@ -794,7 +794,7 @@ def fa_stacked_forward(
     cfg = _stacked_config("forward", M, N, K, x.dtype, E, x.device, config)
     launch = Launch(gemm.forward_kernel, (cdiv(M, cfg.block_rows) * cdiv(N, cfg.block_cols), 1, E), dict(
         HAS_BIAS=bias is not None, STORE_EXTRA=store_extra, ACTIVATION=activation,
-        USE_INT64=plans.needs_int64(x, weight, y), SPLIT=False,
+        USE_INT64=plans.needs_int64(x, weight, y), STACKED=True, SPLIT=False,
         EPILOGUE_HALVES=plans.epilogue_halves(activation, store_extra, cfg),
         **plans.gemm_meta(cfg, plans.dot_precision(x.dtype), "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")))
     on_device(x, launch)(x, weight, y if bias is None else bias, y, y if extra is None else extra, y, M, N, K, K,
@@ -840,8 +840,8 @@ def fa_stacked_local_error(
     delta_arg = grad_y if delta is None else delta
     launch = Launch(passes.local_error_kernel, (cdiv(N, cfg.block_cols), 1, E), dict(
         ACTIVATION=activation, STORE_DELTA=store_delta, BIAS_GRAD=bias_grad,
-        USE_INT64=plans.needs_int64(grad_y, saved, delta), BLOCK_M=cfg.block_rows, BLOCK_N=cfg.block_cols,
-        num_warps=cfg.num_warps))
+        USE_INT64=plans.needs_int64(grad_y, saved, delta), STACKED=True, BLOCK_M=cfg.block_rows,
+        BLOCK_N=cfg.block_cols, num_warps=cfg.num_warps))
     on_device(grad_y, launch)(grad_y, saved_arg, delta_arg, grad_y if grad_b is None else grad_b, M, N, M,
                               *grad_y.stride(), *saved_arg.stride(), *delta_arg.stride(),
                               0 if grad_b is None else grad_b.stride(0), float(negative_slope))
@@ -876,8 +876,8 @@ def fa_stacked_feedback(
     feedback_arg = weight if feedback is None else feedback
     block_n, block_k = (64, 64) if INTERPRETED else (32, 128)
     launch = Launch(passes.feedback_kernel, (cdiv(N, block_n), cdiv(K, block_k), E), dict(
-        METHOD=method, USE_INT64=plans.needs_int64(weight, feedback, out), BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4))
+        METHOD=method, USE_INT64=plans.needs_int64(weight, feedback, out), STACKED=True, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=4))
     on_device(weight, launch)(weight, feedback_arg, out if counter is None else counter, out, N, K, *weight.stride(),
                               *feedback_arg.stride(), N * K, float(feedback_scale), seed)
     return out
@@ -916,7 +916,7 @@ def fa_stacked_backward_input(
         return grad_x
     cfg = _stacked_config("backward_input", M, K, N, feedback.dtype, E, delta.device, config)
     launch = Launch(gemm.backward_input_kernel, (cdiv(M, cfg.block_rows) * cdiv(K, cfg.block_cols), 1, E), dict(
-        USE_INT64=plans.needs_int64(delta, feedback, grad_x),
+        USE_INT64=plans.needs_int64(delta, feedback, grad_x), STACKED=True,
         **plans.gemm_meta(cfg, plans.dot_precision(feedback.dtype), "BLOCK_M", "BLOCK_K", "BLOCK_N", "GROUP_M")))
     on_device(grad_x, launch)(delta, feedback, grad_x, M, N, K, *delta.stride(), *feedback.stride(), *grad_x.stride())
     return grad_x
@@ -936,7 +936,7 @@ def fa_stacked_backward_weight(
         return grad_w
     cfg = _stacked_config("backward_weight", N, K, M, x.dtype, E, x.device, config)
     launch = Launch(gemm.backward_weight_kernel, (cdiv(N, cfg.block_rows) * cdiv(K, cfg.block_cols), 1, E), dict(
-        USE_INT64=plans.needs_int64(delta, x, grad_w),
+        USE_INT64=plans.needs_int64(delta, x, grad_w), STACKED=True,
         **plans.gemm_meta(cfg, plans.dot_precision(x.dtype), "BLOCK_N", "BLOCK_K", "BLOCK_M", "GROUP_N")))
     on_device(x, launch)(delta, x, grad_w, M, N, K, M, *delta.stride(), *x.stride(), grad_w.stride(0), 0, K, 1)
     return grad_w

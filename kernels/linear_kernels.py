@@ -25,8 +25,9 @@ applies bias and activation). This fills the GPU when the output has few tiles (
 
 Stacked launches (the pointer kernels but DFA's): E models' layers — E seeds of one network
 trained in one pass, ``torch.func.vmap`` over stacked parameters — run as one grid whose third
-axis is the model (``jit_helpers.model_offset``); each operand's ``stride_*e`` is the distance
-between models (0 for an operand all models share, and for the single model of a plain launch).
+axis is the model (``jit_helpers.model_offset``, under the constexpr flag STACKED); each
+operand's ``stride_*e`` is the distance between models (0 for an operand all models share). A
+plain launch (STACKED false) passes 0s there and carries no model offset at all.
 
 Argument order follows Triton's tutorials: pointers (or descriptors), sizes, strides, scalars,
 constexpr flags, constexpr blocks.
@@ -106,6 +107,7 @@ def forward_kernel(
     # flags
     HAS_BIAS: tl.constexpr, STORE_EXTRA: tl.constexpr, ACTIVATION: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr, SPLIT: tl.constexpr, EPILOGUE_HALVES: tl.constexpr,
+    STACKED: tl.constexpr,
     # blocks
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -119,11 +121,11 @@ def forward_kernel(
     stores its raw fp32 sum in partial[s] ([splits, M, N], contiguous); the epilogue is then
     forward_split_epilogue_kernel's. A stacked launch (program_id(2) = the model) has no split.
     """
-    x_ptr += model_offset(stride_xe, USE_INT64)
-    weight_ptr += model_offset(stride_we, USE_INT64)
-    bias_ptr += model_offset(stride_be, USE_INT64)
-    y_ptr += model_offset(stride_ye, USE_INT64)
-    extra_ptr += model_offset(stride_ye, USE_INT64)
+    x_ptr += model_offset(stride_xe, STACKED, USE_INT64)
+    weight_ptr += model_offset(stride_we, STACKED, USE_INT64)
+    bias_ptr += model_offset(stride_be, STACKED, USE_INT64)
+    y_ptr += model_offset(stride_ye, STACKED, USE_INT64)
+    extra_ptr += model_offset(stride_ye, STACKED, USE_INT64)
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -262,14 +264,14 @@ def backward_input_kernel(
     stride_be, stride_bn, stride_bk,
     stride_gxe, stride_gxm, stride_gxk,
     # flags
-    INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr, STACKED: tl.constexpr,
     # blocks
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """grad_x[M, K] = δ[M, N] @ B[N, K]: tiles over (M, K), reduces over N (the tutorial's A·B)."""
-    delta_ptr += model_offset(stride_de, USE_INT64)
-    feedback_ptr += model_offset(stride_be, USE_INT64)
-    grad_x_ptr += model_offset(stride_gxe, USE_INT64)
+    delta_ptr += model_offset(stride_de, STACKED, USE_INT64)
+    feedback_ptr += model_offset(stride_be, STACKED, USE_INT64)
+    grad_x_ptr += model_offset(stride_gxe, STACKED, USE_INT64)
     pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -337,7 +339,7 @@ def backward_weight_kernel(
     stride_xe, stride_xm, stride_xk,
     stride_gwe, stride_gws, stride_gwn, stride_gwk,
     # flags
-    INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_INT64: tl.constexpr, STACKED: tl.constexpr,
     # blocks
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):
@@ -349,9 +351,9 @@ def backward_weight_kernel(
     stride_gws apart), which split_sum_kernel adds in order. Unsplit: rows_per_split = M. A
     stacked launch (program_id(2) = the model) has no split.
     """
-    delta_ptr += model_offset(stride_de, USE_INT64)
-    x_ptr += model_offset(stride_xe, USE_INT64)
-    grad_w_ptr += model_offset(stride_gwe, USE_INT64)
+    delta_ptr += model_offset(stride_de, STACKED, USE_INT64)
+    x_ptr += model_offset(stride_xe, STACKED, USE_INT64)
+    grad_w_ptr += model_offset(stride_gwe, STACKED, USE_INT64)
     pid_n, pid_k = grouped_tile(tl.program_id(0), N, K, BLOCK_N, BLOCK_K, GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)

@@ -35,6 +35,7 @@ def local_error_kernel(
     negative_slope,
     # flags
     ACTIVATION: tl.constexpr, STORE_DELTA: tl.constexpr, BIAS_GRAD: tl.constexpr, USE_INT64: tl.constexpr,
+    STACKED: tl.constexpr,
     # blocks
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -46,10 +47,10 @@ def local_error_kernel(
     split_sum_kernel, or grad_b itself (its dtype) when there is one slice; stride_oe apart
     between the models of a stacked launch (which has one slice).
     """
-    grad_y_ptr += model_offset(stride_ge, USE_INT64)
-    saved_ptr += model_offset(stride_se, USE_INT64)
-    delta_ptr += model_offset(stride_de, USE_INT64)
-    bias_out_ptr += model_offset(stride_oe, USE_INT64)
+    grad_y_ptr += model_offset(stride_ge, STACKED, USE_INT64)
+    saved_ptr += model_offset(stride_se, STACKED, USE_INT64)
+    delta_ptr += model_offset(stride_de, STACKED, USE_INT64)
+    bias_out_ptr += model_offset(stride_oe, STACKED, USE_INT64)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -91,7 +92,7 @@ def feedback_kernel(
     # scalars
     scale, seed,
     # flags
-    METHOD: tl.constexpr, USE_INT64: tl.constexpr,
+    METHOD: tl.constexpr, USE_INT64: tl.constexpr, STACKED: tl.constexpr,
     # blocks
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -99,9 +100,9 @@ def feedback_kernel(
     (jit_helpers.feedback_tile): scale·sign(W) ("usf"), |R|·sign(W) with R = feedback ("frsf"),
     or with |R| drawn by Philox from (seed, the draw number at counter_ptr) ("brsf"). In a
     stacked launch every model draws the same R (one seed and counter), as its own launch would."""
-    weight_ptr += model_offset(stride_we, USE_INT64)
-    feedback_ptr += model_offset(stride_fe, USE_INT64)
-    out_ptr += model_offset(stride_oe, USE_INT64)
+    weight_ptr += model_offset(stride_we, STACKED, USE_INT64)
+    feedback_ptr += model_offset(stride_fe, STACKED, USE_INT64)
+    out_ptr += model_offset(stride_oe, STACKED, USE_INT64)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     if USE_INT64:

@@ -268,7 +268,7 @@ class ForwardPlan:
             splits, k_per_split = tuning.split_plan(K, tuning.cap_split(cfg.split, K, M * N, cfg.block_red),
                                                     cfg.block_red)
             main = Launch(gemm.forward_kernel, (tiles, splits), dict(
-                flags, USE_INT64=use_int64, SPLIT=splits > 1, EPILOGUE_HALVES=epilogue_halves(
+                flags, USE_INT64=use_int64, STACKED=False, SPLIT=splits > 1, EPILOGUE_HALVES=epilogue_halves(
                     activation, store_extra, cfg), **gemm_meta(cfg, key.precision, "BLOCK_M", "BLOCK_N", "BLOCK_K",
                                                                 "GROUP_M")))
             if splits == 1:
@@ -329,7 +329,7 @@ class BackwardInputPlan:
             check_tma(cfg, layout_ok, "backward-input")
             grid = (cdiv(M, cfg.block_rows) * cdiv(K, cfg.block_cols),)
             meta = gemm_meta(cfg, key.precision, "BLOCK_M", "BLOCK_K", "BLOCK_N", "GROUP_M")
-            pointer = Launch(gemm.backward_input_kernel, grid, dict(meta, USE_INT64=use_int64))
+            pointer = Launch(gemm.backward_input_kernel, grid, dict(meta, USE_INT64=use_int64, STACKED=False))
 
             def run(delta, feedback, grad_x):
                 pointer(delta, feedback, grad_x, M, N, K, *strides)
@@ -370,7 +370,7 @@ class BackwardWeightPlan:
             splits, rows_per_split = tuning.split_plan(M, split, cfg.block_red)
             grid = (cdiv(N, cfg.block_rows) * cdiv(K, cfg.block_cols), splits)
             meta = gemm_meta(cfg, key.precision, "BLOCK_N", "BLOCK_K", "BLOCK_M", "GROUP_N")
-            pointer = Launch(gemm.backward_weight_kernel, grid, dict(meta, USE_INT64=use_int64))
+            pointer = Launch(gemm.backward_weight_kernel, grid, dict(meta, USE_INT64=use_int64, STACKED=False))
             tma = Launch(gemm.backward_weight_tma_kernel, grid, meta) if cfg.tma else None
             bn, bk, bm = cfg.block_rows, cfg.block_cols, cfg.block_red
 
