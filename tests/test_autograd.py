@@ -265,7 +265,7 @@ def _vmapped_loss(models):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_compiled_vmap_over_stacked_models_equals_eager(backend, kernel_device):
+def test_compiled_vmap_over_stacked_models_equals_eager(backend, kernel_device, launches):
     # torch.compile(fullgraph=True) of the ensembling recipe's vmapped loss: the transform checks
     # are evaluated while tracing, so the graph holds what eager runs (the stacked ops on
     # triton, the aten form on the reference); losses and kp's gradients as eager's.
@@ -279,13 +279,49 @@ def test_compiled_vmap_over_stacked_models_equals_eager(backend, kernel_device):
         params, buffers = stack_module_state(models)
         params = {name: p.detach().requires_grad_() for name, p in params.items()}
         loss = _vmapped_loss(models)
+        launches.clear()
         losses = (torch.compile(loss, fullgraph=True) if compiled else loss)(params, buffers, xs, targets)
         losses.sum().backward()
         runs.append((losses.detach(), {name: p.grad for name, p in params.items()}))
+        # Compiled as eager: the three layers' stacked forwards (the members on the grid's third
+        # axis) on the kernels, no kernel on the reference.
+        forwards = [grid for name, grid in launches if name == "forward_kernel"]
+        assert forwards == ([] if backend == "torch" else [forwards[0]] * 3) and all(
+            len(grid) == 3 and grid[2] == SEEDS for grid in forwards), (compiled, launches)
     (eager_losses, eager), (compiled_losses, compiled) = runs
     torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-6, atol=1e-7)
     for name, want in eager.items():
         torch.testing.assert_close(compiled[name], want, rtol=1e-5, atol=1e-7, msg=lambda text, name=name: name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_vmap_refuses_stacked_brsf_before_any_draw(backend, kernel_device):
+    # The draw itself refuses (fa_triton::next_draw's vmap rule): no member's counter has moved.
+    models = _triton_mlps("brsf", kernel_device) if backend == "triton" else _mlps("brsf")
+    params, buffers = stack_module_state(models)
+    dtype = next(models[0].parameters()).dtype
+    xs = torch.randn(SEEDS, 4, 7, dtype=dtype, device=buffers["0.counter"].device)
+    targets = torch.zeros(SEEDS, 4, dtype=torch.int64, device=xs.device)
+    start = {name: b.clone() for name, b in buffers.items()}
+    with pytest.raises(ValueError, match="stack_module_state cannot stack"):
+        _vmapped_loss(models)(params, buffers, xs, targets)
+    assert all(torch.equal(b, start[name]) for name, b in buffers.items())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiled_vmap_over_the_data_alone_runs_brsf(backend, kernel_device):
+    # One brsf layer for every member (fullgraph): one draw, the flattened batch's values.
+    torch.manual_seed(0)
+    layer = fa_triton.FALinear(7, 5, activation="relu", method="brsf", backend=backend,
+                               dtype=torch.float64 if backend == "torch" else torch.float32)
+    layer = layer.to(kernel_device if backend == "triton" else "cpu")
+    twin = copy.deepcopy(layer)
+    xs = torch.randn(SEEDS, 4, 7, dtype=layer.weight.dtype, device=layer.weight.device)
+    torch.compile(vmap(layer), fullgraph=True)(xs).square().sum().backward()
+    twin(xs.reshape(-1, 7)).square().sum().backward()
+    assert torch.equal(layer.counter, twin.counter) and layer.counter.item() == 1
+    for (name, got), want in zip(layer.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-6, msg=lambda text, name=name: name)
 
 
 def test_compiled_vmap_refuses_stacked_brsf():

@@ -172,6 +172,37 @@ def test_kp_gradients_accumulate_separately():
     assert {id(p) for p in layer.parameters()} >= {id(layer.weight), id(layer.feedback)}  # in the optimizer's reach
 
 
+@pytest.mark.parametrize("model, backend", [("linear", "torch"), ("linear", "triton"), ("chain", "torch"),
+                                            ("chain", "triton"), ("conv", "torch")])
+def test_kp_gradients_have_storages_of_their_own(model, backend, kernel_device):
+    # Parameters viewing flat leaves (as over one flat buffer): each gradient reaches its leaf
+    # through a view with the leaf's layout, which autograd keeps as the .grad without a copy.
+    # B's gradient (W's) must still be a tensor of its own: two passes double each once.
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    device = kernel_device if backend == "triton" else "cpu"
+    if model == "linear":
+        module, x = FALinear(7, 5, method="kp", backend=backend), torch.randn(4, 7)
+    elif model == "chain":
+        module = fa_triton.models.mlp((7, 6, 5), ("relu", "tanh"), method="kp", backend=backend)
+        x = torch.randn(4, 7)
+    else:
+        module, x = fa_triton.FAConv2d(2, 3, 3, method="kp", activation="relu"), torch.randn(2, 2, 5, 5)
+    module, x = module.to(device), x.to(device)
+    leaves = {name: p.detach().reshape(-1).clone().requires_grad_() for name, p in module.named_parameters()}
+    views = {name: leaf.view(p.shape) for (name, p), leaf in zip(module.named_parameters(), leaves.values())}
+    functional_call(module, views, (x,)).square().sum().backward()
+    once = {name: leaf.grad.clone() for name, leaf in leaves.items()}
+    functional_call(module, views, (x,)).square().sum().backward()
+    pairs = [(name, name.replace("weight", "feedback")) for name in leaves if name.endswith("weight")]
+    assert pairs and all(feedback in leaves for _, feedback in pairs)
+    for weight, feedback in pairs:
+        assert leaves[weight].grad.untyped_storage().data_ptr() != leaves[feedback].grad.untyped_storage().data_ptr()
+    for name, leaf in leaves.items():
+        torch.testing.assert_close(leaf.grad, 2 * once[name], rtol=1e-6, atol=1e-7, msg=lambda text, name=name: name)
+
+
 def test_wm_mirror_moves_b_towards_w():
     torch.manual_seed(3)
     layer = FALinear(40, 20, activation="identity", method="wm", bias=False)

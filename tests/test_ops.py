@@ -108,6 +108,18 @@ def test_opcheck_stacked_ops():
         torch.library.opcheck(backward_weight, _stacked(weight_args))
 
 
+def test_opcheck_draw_ops():
+    # brsf's draw-number ops: fa_triton::next_draw (advances the counter in place) and
+    # fa_triton::unstacked_draw (the aten form's copy); schemas, fakes, vmap rules that refuse.
+    from fa_triton.ops.autograd import unstacked_draw
+
+    for op in (torch.ops.fa_triton.next_draw.default, unstacked_draw):
+        torch.library.opcheck(op, (torch.tensor([3], dtype=torch.int64),),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+        with pytest.raises(ValueError, match="stack_module_state cannot stack"):
+            torch.func.vmap(op)(torch.zeros(2, 1, dtype=torch.int64))
+
+
 def test_ops_are_registered():
     for name in ("forward", "local_error", "backward_input", "backward_weight"):
         for family in ("triton", "torch", "auto", "triton_stacked"):

@@ -69,6 +69,17 @@ def save_for_fa_backward(ctx, x, weight, feedback, counter, saved, activation: s
     ctx.layer = (activation, negative_slope, rule)  # one attribute: each costs a fraction of a µs
 
 
+def weight_and_feedback_grads(grad_w, need_w: bool, need_feedback: bool) -> tuple:
+    """(W's gradient, B's gradient), each None unless wanted: kp's B gradient is W's, given as a
+    tensor of its own. Returned twice as one tensor, autograd copies it for one of the two — but
+    not when each reaches its parameter through a view with the parameter's layout (parameters
+    viewing one flat buffer, a vmap's movedim), and then weight.grad and feedback.grad would
+    share one storage (a second backward adding into both, clipping one clipping both)."""
+    if need_w and need_feedback:
+        return grad_w, grad_w.clone()
+    return (grad_w if need_w else None), (grad_w if need_feedback else None)
+
+
 def fa_backward(ctx, grad_y, x, weight, feedback, counter, saved, backend: Backend):
     """(grad_x, grad_W, grad_b, grad_B) of the FA layer, each None unless ``ctx.needs_input_grad``
     asks for it; grad_B (Kolen–Pollack: B's gradient is W's) only when ``ctx.rule`` trains B.
@@ -83,8 +94,8 @@ def fa_backward(ctx, grad_y, x, weight, feedback, counter, saved, backend: Backe
     delta, grad_b = backend.local_error(grad_y, saved, activation, negative_slope, need_x or need_grad_w, need_b)
     grad_x = backend.backward_input(delta, feedback, weight, counter, rule) if need_x else None
     grad_w = backend.backward_weight(delta, x) if need_grad_w else None
-    # Autograd accumulates each returned tensor into its own .grad (copying a shared one).
-    return grad_x, grad_w if need_w else None, grad_b, grad_w if need_feedback else None
+    grad_w, grad_feedback = weight_and_feedback_grads(grad_w, need_w, need_feedback)
+    return grad_x, grad_w, grad_b, grad_feedback
 
 
 def _backward_2d(ctx, grad_y, backend: Backend):
@@ -239,14 +250,22 @@ STACKED_BRSF = (
     "train brsf models one by one (vmap over the data alone works)")
 
 
-def _stacked(t) -> bool:
-    """Whether ``t`` is batched by an enclosing vmap (under any grad wrappers)."""
-    functorch = torch._C._functorch
-    while t is not None and functorch.is_functorch_wrapped_tensor(t):
-        if functorch.is_batchedtensor(t):
-            return True
-        t = functorch.get_unwrapped(t)
-    return False
+@torch.library.custom_op("fa_triton::unstacked_draw", mutates_args=())
+def unstacked_draw(counter: torch.Tensor) -> torch.Tensor:
+    """brsf's draw number as the aten form reads it (a copy), through an op whose vmap rule
+    refuses a counter batched by stacked models (``STACKED_BRSF``), eagerly and while tracing
+    (Dynamo cannot trace functorch's tensor wrappers, so the check cannot read them)."""
+    return counter.clone()
+
+
+@unstacked_draw.register_fake
+def _unstacked_draw_fake(counter):
+    return torch.empty_like(counter)
+
+
+@unstacked_draw.register_vmap
+def _unstacked_draw_vmap(info, in_dims, counter):
+    raise ValueError(STACKED_BRSF)
 
 
 # Both read functorch's interpreter stack, which Dynamo cannot trace: under torch.compile of a
@@ -283,8 +302,8 @@ def transformable(op, x, weight, bias, feedback, counter, activation: str, negat
             "fa_triton's layers define no forward-mode derivative (torch.func.jvp, jacfwd): feedback alignment "
             "replaces only the backward pass's W by B, so a tangent would be neither the true one (through W) "
             "nor FA's; use reverse mode (grad, vjp, jacrev)")
-    if rule.method == "brsf" and _stacked(counter):
-        raise ValueError(STACKED_BRSF)
+    if rule.method == "brsf":
+        counter = unstacked_draw(counter)
     if rule.method == "backprop":
         z = op(x, weight, bias)
     else:

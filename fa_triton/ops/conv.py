@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..rules.activations import activation_backward, apply_activation, extra_for_backward, saves_extra
 from ..rules.methods import feedback_matrix
-from .autograd import needs_saved, once_differentiable, save_for_fa_backward
+from .autograd import needs_saved, once_differentiable, save_for_fa_backward, weight_and_feedback_grads
 
 
 class FAConv2dFunction(torch.autograd.Function):
@@ -52,5 +52,5 @@ class FAConv2dFunction(torch.autograd.Function):
             grad_w = torch.nn.grad.conv2d_weight(x, ctx.weight_shape, delta, stride, padding, dilation, groups)
         if need_b:
             grad_b = delta.sum((0, 2, 3))
-        return (grad_x, grad_w if need_w else None, grad_b, grad_w if need_feedback else None,
-                *([None] * 8))
+        grad_w, grad_feedback = weight_and_feedback_grads(grad_w, need_w, need_feedback)
+        return (grad_x, grad_w, grad_b, grad_feedback, *([None] * 8))

@@ -67,7 +67,6 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
 def _define(backend: Backend):
     """The four ops of one backend, over its steps."""
     prefix = f"fa_triton::{backend.name}"
-    stacked = backend is TRITON_STACKED
 
     @torch.library.custom_op(f"{prefix}_forward", mutates_args=())
     def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], feedback: Optional[Tensor],
@@ -117,11 +116,6 @@ def _define(backend: Backend):
         # extra is an internal output: nothing downstream uses it, so grad_extra is ignored.
         x, weight, feedback, counter, saved = ctx.saved_tensors
         grads = fa_backward(ctx, grad_y, x, weight, feedback, counter, saved, op_backend)
-        if stacked and grads[3] is not None and grads[3] is grads[1]:
-            # kp's B gradient is W's. Autograd copies a tensor it accumulates twice, but here each
-            # reaches its parameter through a view of its own (the vmap's movedim), which it
-            # would not: weight.grad and feedback.grad would share one storage.
-            grads = (*grads[:3], grads[3].clone())
         return (*grads, None, None, None, None, None, None)
 
     forward.register_autograd(backward, setup_context=_setup_context)
@@ -230,9 +224,8 @@ def _next_draw_fake(counter):
 
 @_next_draw.register_vmap
 def _next_draw_vmap(info, in_dims, counter):
-    # Traced under a vmap (torch.compile of a vmapped step): stacked members' counters are
-    # batched, and brsf cannot run over stacked models (STACKED_BRSF); the eager vmap refuses in
-    # the layer op, before any draw.
+    # Under a vmap over stacked models (eager or traced) the members' counters are batched, and
+    # brsf cannot run over stacked models (STACKED_BRSF): refused before any counter moves.
     raise ValueError(STACKED_BRSF)
 
 
@@ -240,8 +233,9 @@ def next_draw(counter: Tensor) -> Tensor:
     """brsf's draw number for this training forward: ``counter`` advanced in place, and its new
     value as a tensor of its own (the backward's). Eagerly two ops; while tracing one opaque op:
     traced through, AOT autograd's partitioner recomputed the value in the backward from the
-    already-advanced buffer, which gave the next draw's number (``counter`` + 2)."""
-    if torch.compiler.is_compiling():
+    already-advanced buffer, which gave the next draw's number (``counter`` + 2). Under a
+    torch.func transform the op too, whose vmap rule refuses stacked models' counters."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return _next_draw(counter)
     counter.add_(1)
     return counter.clone()

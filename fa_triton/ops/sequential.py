@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..rules.activations import saves_extra
-from .autograd import once_differentiable
+from .autograd import once_differentiable, weight_and_feedback_grads
 from .backends import Backend
 
 #: Tensors per layer among the Function's inputs: weight, bias, feedback, counter.
@@ -103,8 +103,8 @@ class FASequentialFunction(torch.autograd.Function):
                 grads[PER_LAYER * index + 1] = grad_b
                 if need_w or need_feedback:
                     grad_w = backend.backward_weight(delta, flat(x) if index == 0 else flat(outputs[index - 1]))
-                    grads[PER_LAYER * index] = grad_w if need_w else None
-                    grads[PER_LAYER * index + 2] = grad_w if need_feedback else None
+                    grads[PER_LAYER * index], grads[PER_LAYER * index + 2] = weight_and_feedback_grads(
+                        grad_w, need_w, need_feedback)
                 if index == 0:
                     if need[0]:
                         grad_x = backend.backward_input(delta, feedbacks[0], weights[0], counters[0], rule)
@@ -165,5 +165,6 @@ def _fused_backward(ctx, backend: Backend, specs, grad_y, x, outputs, weights, f
     grad_ws, grad_bs, grad_x = fused
     grads = []
     for grad_w, grad_b, (need_w, need_feedback) in zip(grad_ws, grad_bs, wants):
-        grads += [grad_w if need_w else None, grad_b, grad_w if need_feedback else None, None]
+        grad_w, grad_feedback = weight_and_feedback_grads(grad_w, need_w, need_feedback)
+        grads += [grad_w, grad_b, grad_feedback, None]
     return (None if grad_x is None else grad_x.view(x.shape), None, None, *grads)

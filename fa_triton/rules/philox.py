@@ -20,6 +20,7 @@ def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     is only ever XORed into a word whose upper bits are cleared after). The last step is one
     int-to-float conversion and one fp32 multiply, as in the kernel.
     """
+    offsets = offsets.to(torch.int64)  # (int32 offsets would wrap in the products below)
     c0 = offsets & _MASK32
     c1 = offsets >> 32
     c2 = torch.zeros_like(c0)
