@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from ..ops.library import next_draw
+from ..ops.autograd import next_draw
 from ..ops.validation import check_generator
 from ..rules.activations import check_activation
 from ..rules.methods import FEEDBACK_METHODS, FeedbackRule, feedback_matrix, init_bound, init_std, rule_for

@@ -2,7 +2,8 @@
 layer's Functions here and ``library.py``'s ops, FAConv2d's and DFA's Functions in ``conv.py`` and
 ``dfa.py``), the backward shared by every path, and the eager ``torch.autograd.Function`` of each
 backend (registered on it as ``backend.function``); and the entry the layers call once their
-arguments are checked, :func:`apply_checked` (with :func:`autocast_inputs` before it).
+arguments are checked, :func:`apply_checked` (with :func:`autocast_inputs` before it); brsf's
+draw-number ops (:func:`next_draw`, ``fa_triton::next_draw`` and ``fa_triton::unstacked_draw``).
 
 Eager mode calls these Functions directly (they cost less per call than the ``torch.library``
 ops of ``library.py``, which ``torch.compile`` traces); both run :func:`fa_backward` with a
@@ -250,22 +251,41 @@ STACKED_BRSF = (
     "train brsf models one by one (vmap over the data alone works)")
 
 
-@torch.library.custom_op("fa_triton::unstacked_draw", mutates_args=())
-def unstacked_draw(counter: torch.Tensor) -> torch.Tensor:
-    """brsf's draw number as the aten form reads it (a copy), through an op whose vmap rule
-    refuses a counter batched by stacked models (``STACKED_BRSF``), eagerly and while tracing
-    (Dynamo cannot trace functorch's tensor wrappers, so the check cannot read them)."""
+# brsf's draw numbers as ops whose vmap rule refuses a counter batched by stacked models
+# (STACKED_BRSF), eagerly and while tracing (Dynamo cannot trace functorch's tensor wrappers, so
+# no Python check can read them there).
+
+@torch.library.custom_op("fa_triton::next_draw", mutates_args=("counter",))
+def _next_draw(counter: torch.Tensor) -> torch.Tensor:
+    counter.add_(1)
     return counter.clone()
 
 
-@unstacked_draw.register_fake
-def _unstacked_draw_fake(counter):
-    return torch.empty_like(counter)
+@torch.library.custom_op("fa_triton::unstacked_draw", mutates_args=())
+def unstacked_draw(counter: torch.Tensor) -> torch.Tensor:
+    """brsf's draw number as the aten form (:func:`transformable`) reads it: a copy."""
+    return counter.clone()
 
 
-@unstacked_draw.register_vmap
-def _unstacked_draw_vmap(info, in_dims, counter):
+def _refuse_stacked(info, in_dims, counter):
     raise ValueError(STACKED_BRSF)
+
+
+for _draw_op in (_next_draw, unstacked_draw):
+    _draw_op.register_fake(torch.empty_like)
+    _draw_op.register_vmap(_refuse_stacked)
+
+
+def next_draw(counter: torch.Tensor) -> torch.Tensor:
+    """brsf's draw number for this training forward: ``counter`` advanced in place, and its new
+    value as a tensor of its own (the backward's). Eagerly two ops; while tracing one opaque op:
+    traced through, AOT autograd's partitioner recomputed the value in the backward from the
+    already-advanced buffer, which gave the next draw's number (``counter`` + 2). Under a
+    torch.func transform the op too, so that stacked models are refused before any counter moves."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return _next_draw(counter)
+    counter.add_(1)
+    return counter.clone()
 
 
 # Both read functorch's interpreter stack, which Dynamo cannot trace: under torch.compile of a

@@ -52,7 +52,7 @@ from ..rules.methods import FeedbackRule
 from .autograd import STACKED_BRSF, fa_backward, save_for_fa_backward
 from .backends import AUTO, TORCH, TRITON, TRITON_STACKED, Backend
 
-__all__ = ["fa_linear_op", "next_draw"]
+__all__ = ["fa_linear_op"]
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -209,33 +209,3 @@ def _vmap_forward(backend: Backend, info, in_dims, x, weight, bias, feedback, co
 
 for _backend in (TRITON, AUTO):
     _backend.ops[0].register_vmap(functools.partial(_vmap_forward, _backend))
-
-
-@torch.library.custom_op("fa_triton::next_draw", mutates_args=("counter",))
-def _next_draw(counter: Tensor) -> Tensor:
-    counter.add_(1)
-    return counter.clone()
-
-
-@_next_draw.register_fake
-def _next_draw_fake(counter):
-    return torch.empty_like(counter)
-
-
-@_next_draw.register_vmap
-def _next_draw_vmap(info, in_dims, counter):
-    # Under a vmap over stacked models (eager or traced) the members' counters are batched, and
-    # brsf cannot run over stacked models (STACKED_BRSF): refused before any counter moves.
-    raise ValueError(STACKED_BRSF)
-
-
-def next_draw(counter: Tensor) -> Tensor:
-    """brsf's draw number for this training forward: ``counter`` advanced in place, and its new
-    value as a tensor of its own (the backward's). Eagerly two ops; while tracing one opaque op:
-    traced through, AOT autograd's partitioner recomputed the value in the backward from the
-    already-advanced buffer, which gave the next draw's number (``counter`` + 2). Under a
-    torch.func transform the op too, whose vmap rule refuses stacked models' counters."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return _next_draw(counter)
-    counter.add_(1)
-    return counter.clone()
