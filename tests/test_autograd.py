@@ -309,6 +309,22 @@ def test_vmap_refuses_stacked_brsf_before_any_draw(backend, kernel_device):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_brsf_draws_once_under_functionalize_and_not_under_forward_mode(backend, kernel_device):
+    # functionalize takes no custom op that mutates its input: the draw stays two plain ops
+    # there (one draw per call); forward mode is refused before the draw (the counter unmoved).
+    torch.manual_seed(0)
+    layer = fa_triton.FALinear(7, 5, activation="tanh", method="brsf", backend=backend)
+    layer = layer.to(kernel_device if backend == "triton" else "cpu")
+    x = torch.randn(4, 7, device=layer.weight.device)
+    y = torch.func.functionalize(layer)(x)
+    assert layer.counter.item() == 1
+    torch.testing.assert_close(y, copy.deepcopy(layer).eval()(x))  # (eval: no draw; y does not read R)
+    with pytest.raises(NotImplementedError, match="no forward-mode derivative"):
+        torch.func.jvp(layer, (x,), (torch.ones_like(x),))
+    assert layer.counter.item() == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_compiled_vmap_over_the_data_alone_runs_brsf(backend, kernel_device):
     # One brsf layer for every member (fullgraph): one draw, the flattened batch's values.
     torch.manual_seed(0)

@@ -141,6 +141,12 @@ def test_brsf_redraws_at_every_training_forward_and_only_then():
     assert twin.rule.seed == layer.rule.seed and torch.equal(twin.feedback_matrix(), draws[2])
 
 
+def test_philox_takes_any_integer_offsets():
+    # int32 offsets (near 2³¹, where a 32-bit product or shift would wrap) draw what int64 ones do.
+    offsets = torch.arange(2**31 - 40, 2**31 - 1, dtype=torch.int64)
+    assert torch.equal(philox_uniform(11, offsets.to(torch.int32)), philox_uniform(11, offsets))
+
+
 def test_philox_matches_tritons_generator(kernel_device):
     # fa_triton.rules.philox.philox_uniform is bitwise tl.rand (the kernels' R, materialized in PyTorch).
     import triton
@@ -173,18 +179,20 @@ def test_kp_gradients_accumulate_separately():
 
 
 @pytest.mark.parametrize("model, backend", [("linear", "torch"), ("linear", "triton"), ("chain", "torch"),
-                                            ("chain", "triton"), ("conv", "torch")])
-def test_kp_gradients_have_storages_of_their_own(model, backend, kernel_device):
+                                            ("chain", "triton"), ("fused chain", "triton"), ("conv", "torch")])
+def test_kp_gradients_have_storages_of_their_own(model, backend, kernel_device, launches, fp32_matmul_precision):
     # Parameters viewing flat leaves (as over one flat buffer): each gradient reaches its leaf
     # through a view with the leaf's layout, which autograd keeps as the .grad without a copy.
-    # B's gradient (W's) must still be a tensor of its own: two passes double each once.
+    # B's gradient (W's) must still be a tensor of its own: two passes double each once. The
+    # fused chain: tf32 allowed, the narrow MLP's fused backward (else the chain runs stepwise).
     from torch.func import functional_call
 
+    fp32_matmul_precision(model == "fused chain")
     torch.manual_seed(0)
     device = kernel_device if backend == "triton" else "cpu"
     if model == "linear":
         module, x = FALinear(7, 5, method="kp", backend=backend), torch.randn(4, 7)
-    elif model == "chain":
+    elif model.endswith("chain"):
         module = fa_triton.models.mlp((7, 6, 5), ("relu", "tanh"), method="kp", backend=backend)
         x = torch.randn(4, 7)
     else:
@@ -201,6 +209,7 @@ def test_kp_gradients_have_storages_of_their_own(model, backend, kernel_device):
         assert leaves[weight].grad.untyped_storage().data_ptr() != leaves[feedback].grad.untyped_storage().data_ptr()
     for name, leaf in leaves.items():
         torch.testing.assert_close(leaf.grad, 2 * once[name], rtol=1e-6, atol=1e-7, msg=lambda text, name=name: name)
+    assert ("mlp_backward_kernel" in {name for name, _ in launches}) == (model == "fused chain"), launches
 
 
 def test_wm_mirror_moves_b_towards_w():

@@ -245,6 +245,11 @@ def autocast_inputs(x, weight, bias, feedback):
     return cast(x), cast(weight), cast(bias), cast(feedback)
 
 
+FORWARD_MODE = (
+    "fa_triton's layers define no forward-mode derivative (torch.func.jvp, jacfwd): feedback alignment "
+    "replaces only the backward pass's W by B, so a tangent would be neither the true one (through W) "
+    "nor FA's; use reverse mode (grad, vjp, jacrev)")
+
 STACKED_BRSF = (
     "method='brsf' under torch.func.vmap over stacked models: each model's Philox seed is a Python int "
     "(feedback_seed), which stack_module_state cannot stack, so every member would draw the first model's R; "
@@ -280,10 +285,19 @@ def next_draw(counter: torch.Tensor) -> torch.Tensor:
     """brsf's draw number for this training forward: ``counter`` advanced in place, and its new
     value as a tensor of its own (the backward's). Eagerly two ops; while tracing one opaque op:
     traced through, AOT autograd's partitioner recomputed the value in the backward from the
-    already-advanced buffer, which gave the next draw's number (``counter`` + 2). Under a
-    torch.func transform the op too, so that stacked models are refused before any counter moves."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    already-advanced buffer, which gave the next draw's number (``counter`` + 2). Under a vmap
+    the op too, so that stacked models are refused before any counter moves (not under
+    functionalize, which takes no custom op that mutates its input); under forward mode the
+    layer is refused here, before the draw."""
+    if torch.compiler.is_compiling():
         return _next_draw(counter)
+    if torch._C._are_functorch_transforms_active():
+        functorch = torch._C._functorch
+        kinds = {level.key() for level in functorch.get_interpreter_stack() or ()}
+        if functorch.TransformType.Jvp in kinds:
+            raise NotImplementedError(FORWARD_MODE)
+        if functorch.TransformType.Vmap in kinds and functorch.TransformType.Functionalize not in kinds:
+            return _next_draw(counter)
     counter.add_(1)
     return counter.clone()
 
@@ -318,10 +332,7 @@ def transformable(op, x, weight, bias, feedback, counter, activation: str, negat
     gradient = W's. One more GEMM (or convolution) than the Functions; y = f(z). Forward mode
     (jvp) is refused, as the Functions refuse it."""
     if _forward_mode():
-        raise NotImplementedError(
-            "fa_triton's layers define no forward-mode derivative (torch.func.jvp, jacfwd): feedback alignment "
-            "replaces only the backward pass's W by B, so a tangent would be neither the true one (through W) "
-            "nor FA's; use reverse mode (grad, vjp, jacrev)")
+        raise NotImplementedError(FORWARD_MODE)
     if rule.method == "brsf":
         counter = unstacked_draw(counter)
     if rule.method == "backprop":
