@@ -26,11 +26,10 @@ torch thread by default. Providers, each with its own model and optimizer, for e
 
 Timing: one process, interleaved rounds. Each round times every (method, provider) in turn, ``--steps``
 steps each (the groups' order rotates from round to round, and so does the providers' order within a
-group: fa_triton, per-layer, BioTorch, nn, shifted by one each round; nn is timed once per group,
-beside each method). Round 0 warms up and is not
-counted. Reported per provider: the median and the min over rounds of ms per step; the ratios are
-the median over rounds of the per-round ratio of the two providers timed side by side (the same
-group), which keeps a busy machine's drift out of them.
+group: fa_triton, per-layer, BioTorch, nn, shifted by one each round; nn is timed once per group, beside
+each method). Round 0 warms up and is not counted. Reported per provider: the median and the min over
+rounds of ms per step; the ratios are the median over rounds of the per-round ratio of the two providers
+timed side by side (the same group), which keeps a busy machine's drift out of them.
 
 The issue's goals, printed beside the numbers: every method's step ≤ BioTorch's (fa_triton/BioTorch
 ≤ 1); fa ≤ 1.05× backprop's (nn); DFA's step < backprop's.

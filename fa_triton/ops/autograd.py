@@ -256,6 +256,15 @@ STACKED_BRSF = (
     "train brsf models one by one (vmap over the data alone works)")
 
 
+_VMAP, _JVP, _FUNCTIONALIZE = (torch._C._functorch.TransformType.Vmap, torch._C._functorch.TransformType.Jvp,
+                                torch._C._functorch.TransformType.Functionalize)
+
+
+def _transforms() -> list:
+    """The kinds of the enclosing ``torch.func`` transforms, outermost first."""
+    return [level.key() for level in torch._C._functorch.get_interpreter_stack() or ()]
+
+
 # brsf's draw numbers as ops whose vmap rule refuses a counter batched by stacked models
 # (STACKED_BRSF), eagerly and while tracing (Dynamo cannot trace functorch's tensor wrappers, so
 # no Python check can read them there).
@@ -292,11 +301,10 @@ def next_draw(counter: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return _next_draw(counter)
     if torch._C._are_functorch_transforms_active():
-        functorch = torch._C._functorch
-        kinds = {level.key() for level in functorch.get_interpreter_stack() or ()}
-        if functorch.TransformType.Jvp in kinds:
+        kinds = _transforms()
+        if _JVP in kinds:
             raise NotImplementedError(FORWARD_MODE)
-        if functorch.TransformType.Vmap in kinds and functorch.TransformType.Functionalize not in kinds:
+        if _VMAP in kinds and _FUNCTIONALIZE not in kinds:
             return _next_draw(counter)
     counter.add_(1)
     return counter.clone()
@@ -309,16 +317,13 @@ def next_draw(counter: torch.Tensor) -> torch.Tensor:
 def _one_vmap() -> bool:
     """Whether the only enclosing ``torch.func`` transform is one vmap (no grad, jvp or
     functionalize, no vmap inside another: the stacked ops have no vmap rule of their own)."""
-    functorch = torch._C._functorch
-    levels = functorch.get_interpreter_stack() or ()
-    return len(levels) == 1 and levels[0].key() == functorch.TransformType.Vmap
+    return _transforms() == [_VMAP]
 
 
 @torch.compiler.assume_constant_result
 def _forward_mode() -> bool:
     """Whether a forward-mode transform (jvp, jacfwd) encloses this call."""
-    functorch = torch._C._functorch
-    return any(level.key() == functorch.TransformType.Jvp for level in functorch.get_interpreter_stack() or ())
+    return _JVP in _transforms()
 
 
 def transformable(op, x, weight, bias, feedback, counter, activation: str, negative_slope: float,
