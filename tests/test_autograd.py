@@ -348,3 +348,20 @@ def test_compiled_vmap_refuses_stacked_brsf():
     targets = torch.zeros(SEEDS, 4, dtype=torch.int64)
     with pytest.raises(Exception, match="stack_module_state cannot stack"):
         torch.compile(_vmapped_loss(models), fullgraph=True)(params, buffers, xs, targets)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_backward_is_once_differentiable(backend, kernel_device):
+    # fa_backward checks grad mode itself (no wrapper): with create_graph=True the gradients are
+    # the plain backward's, and differentiating them again is an error, not FA's backward
+    # differentiated as if it were a gradient. x of 3 dimensions: flattened and given back.
+    torch.manual_seed(0)
+    device = kernel_device if backend == "triton" else "cpu"
+    layer = fa_triton.FALinear(7, 5, backend=backend, device=device)
+    x = torch.randn(2, 3, 7, device=device, requires_grad=True)
+    (plain,) = torch.autograd.grad(layer(x).square().sum(), x)
+    (graphed,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)  # g = 2y needs grad
+    assert graphed.shape == x.shape and graphed.requires_grad
+    torch.testing.assert_close(graphed, plain, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        graphed.sum().backward()

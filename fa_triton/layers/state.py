@@ -60,7 +60,8 @@ class FeedbackState:
                              f"{self._method!r} one")
         self.feedback = other.feedback
         if self._method == "brsf":
-            self.feedback_seed, self.counter, self._seed = other.feedback_seed, other.counter, other._seed
+            self.feedback_seed, self.counter = other.feedback_seed, other.counter
+            self._set_seed(other._seed)
 
     @contextlib.contextmanager
     def backward_as_backprop(self):
@@ -119,8 +120,8 @@ class FeedbackState:
             # Traced without the cache: the graph would be guarded on its state, and the first
             # eager call's fill would recompile it.
             return self._new_rule()
-        rule = self._rule
-        if rule is None or rule.seed != self._seed:
+        rule = self._rule  # cleared by whatever changes the method or the seed
+        if rule is None:
             rule = self._rule = self._new_rule()
         return rule
 
@@ -151,7 +152,7 @@ class FeedbackState:
             bound = init_bound(self._init, *self.fans)
             self.feedback.uniform_(-bound, bound, generator=generator)
         if self._method == "brsf":
-            self._seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            self._set_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
             self.feedback_seed.fill_(self._seed)
             self.counter.zero_()
 
@@ -163,7 +164,11 @@ class FeedbackState:
     def sync_seed(self) -> None:
         """brsf: read the seed back from the ``feedback_seed`` buffer (after it was loaded or
         broadcast): the kernels take it as a number, not from the device."""
-        self._seed = int(self.feedback_seed.item())
+        self._set_seed(int(self.feedback_seed.item()))
+
+    def _set_seed(self, seed: int) -> None:
+        # The cached rule holds the seed: a new one is made at the next read of ``rule``.
+        self._seed, self._rule = seed, None
 
     def _draw(self) -> torch.Tensor | None:
         """brsf: this forward's draw number (advanced on the device by a training forward, so

@@ -40,23 +40,21 @@ def once_differentiable(backward):
 
 def needs_saved(ctx, activation: str, rule: FeedbackRule) -> bool:
     """Whether the backward reads y (or the extra tensor) for f': any gradient is wanted and f is
-    not the identity."""
+    not the identity (:func:`save_for_fa_backward` makes the same test)."""
     need = ctx.needs_input_grad
-    return _reads_saved(activation, need[0], need[1], need[2], rule.trains_feedback and need[3])
-
-
-def _reads_saved(activation: str, need_x: bool, need_w: bool, need_b: bool, need_feedback: bool) -> bool:
-    return activation != "identity" and (need_x or need_w or need_b or need_feedback)
+    return activation != "identity" and (need[0] or need[1] or need[2] or (rule.trains_feedback and need[3]))
 
 
 def save_for_fa_backward(ctx, x, weight, feedback, counter, saved, activation: str, negative_slope: float,
-                         rule: FeedbackRule) -> None:
+                         rule: FeedbackRule, x_shape: torch.Size | None = None) -> None:
     """Save on ``ctx`` only what an FA backward reads, given ``ctx.needs_input_grad`` (inputs x,
     weight, bias, feedback first): x for grad_W; for grad_x whatever B is formed from (the
     feedback tensor — B, W for backprop, R for frsf —, W for the sign methods, the draw counter
     for brsf); ``saved`` (y or the extra tensor, see ``saves_extra``) for f', when
     :func:`needs_saved`. Every tensor goes through ``ctx.save_for_backward``, so an in-place
     change of any of them before backward is an error, not a silently wrong gradient.
+    ``x_shape``: the input's shape when the Function's x has other than 2 dimensions (the
+    backward flattens the batch, and gives grad_x back in that shape).
     """
     need_x, need_w, need_b, need_feedback = ctx.needs_input_grad[:4]
     need_feedback = need_feedback and rule.trains_feedback
@@ -65,9 +63,9 @@ def save_for_fa_backward(ctx, x, weight, feedback, counter, saved, activation: s
         weight if need_x and rule.reads_weight else None,
         feedback if need_x and rule.reads_feedback else None,
         counter if need_x and rule.draws else None,
-        saved if _reads_saved(activation, need_x, need_w, need_b, need_feedback) else None,
+        saved if activation != "identity" and (need_x or need_w or need_b or need_feedback) else None,  # needs_saved
     )
-    ctx.layer = (activation, negative_slope, rule)  # one attribute: each costs a fraction of a µs
+    ctx.layer = (activation, negative_slope, rule, x_shape)  # one attribute: each costs a fraction of a µs
 
 
 def weight_and_feedback_grads(grad_w, need_w: bool, need_feedback: bool) -> tuple:
@@ -81,45 +79,57 @@ def weight_and_feedback_grads(grad_w, need_w: bool, need_feedback: bool) -> tupl
     return (grad_w if need_w else None), (grad_w if need_feedback else None)
 
 
-def fa_backward(ctx, grad_y, x, weight, feedback, counter, saved, backend: Backend):
-    """(grad_x, grad_W, grad_b, grad_B) of the FA layer, each None unless ``ctx.needs_input_grad``
-    asks for it; grad_B (Kolen–Pollack: B's gradient is W's) only when ``ctx.rule`` trains B.
+def fa_backward(ctx, grad_y, backend: Backend) -> tuple:
+    """(grad_x, grad_W, grad_b, grad_B) of the FA layer from what :func:`save_for_fa_backward`
+    kept on ``ctx``, each None unless ``ctx.needs_input_grad`` asks for it; grad_B
+    (Kolen–Pollack: B's gradient is W's) only when the rule trains B. The backward of every
+    path: the Functions below and ``library.py``'s ops.
 
-    2-D throughout: grad_y and saved [M, N], x [M, K], weight and feedback [N, K]. δ = g ⊙ f'(z)
-    and grad_b are formed once, in one pass (``backend.local_error``); both GEMMs read that δ.
+    2-D throughout: grad_y and saved [M, N], x [M, K] (an input of other than 2 dimensions is
+    flattened here, and grad_x given back in its shape), weight and feedback [N, K]; the stacked
+    ops' tensors have the models first. δ = g ⊙ f'(z) and grad_b are formed once, in one pass
+    (``backend.local_error``); both GEMMs read that δ. Once differentiable, as
+    :func:`once_differentiable` makes a backward, checked here rather than by a wrapper: a frame
+    less on every backward.
     """
+    if torch.is_grad_enabled():  # create_graph=True: a second backward through this one is an error
+        return _fa_backward_once(ctx, grad_y, backend)
+    x, weight, feedback, counter, saved = ctx.saved_tensors
     need_x, need_w, need_b, need_feedback = ctx.needs_input_grad[:4]
-    activation, negative_slope, rule = ctx.layer
+    activation, negative_slope, rule, x_shape = ctx.layer
+    if x_shape is not None:
+        grad_y = grad_y.reshape(-1, grad_y.shape[-1])
+        saved = None if saved is None else saved.reshape(grad_y.shape)
+        x = None if x is None else x.reshape(-1, x.shape[-1])
     need_feedback = need_feedback and rule.trains_feedback
     need_grad_w = need_w or need_feedback
     delta, grad_b = backend.local_error(grad_y, saved, activation, negative_slope, need_x or need_grad_w, need_b)
-    grad_x = backend.backward_input(delta, feedback, weight, counter, rule) if need_x else None
-    grad_w = backend.backward_weight(delta, x) if need_grad_w else None
+    grad_x = None
+    if need_x:
+        grad_x = backend.backward_input(delta, feedback, weight, counter, rule)
+        if x_shape is not None:
+            grad_x = grad_x.view(x_shape)
+    if not need_grad_w:
+        return grad_x, None, grad_b, None
+    grad_w = backend.backward_weight(delta, x)
+    if not need_feedback:  # every rule but kp's
+        return grad_x, grad_w, grad_b, None
     grad_w, grad_feedback = weight_and_feedback_grads(grad_w, need_w, need_feedback)
     return grad_x, grad_w, grad_b, grad_feedback
 
 
-def _backward_2d(ctx, grad_y, backend: Backend):
-    """fa_backward on the flattened batch; grad_x back in x's shape (``ctx.x_shape``, set by the
-    forward for an x of more than 2 dimensions)."""
-    x, weight, feedback, counter, saved = ctx.saved_tensors
-    if grad_y.dim() == 2:
-        return (*fa_backward(ctx, grad_y, x, weight, feedback, counter, saved, backend), None, None, None, None)
-    out_features = grad_y.shape[-1]
-    grad_y = grad_y.reshape(-1, out_features)
-    saved = None if saved is None else saved.reshape(-1, out_features)
-    x = None if x is None else x.reshape(-1, x.shape[-1])
-    grad_x, grad_w, grad_b, grad_feedback = fa_backward(ctx, grad_y, x, weight, feedback, counter, saved, backend)
-    if grad_x is not None:
-        grad_x = grad_x.view(ctx.x_shape)
-    return grad_x, grad_w, grad_b, grad_feedback, None, None, None, None
+_fa_backward_once = _torch_once_differentiable(fa_backward)  # under no_grad fa_backward takes its plain path
 
 
-def _store_extra(ctx, activation: str, negative_slope: float, rule: FeedbackRule) -> bool:
-    """Whether the forward stores the extra tensor (``saves_extra``) because backward reads it (a set
-    test first: for most activations that is all it costs)."""
-    return activation in MAY_SAVE_EXTRA and saves_extra(activation, negative_slope) and needs_saved(ctx, activation,
-                                                                                                   rule)
+# The Functions' non-tensor inputs (counter excepted: it takes no gradient either) get None.
+_NO_GRADS = (None, None, None, None)
+
+
+def _stores_extra(ctx, activation: str, negative_slope: float, rule: FeedbackRule) -> bool:
+    """Whether the forward stores the extra tensor (``saves_extra``) because backward reads it.
+    The callers test ``activation in MAY_SAVE_EXTRA`` first: for most activations that is all it
+    costs."""
+    return saves_extra(activation, negative_slope) and needs_saved(ctx, activation, rule)
 
 
 def _forward_2d(ctx, backend: Backend, x, weight, bias, feedback, counter, activation, negative_slope, rule):
@@ -129,25 +139,21 @@ def _forward_2d(ctx, backend: Backend, x, weight, bias, feedback, counter, activ
     (the kernels take any strides, so only un-viewable layouts are copied)."""
     out_features = weight.shape[0]
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    store_extra = _store_extra(ctx, activation, negative_slope, rule)
+    store_extra = activation in MAY_SAVE_EXTRA and _stores_extra(ctx, activation, negative_slope, rule)
     y = x.new_empty((*x.shape[:-1], out_features))
     _, extra = backend.forward(x2d, weight, bias, activation, negative_slope, store_extra,
                                y if y.dim() == 2 else y.view(-1, out_features))
     save_for_fa_backward(ctx, x2d, weight, feedback, counter, y if extra is None else extra, activation,
-                         negative_slope, rule)
-    if x.dim() != 2:
-        ctx.x_shape = x.shape
+                         negative_slope, rule, None if x.dim() == 2 else x.shape)
     return y
 
 
 def _forward_nd(ctx, backend: Backend, x, weight, bias, feedback, counter, activation, negative_slope, rule):
     """The forward of a backend that takes x [..., K] as it is (the reference: F.linear)."""
-    store_extra = _store_extra(ctx, activation, negative_slope, rule)
+    store_extra = activation in MAY_SAVE_EXTRA and _stores_extra(ctx, activation, negative_slope, rule)
     y, extra = backend.forward(x, weight, bias, activation, negative_slope, store_extra)
     save_for_fa_backward(ctx, x, weight, feedback, counter, y if extra is None else extra, activation, negative_slope,
-                         rule)
-    if x.dim() != 2:
-        ctx.x_shape = x.shape
+                         rule, None if x.dim() == 2 else x.shape)
     return y
 
 
@@ -166,9 +172,8 @@ class FALinearFunction(torch.autograd.Function):
         return _forward_2d(ctx, TRITON, x, weight, bias, feedback, counter, activation, negative_slope, rule)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):
-        return _backward_2d(ctx, grad_y, TRITON)
+    def backward(ctx, grad_y):  # once differentiable: fa_backward checks
+        return fa_backward(ctx, grad_y, TRITON) + _NO_GRADS
 
 
 class ReferenceFALinearFunction(torch.autograd.Function):
@@ -177,12 +182,17 @@ class ReferenceFALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, feedback, counter, activation, negative_slope, rule):
-        return _forward_nd(ctx, TORCH, x, weight, bias, feedback, counter, activation, negative_slope, rule)
+        # _forward_nd's body: a call less on the path whose host cost bench/eager_overhead.py
+        # holds against nn.Linear's.
+        store_extra = activation in MAY_SAVE_EXTRA and _stores_extra(ctx, activation, negative_slope, rule)
+        y, extra = TORCH.forward(x, weight, bias, activation, negative_slope, store_extra)
+        save_for_fa_backward(ctx, x, weight, feedback, counter, y if extra is None else extra, activation,
+                             negative_slope, rule, None if x.dim() == 2 else x.shape)
+        return y
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):
-        return _backward_2d(ctx, grad_y, TORCH)
+    def backward(ctx, grad_y):  # once differentiable: fa_backward checks
+        return fa_backward(ctx, grad_y, TORCH) + _NO_GRADS
 
 
 class AutoFALinearFunction(torch.autograd.Function):
@@ -192,15 +202,14 @@ class AutoFALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, feedback, counter, activation, negative_slope, rule):
         x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        store_extra = _store_extra(ctx, activation, negative_slope, rule)
+        store_extra = activation in MAY_SAVE_EXTRA and _stores_extra(ctx, activation, negative_slope, rule)
         chosen = AUTO.forward.backend_for(x2d, weight, bias, activation, negative_slope, store_extra)
         forward = _forward_2d if chosen.name == "triton" else _forward_nd
         return forward(ctx, chosen, x, weight, bias, feedback, counter, activation, negative_slope, rule)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):
-        return _backward_2d(ctx, grad_y, AUTO)
+    def backward(ctx, grad_y):  # once differentiable: fa_backward checks
+        return fa_backward(ctx, grad_y, AUTO) + _NO_GRADS
 
 
 TRITON.function = FALinearFunction

@@ -39,7 +39,7 @@ class FAConv2dFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, feedback, counter, saved = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        activation, negative_slope, rule = ctx.layer
+        activation, negative_slope, rule, _ = ctx.layer
         need_feedback = rule.trains_feedback and ctx.needs_input_grad[3]
         stride, padding, dilation, groups = ctx.conv
         delta = activation_backward(grad_y, saved, activation, negative_slope)

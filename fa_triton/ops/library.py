@@ -114,9 +114,7 @@ def _define(backend: Backend):
 
     def backward(ctx, grad_y, grad_extra):
         # extra is an internal output: nothing downstream uses it, so grad_extra is ignored.
-        x, weight, feedback, counter, saved = ctx.saved_tensors
-        grads = fa_backward(ctx, grad_y, x, weight, feedback, counter, saved, op_backend)
-        return (*grads, None, None, None, None, None, None)
+        return (*fa_backward(ctx, grad_y, op_backend), None, None, None, None, None, None)
 
     forward.register_autograd(backward, setup_context=_setup_context)
     return forward, local_error, backward_input, backward_weight
