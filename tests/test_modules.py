@@ -303,3 +303,35 @@ def test_a_rule_changed_after_a_fitted_call_is_the_one_that_runs():
     x.grad = None
     layer(x).sum().backward()  # and back to FA
     torch.testing.assert_close(x.grad, fa_grad)
+
+
+def test_a_brsf_seed_changed_after_a_fitted_call_is_the_one_that_runs(tmp_path):
+    # Every writer of the seed clears the cached rule, which the fast path compares; a pickle
+    # holding a rule of an older seed (written before that) forms it anew when loaded.
+    from fa_triton.testing import oracle_feedback
+
+    layer = FALinear(4, 3, activation="identity", method="brsf", backend="torch", dtype=torch.float64)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+
+    def grad_x_and_expected(module):
+        x.grad = None
+        module(x).sum().backward()
+        feedback = oracle_feedback("brsf", module.weight.detach(), seed=int(module.feedback_seed),
+                                   counter=int(module.counter))
+        return x.grad, torch.ones(5, 3, dtype=torch.float64) @ feedback
+
+    grad_x_and_expected(layer)  # records the fit
+    for change in (lambda: layer.reset_feedback(torch.Generator().manual_seed(7)),
+                   lambda: layer.load_state_dict({**layer.state_dict(), "feedback_seed": torch.tensor([12345])}),
+                   lambda: layer.share_feedback_state(FALinear(4, 3, method="brsf", dtype=torch.float64))):
+        seed = layer._seed
+        change()
+        assert layer._seed != seed
+        torch.testing.assert_close(*grad_x_and_expected(layer), rtol=1e-12, atol=1e-12)
+    stale = layer.rule
+    layer.reset_feedback(torch.Generator().manual_seed(8))
+    layer._rule = stale  # what an older pickle could hold
+    torch.save(layer, tmp_path / "layer.pt")
+    clone = torch.load(tmp_path / "layer.pt", weights_only=False)
+    assert clone.rule.seed == clone._seed == int(clone.feedback_seed)
+    torch.testing.assert_close(*grad_x_and_expected(clone), rtol=1e-12, atol=1e-12)

@@ -156,6 +156,13 @@ class FeedbackState:
             self.feedback_seed.fill_(self._seed)
             self.counter.zero_()
 
+    def __setstate__(self, state):
+        # An unpickled or deep-copied layer forms its rule anew: a pickle written before the
+        # seed's writers cleared the cached rule may hold one of an older seed (and FALinear's
+        # fast path compares the rule it recorded with this one).
+        super().__setstate__(state)
+        self._rule = None
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self._method == "brsf":
