@@ -121,7 +121,7 @@ def fa_backward(ctx, grad_y, backend: Backend) -> tuple:
 _fa_backward_once = _torch_once_differentiable(fa_backward)  # under no_grad fa_backward takes its plain path
 
 
-# The Functions' non-tensor inputs (counter excepted: it takes no gradient either) get None.
+# The Functions' last four inputs (counter, activation, negative_slope, rule) take no gradient.
 _NO_GRADS = (None, None, None, None)
 
 
