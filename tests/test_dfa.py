@@ -41,6 +41,31 @@ def test_dfa_against_the_oracle(backend, dtype):
     assert_parity(result, expected, dtype, bounds=bounds, name=f"DFANetwork ({backend})")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_frozen_hidden_parameters_get_no_gradient_and_the_rest_the_oracles(backend, kernel_device):
+    # The hidden layers' grad_b come from one pass over δ of all of them, split: with one bias and
+    # another layer's weight frozen, each trainable parameter still gets its own layer's piece.
+    # No prefix (the input goes to the first layer as it is).
+    device = kernel_device if backend == "triton" else "cpu"
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    net = _network(backend, dtype, device)
+    net = DFANetwork(list(net.layers), backend=backend)
+    net.layers[0].bias.requires_grad_(False)
+    net.layers[1].weight.requires_grad_(False)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 19, generator=gen, dtype=torch.float64).to(dtype).to(device)
+    error = torch.randn(9, 5, generator=gen, dtype=torch.float64).to(dtype).to(device)
+    y = net(x)
+    y.backward(error)
+    expected = dfa_oracle(net.layers, net.feedback, x, error)
+    assert net.layers[0].bias.grad is None and net.layers[1].weight.grad is None
+    result = {"y": y, **{name: p.grad for name, p in net.named_parameters() if p.requires_grad}}
+    expected = {name: value for name, value in expected.items() if name in result}
+    assert len(result) == 1 + 2 * 4 - 2
+    bounds = None if dtype == torch.float64 else dfa_bounds(net.layers, net.feedback, x, error, dtype=dtype)
+    assert_parity(result, expected, dtype, bounds=bounds, name=f"DFANetwork with frozen parameters ({backend})")
+
+
 def test_every_projection_is_one_gemm(kernel_device, monkeypatch):
     # All hidden layers share their activation: one launch of the DFA kernel projects e to all of them.
     launches = []

@@ -41,11 +41,15 @@ class DFANetworkFunction(torch.autograd.Function):
         param_needs = ctx.needs_input_grad[6 + count:]
         error2d = error if error.dim() == 2 else error.reshape(-1, error.shape[-1])
         deltas = backend.dfa_delta(error2d, feedback, saved, ctx.activations, widths)
+        # Every hidden layer's grad_b in one pass over the contiguous δ [M, Σ n_l] (one launch on
+        # the kernels; a slice of δ would be read through its row stride), then each layer's piece.
+        grad_bs = [None] * count
+        if any(param_needs[1::2]):
+            grad_bs = torch.split(backend.local_error(deltas, None, "identity", 0.0, False, True)[1], widths)
         grads = []
         for k, (x, delta) in enumerate(zip(inputs, torch.split(deltas, widths, dim=1))):
             need_w, need_b = param_needs[2 * k], param_needs[2 * k + 1]
-            _, grad_b = backend.local_error(delta, None, "identity", 0.0, False, need_b) if need_b else (None, None)
-            grads += [backend.backward_weight(delta, x) if need_w else None, grad_b]
+            grads += [backend.backward_weight(delta, x) if need_w else None, grad_bs[k] if need_b else None]
         return (error, None, None, None, None, None, *([None] * count), *grads)
 
 
