@@ -120,25 +120,20 @@ class FALinear(FeedbackState, FusedActivation, nn.Module):
         self._backend, self._fit = value, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The fast path, for a call like the last checked one: the same weight, bias, feedback
-        # and rule (_current_fit's test, written out here: a call costs a tenth of what is left
-        # of the layer's Python), and an x of the same dtype, width and device, in plain eager
-        # mode. It skips the argument checks and the backend's resolution, which cost as much as
-        # the rest of the layer's Python. Anything else (a first call, new or moved tensors,
-        # parametrizations, autocast, torch.compile, torch.func) takes _checked_forward, which
-        # checks everything and records the fit.
+        # The fast path, for a call like the last checked one (see _current_fit): an x of the
+        # same dtype, width and device, in plain eager mode. It skips the argument checks and
+        # the backend's resolution, which cost as much as the rest of the layer's Python.
+        # Anything else (a first call, new or moved tensors, parametrizations, autocast,
+        # torch.compile, torch.func) takes _checked_forward, which checks everything and
+        # records the fit.
         if not torch.compiler.is_compiling():
-            fit = self._fit
-            if fit is not None:
-                parameters = self._parameters
-                weight, bias, feedback, holder, dtype, width, device, rule, run = fit
-                if (parameters.get("weight") is weight and parameters.get("bias", _MISSING) is bias
-                        and holder.get("feedback", _MISSING) is feedback and self._rule is rule
-                        and weight.dtype is dtype and weight.shape[1] == width  # not changed through .data
-                        and type(x) is torch.Tensor and x.dtype is dtype and x.dim() != 0 and x.shape[-1] == width
-                        and x.device == device and not _any_autocast() and not _transforms_active()):
-                    return run(x, weight, bias, feedback, self._draw() if rule.draws else None, self._activation,
-                               self._negative_slope, rule)
+            fit = self._current_fit()
+            if (fit is not None and type(x) is torch.Tensor and x.dtype is fit[4] and x.dim() != 0
+                    and x.shape[-1] == fit[5] and x.device == fit[6] and not _any_autocast()
+                    and not _transforms_active()):
+                weight, bias, feedback, _, _, _, _, rule, run = fit
+                return run(x, weight, bias, feedback, self._draw() if rule.draws else None, self._activation,
+                           self._negative_slope, rule)
         return self._checked_forward(x)
 
     def _checked_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,7 +168,7 @@ class FALinear(FeedbackState, FusedActivation, nn.Module):
         """The recorded fit, if the layer still holds the same weight, bias and feedback objects
         (read from the dicts where they were found: nn.Module's __getattr__ costs more than the
         rest of this check) and the same rule (``_rule``, cleared when the method or the seed
-        changes); else None. Moves and casts clear it (_apply). ``forward`` makes the same test."""
+        changes); else None. Moves and casts clear it (_apply)."""
         fit = self._fit
         if fit is not None:
             parameters = self._parameters

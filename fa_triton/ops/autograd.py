@@ -40,9 +40,13 @@ def once_differentiable(backward):
 
 def needs_saved(ctx, activation: str, rule: FeedbackRule) -> bool:
     """Whether the backward reads y (or the extra tensor) for f': any gradient is wanted and f is
-    not the identity (:func:`save_for_fa_backward` makes the same test)."""
+    not the identity."""
     need = ctx.needs_input_grad
-    return activation != "identity" and (need[0] or need[1] or need[2] or (rule.trains_feedback and need[3]))
+    return _reads_saved(activation, need[0], need[1], need[2], rule.trains_feedback and need[3])
+
+
+def _reads_saved(activation: str, need_x: bool, need_w: bool, need_b: bool, need_feedback: bool) -> bool:
+    return activation != "identity" and (need_x or need_w or need_b or need_feedback)
 
 
 def save_for_fa_backward(ctx, x, weight, feedback, counter, saved, activation: str, negative_slope: float,
@@ -63,7 +67,7 @@ def save_for_fa_backward(ctx, x, weight, feedback, counter, saved, activation: s
         weight if need_x and rule.reads_weight else None,
         feedback if need_x and rule.reads_feedback else None,
         counter if need_x and rule.draws else None,
-        saved if activation != "identity" and (need_x or need_w or need_b or need_feedback) else None,  # needs_saved
+        saved if _reads_saved(activation, need_x, need_w, need_b, need_feedback) else None,
     )
     ctx.layer = (activation, negative_slope, rule, x_shape)  # one attribute: each costs a fraction of a µs
 
@@ -109,11 +113,7 @@ def fa_backward(ctx, grad_y, backend: Backend) -> tuple:
         grad_x = backend.backward_input(delta, feedback, weight, counter, rule)
         if x_shape is not None:
             grad_x = grad_x.view(x_shape)
-    if not need_grad_w:
-        return grad_x, None, grad_b, None
-    grad_w = backend.backward_weight(delta, x)
-    if not need_feedback:  # every rule but kp's
-        return grad_x, grad_w, grad_b, None
+    grad_w = backend.backward_weight(delta, x) if need_grad_w else None
     grad_w, grad_feedback = weight_and_feedback_grads(grad_w, need_w, need_feedback)
     return grad_x, grad_w, grad_b, grad_feedback
 
@@ -125,11 +125,11 @@ _fa_backward_once = _torch_once_differentiable(fa_backward)  # under no_grad fa_
 _NO_GRADS = (None, None, None, None)
 
 
-def _stores_extra(ctx, activation: str, negative_slope: float, rule: FeedbackRule) -> bool:
-    """Whether the forward stores the extra tensor (``saves_extra``) because backward reads it.
-    The callers test ``activation in MAY_SAVE_EXTRA`` first: for most activations that is all it
-    costs."""
-    return saves_extra(activation, negative_slope) and needs_saved(ctx, activation, rule)
+def _store_extra(ctx, activation: str, negative_slope: float, rule: FeedbackRule) -> bool:
+    """Whether the forward stores the extra tensor (``saves_extra``) because backward reads it (a set
+    test first: for most activations that is all it costs)."""
+    return activation in MAY_SAVE_EXTRA and saves_extra(activation, negative_slope) and needs_saved(ctx, activation,
+                                                                                                   rule)
 
 
 def _forward_2d(ctx, backend: Backend, x, weight, bias, feedback, counter, activation, negative_slope, rule):
@@ -139,7 +139,7 @@ def _forward_2d(ctx, backend: Backend, x, weight, bias, feedback, counter, activ
     (the kernels take any strides, so only un-viewable layouts are copied)."""
     out_features = weight.shape[0]
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    store_extra = activation in MAY_SAVE_EXTRA and _stores_extra(ctx, activation, negative_slope, rule)
+    store_extra = _store_extra(ctx, activation, negative_slope, rule)
     y = x.new_empty((*x.shape[:-1], out_features))
     _, extra = backend.forward(x2d, weight, bias, activation, negative_slope, store_extra,
                                y if y.dim() == 2 else y.view(-1, out_features))
@@ -150,7 +150,7 @@ def _forward_2d(ctx, backend: Backend, x, weight, bias, feedback, counter, activ
 
 def _forward_nd(ctx, backend: Backend, x, weight, bias, feedback, counter, activation, negative_slope, rule):
     """The forward of a backend that takes x [..., K] as it is (the reference: F.linear)."""
-    store_extra = activation in MAY_SAVE_EXTRA and _stores_extra(ctx, activation, negative_slope, rule)
+    store_extra = _store_extra(ctx, activation, negative_slope, rule)
     y, extra = backend.forward(x, weight, bias, activation, negative_slope, store_extra)
     save_for_fa_backward(ctx, x, weight, feedback, counter, y if extra is None else extra, activation, negative_slope,
                          rule, None if x.dim() == 2 else x.shape)
@@ -182,13 +182,7 @@ class ReferenceFALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, feedback, counter, activation, negative_slope, rule):
-        # _forward_nd's body: a call less on the path whose host cost bench/eager_overhead.py
-        # holds against nn.Linear's.
-        store_extra = activation in MAY_SAVE_EXTRA and _stores_extra(ctx, activation, negative_slope, rule)
-        y, extra = TORCH.forward(x, weight, bias, activation, negative_slope, store_extra)
-        save_for_fa_backward(ctx, x, weight, feedback, counter, y if extra is None else extra, activation,
-                             negative_slope, rule, None if x.dim() == 2 else x.shape)
-        return y
+        return _forward_nd(ctx, TORCH, x, weight, bias, feedback, counter, activation, negative_slope, rule)
 
     @staticmethod
     def backward(ctx, grad_y):  # once differentiable: fa_backward checks
@@ -202,7 +196,7 @@ class AutoFALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, feedback, counter, activation, negative_slope, rule):
         x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        store_extra = activation in MAY_SAVE_EXTRA and _stores_extra(ctx, activation, negative_slope, rule)
+        store_extra = _store_extra(ctx, activation, negative_slope, rule)
         chosen = AUTO.forward.backend_for(x2d, weight, bias, activation, negative_slope, store_extra)
         forward = _forward_2d if chosen.name == "triton" else _forward_nd
         return forward(ctx, chosen, x, weight, bias, feedback, counter, activation, negative_slope, rule)

@@ -56,9 +56,7 @@ def local_error(grad_y, saved, activation: str, negative_slope: float, need_delt
 def backward_input(delta, feedback, weight, counter, rule: FeedbackRule):
     """grad_x = δ B: B in place of W, the only change from backprop, formed by ``rule`` from
     feedback, weight and counter (``fa_triton.rules.methods.feedback_matrix``)."""
-    # Where B does not involve W (fa, kp, wm) the feedback tensor is B: no call to form it. mm:
-    # matmul's dispatch costs a µs.
-    return delta.mm(_rule_matrix(rule, weight, feedback, counter) if rule.reads_weight else feedback)
+    return delta.mm(_rule_matrix(rule, weight, feedback, counter))  # mm: matmul's dispatch costs a µs
 
 
 def backward_weight(delta, x):
