@@ -107,7 +107,7 @@ INTERPRETED = type(gemm.forward_kernel).__name__ == "InterpretedFunction"
 
 def _check_shape(t: torch.Tensor | None, shape: tuple, name: str) -> None:
     # Kernels read operands by the sizes of the others: a misfit would read out of bounds.
-    if t is not None and tuple(t.shape) != shape:
+    if t is not None and t.shape != shape:  # torch.Size is a tuple: no copy to compare
         raise ValueError(f"{name} must have shape {shape} to fit the other operands, got {tuple(t.shape)}")
 
 
@@ -150,7 +150,9 @@ def fa_linear_forward(
     _check_shape(weight, (N, K), "weight")
     _check_shape(bias, (N,), "bias")
     if out is None:
-        y = x.new_empty((M, N))  # new_empty: a third cheaper than torch.empty(device=, dtype=)
+        # new_empty with the sizes as separate ints: about 0.5 µs cheaper a call than with a tuple
+        # (and than torch.empty(device=, dtype=)); the allocations are a fifth of a launcher's host cost.
+        y = x.new_empty(M, N)
     else:
         check_out(out, (M, N), x, "out")
         y = out
@@ -199,12 +201,12 @@ def fa_linear_local_error(
     dtype = grad_y.dtype if dtype is None else dtype
     delta = None
     if store_delta:
-        delta = grad_y.new_empty((M, N), dtype=dtype) if out is None else out
+        delta = grad_y.new_empty(M, N, dtype=dtype) if out is None else out
         if out is not None:
             check_out(out, (M, N), delta, "out")
             if out.stride(1) != 1 and N > 1:
                 raise ValueError(f"out must have a unit column stride, got strides {out.stride()}")
-    grad_b = grad_y.new_empty((N,), dtype=dtype) if bias_grad else None
+    grad_b = grad_y.new_empty(N, dtype=dtype) if bias_grad else None
     if M == 0 or N == 0 or not (store_delta or bias_grad):
         if grad_b is not None:
             grad_b.zero_()
@@ -292,7 +294,7 @@ def fa_linear_feedback(
     if method == "frsf":
         _check_shape(feedback, (N, K), "feedback")
     if out is None:
-        out = weight.new_empty((N, K))
+        out = weight.new_empty(N, K)
     elif not out.is_contiguous():
         raise ValueError(f"out must be contiguous, got strides {out.stride()}")
     if N == 0 or K == 0:
@@ -339,7 +341,8 @@ def fa_linear_backward_input(
     Returns grad_x [M, K] (contiguous unless ``out`` says otherwise), in B's dtype.
     """
     _check_activation(activation)
-    method = _method(method, feedback_mode)
+    if feedback_mode is not None or method not in METHODS:
+        method = _method(method, feedback_mode)
     forms_b = method in SIGN_METHODS
     if not forms_b and feedback is None:
         raise ValueError(f"method={method!r} needs feedback (B)")
@@ -351,7 +354,7 @@ def fa_linear_backward_input(
     _check_shape(source, (N, K), "weight" if forms_b else "feedback")
     _check_shape(saved, (M, N), "saved")
     if out is None:
-        grad_x = source.new_empty((M, K))
+        grad_x = source.new_empty(M, K)
     else:
         check_out(out, (M, K), source, "out")
         grad_x = out
@@ -411,7 +414,7 @@ def fa_linear_backward_weight(
     _check_shape(x, (M, K), "x")
     _check_shape(saved, (M, N), "saved")
     if out is None:
-        grad_w = x.new_empty((N, K))
+        grad_w = x.new_empty(N, K)
         grad_b_out = None
     else:
         grad_w, grad_b_out = out

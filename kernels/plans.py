@@ -120,9 +120,11 @@ def fp32_matmul_allows_tf32() -> bool:
 def dot_precision(dtype: torch.dtype) -> str:
     """The dots' input precision: fp32 follows PyTorch's switch (IEEE unless the user allowed
     tf32); for half types the setting has no effect and "tf32" is Triton's default."""
-    if dtype == torch.float32 and not fp32_matmul_allows_tf32():
-        return "ieee"
-    return "tf32"
+    if dtype is not torch.float32:
+        return "tf32"
+    if _fp32_precision_getter is not None:  # fp32_matmul_allows_tf32 without its frame: read at every launch
+        return "tf32" if _fp32_precision_getter("cuda", "matmul") == "tf32" else "ieee"
+    return "tf32" if fp32_matmul_allows_tf32() else "ieee"
 
 
 def needs_int64(*tensors: torch.Tensor | None) -> bool:
@@ -170,7 +172,7 @@ def check_tma(cfg: LaunchConfig, layout_ok: bool, what: str) -> None:
 
 
 def check_out(out: torch.Tensor, shape: tuple, like: torch.Tensor, name: str) -> None:
-    if tuple(out.shape) != shape or out.dtype != like.dtype or out.device != like.device:
+    if out.shape != shape or out.dtype != like.dtype or out.device != like.device:
         raise ValueError(
             f"{name} must be a {like.dtype} tensor of shape {shape} on {like.device}, "
             f"got {out.dtype} {tuple(out.shape)} on {out.device}"

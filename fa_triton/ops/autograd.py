@@ -133,18 +133,23 @@ def _store_extra(ctx, activation: str, negative_slope: float, rule: FeedbackRule
 
 
 def _forward_2d(ctx, backend: Backend, x, weight, bias, feedback, counter, activation, negative_slope, rule):
-    """The forward of a backend that writes y into a given [M, N] tensor (the kernels): y is
-    allocated in its final shape so that the returned tensor is not a view (views made inside
-    a Function cannot be modified in place); x is flattened by a view whenever its strides allow
-    (the kernels take any strides, so only un-viewable layouts are copied)."""
-    out_features = weight.shape[0]
-    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    """The forward of a backend that writes y into a given [M, N] tensor (the kernels): for an x
+    of other than 2 dimensions y is allocated in its final shape, so that the returned tensor is
+    not a view (views made inside a Function cannot be modified in place), and x is flattened by
+    a view whenever its strides allow (the kernels take any strides, so only un-viewable layouts
+    are copied); a 2-D x's y is the backend's own (no given tensor to check)."""
     store_extra = _store_extra(ctx, activation, negative_slope, rule)
-    y = x.new_empty((*x.shape[:-1], out_features))
-    _, extra = backend.forward(x2d, weight, bias, activation, negative_slope, store_extra,
-                               y if y.dim() == 2 else y.view(-1, out_features))
+    if x.dim() == 2:
+        y, extra = backend.forward(x, weight, bias, activation, negative_slope, store_extra)
+        save_for_fa_backward(ctx, x, weight, feedback, counter, y if extra is None else extra, activation,
+                             negative_slope, rule)
+        return y
+    out_features = weight.shape[0]
+    x2d = x.reshape(-1, x.shape[-1])
+    y = x.new_empty(*x.shape[:-1], out_features)  # the sizes as ints: cheaper than a tuple
+    _, extra = backend.forward(x2d, weight, bias, activation, negative_slope, store_extra, y.view(-1, out_features))
     save_for_fa_backward(ctx, x2d, weight, feedback, counter, y if extra is None else extra, activation,
-                         negative_slope, rule, None if x.dim() == 2 else x.shape)
+                         negative_slope, rule, x.shape)
     return y
 
 

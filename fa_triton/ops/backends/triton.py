@@ -26,9 +26,10 @@ def local_error(grad_y, saved, activation, negative_slope, need_delta, bias_grad
 
 
 def backward_input(delta, feedback, weight, counter, rule):
+    if not rule.forms_b:  # B is a matrix given as it is: the feedback, or W for backprop
+        return kernels().fa_linear_backward_input(delta, None, weight if rule.method == "backprop" else feedback,
+                                                  "identity", method=rule.method)
     # The sign methods' B is formed into a buffer for this call only: no B is kept between steps.
-    if rule.method == "backprop":
-        feedback = weight  # B = W
     return kernels().fa_linear_backward_input(delta, None, feedback, "identity", method=rule.method, weight=weight,
                                               feedback_scale=rule.scale, seed=rule.seed, counter=counter)
 
