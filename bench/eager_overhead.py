@@ -3,7 +3,7 @@
 
     python -m bench.eager_overhead              # batch 4, 8 -> 8, CPU tensors, 1 thread
 
-Three providers on the same tiny layer (x requires grad, so every gradient is formed):
+The providers, on the same tiny layer (x requires grad, so every gradient is formed):
 
 - ``triton (launches stubbed)``: ``backend="triton"`` under ``TRITON_INTERPRET=1`` with every
   Triton kernel's ``run`` replaced by a no-op: everything between the module call and the
@@ -17,6 +17,10 @@ Three providers on the same tiny layer (x requires grad, so every gradient is fo
 - ``module + minimal Function``: an ``nn.Module`` holding weight, bias and B whose forward only
   calls that Function: the floor of any module built on a Python autograd Function (no
   argument checks, no rule or backend dispatch).
+- ``module + bare Triton Function (launches stubbed)``: the same module whose Function makes
+  the Triton path's four launches (the layer's own kernels, argument lists, grids and
+  constexprs, recorded from one of its steps) and its five allocations, and nothing else: the
+  floor of the Triton path, so what lies above it is the launchers' and the layer's Python.
 
 Reported: µs per step and each FA provider's ratio to nn.Linear + ReLU (goal: at most 1.1).
 The providers are timed in turn (their order rotating from round to round), ``--repeats``
@@ -33,7 +37,10 @@ import os
 import sys
 import time
 
-PROVIDERS = ("triton (launches stubbed)", "torch", "nn.Linear + ReLU", "minimal Function", "module + minimal Function")
+PROVIDERS = ("triton (launches stubbed)", "torch", "nn.Linear + ReLU", "minimal Function", "module + minimal Function",
+             "module + bare Triton Function (launches stubbed)")
+#: The kernels of the Triton path's step at this size, in launch order (the bare Function's).
+BARE_KERNELS = ("forward_kernel", "local_error_kernel", "backward_input_kernel", "backward_weight_kernel")
 
 
 def measure(batch: int = 4, features: int = 8, steps: int = 200, repeats: int = 100, activation: str = "relu"):
@@ -80,12 +87,55 @@ def measure(batch: int = 4, features: int = 8, steps: int = 200, repeats: int = 
         for name, kernel in JIT_KERNELS.items():
             kernel.run = (lambda *args, grid, warmup, **kwargs: None) if on else saved[name]
 
+    launches = _record_launches(JIT_KERNELS, lambda: triton_layer(x).backward(grad))
+    forward_kernel, local_error_kernel, input_kernel, weight_kernel = (JIT_KERNELS[name] for name in BARE_KERNELS)
+    (forward_grid, forward_meta), (pass_grid, pass_meta), (input_grid, input_meta), (weight_grid, weight_meta) = (
+        (grid, meta) for _, _, grid, meta in launches)
+
+    class BareTriton(torch.autograd.Function):
+        # The argument lists of the plans' pointer kernels for one model (kernels/plans.py,
+        # kernels/launchers.py); _record_launches checks that their lengths match the layer's.
+        @staticmethod
+        def forward(ctx, x, weight, bias, feedback):
+            (M, K), N = x.shape, weight.shape[0]
+            y = x.new_empty(M, N)
+            forward_kernel.run(x, weight, bias, y, y, y, M, N, K, K, 0, *x.stride(), 0, *weight.stride(), 0, 0,
+                               *y.stride(), 0.0, grid=forward_grid, warmup=False, **forward_meta)
+            ctx.save_for_backward(x, feedback, y)
+            return y
+
+        @staticmethod
+        def backward(ctx, grad_y):
+            x, feedback, y = ctx.saved_tensors
+            (M, N), K = grad_y.shape, x.shape[1]
+            delta, grad_b = grad_y.new_empty(M, N), grad_y.new_empty(N)
+            local_error_kernel.run(grad_y, y, delta, grad_b, M, N, M, 0, *grad_y.stride(), 0, *y.stride(), 0,
+                                   *delta.stride(), 0, 0.0, grid=pass_grid, warmup=False, **pass_meta)
+            grad_x = feedback.new_empty(M, K)
+            input_kernel.run(delta, feedback, grad_x, M, N, K, 0, *delta.stride(), 0, *feedback.stride(), 0,
+                             *grad_x.stride(), grid=input_grid, warmup=False, **input_meta)
+            grad_w = x.new_empty(N, K)
+            weight_kernel.run(delta, x, grad_w, M, N, K, M, 0, *delta.stride(), 0, *x.stride(), 0, 0, K, 1,
+                              grid=weight_grid, warmup=False, **weight_meta)
+            return grad_x, grad_w, grad_b, None
+
+    class BareModule(MinimalModule):
+        def forward(self, x):
+            return BareTriton.apply(x, self.weight, self.bias, self.feedback)
+
+    bare_module = BareModule()
+    counts = [len(args) for _, args, _, _ in _record_launches(JIT_KERNELS, lambda: bare_module(x).backward(grad))]
+    if counts != [len(args) for _, args, _, _ in launches]:
+        raise RuntimeError(f"the bare Function's launches take {counts} arguments, the layer's "
+                           f"{[len(args) for _, args, _, _ in launches]}: update BareTriton to the kernels' signatures")
+
     steps_of = {
         PROVIDERS[0]: lambda: triton_layer(x).backward(grad),
         PROVIDERS[1]: lambda: torch_layer(x).backward(grad),
         PROVIDERS[2]: lambda: torch.relu(linear(x)).backward(grad),
         PROVIDERS[3]: lambda: Minimal.apply(x, linear.weight, linear.bias, feedback).backward(grad),
         PROVIDERS[4]: lambda: minimal_module(x).backward(grad),
+        PROVIDERS[5]: lambda: bare_module(x).backward(grad),
     }
     samples = {provider: [] for provider in PROVIDERS}
     try:
@@ -95,7 +145,7 @@ def measure(batch: int = 4, features: int = 8, steps: int = 200, repeats: int = 
             shift = round_ % len(PROVIDERS)
             for provider in PROVIDERS[shift:] + PROVIDERS[:shift]:
                 step = steps_of[provider]
-                stubbed(provider == PROVIDERS[0])
+                stubbed(provider in (PROVIDERS[0], PROVIDERS[5]))
                 start = time.perf_counter_ns()
                 for _ in range(steps if round_ else 50):  # round 0 warms up
                     step()
@@ -104,6 +154,30 @@ def measure(batch: int = 4, features: int = 8, steps: int = 200, repeats: int = 
     finally:
         stubbed(False)
     return {provider: min(values) for provider, values in samples.items()}
+
+
+def _record_launches(kernels: dict, step) -> list:
+    """[(kernel name, args, grid, constexprs and options)] of the launches ``step()`` makes once
+    warm (a first call builds the launch plans), the kernels stubbed (their ``run`` restored
+    after); raises unless they are BARE_KERNELS in order."""
+    saved = {name: kernel.run for name, kernel in kernels.items()}
+    launches = []
+
+    def recorder(name):
+        return lambda *args, grid, warmup, **meta: launches.append((name, args, grid, meta))
+
+    try:
+        for name, kernel in kernels.items():
+            kernel.run = recorder(name)
+        step()
+        launches.clear()
+        step()
+    finally:
+        for name, kernel in kernels.items():
+            kernel.run = saved[name]
+    if tuple(name for name, _, _, _ in launches) != BARE_KERNELS:
+        raise RuntimeError(f"the step launched {[name for name, _, _, _ in launches]}, expected {BARE_KERNELS}")
+    return launches
 
 
 def main(argv=None) -> int:
@@ -126,9 +200,9 @@ def main(argv=None) -> int:
           f"fastest of {args.repeats} interleaved rounds of {args.steps} steps")
     base = results["nn.Linear + ReLU"]
     for provider, us in results.items():
-        print(f"  {provider:28s} {us:8.2f} us/step  x{us / base:.2f} of nn.Linear + ReLU")
+        print(f"  {provider:48s} {us:8.2f} us/step  x{us / base:.2f} of nn.Linear + ReLU")
     print("  goal: FALinear <= 1.1x nn.Linear + ReLU (the minimal Function: the floor of a Python Function; "
-          "module + minimal Function: of a module built on one)")
+          "module + minimal Function: of a module built on one; module + bare Triton Function: of the Triton path)")
     return 0
 
 
