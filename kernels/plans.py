@@ -120,11 +120,9 @@ def fp32_matmul_allows_tf32() -> bool:
 def dot_precision(dtype: torch.dtype) -> str:
     """The dots' input precision: fp32 follows PyTorch's switch (IEEE unless the user allowed
     tf32); for half types the setting has no effect and "tf32" is Triton's default."""
-    if dtype is not torch.float32:
-        return "tf32"
-    if _fp32_precision_getter is not None:  # fp32_matmul_allows_tf32 without its frame: read at every launch
-        return "tf32" if _fp32_precision_getter("cuda", "matmul") == "tf32" else "ieee"
-    return "tf32" if fp32_matmul_allows_tf32() else "ieee"
+    if dtype is torch.float32 and not fp32_matmul_allows_tf32():
+        return "ieee"
+    return "tf32"
 
 
 def needs_int64(*tensors: torch.Tensor | None) -> bool:

@@ -140,16 +140,16 @@ def _forward_2d(ctx, backend: Backend, x, weight, bias, feedback, counter, activ
     are copied); a 2-D x's y is the backend's own (no given tensor to check)."""
     store_extra = _store_extra(ctx, activation, negative_slope, rule)
     if x.dim() == 2:
+        x2d, x_shape = x, None
         y, extra = backend.forward(x, weight, bias, activation, negative_slope, store_extra)
-        save_for_fa_backward(ctx, x, weight, feedback, counter, y if extra is None else extra, activation,
-                             negative_slope, rule)
-        return y
-    out_features = weight.shape[0]
-    x2d = x.reshape(-1, x.shape[-1])
-    y = x.new_empty(*x.shape[:-1], out_features)  # the sizes as ints: cheaper than a tuple
-    _, extra = backend.forward(x2d, weight, bias, activation, negative_slope, store_extra, y.view(-1, out_features))
+    else:
+        out_features = weight.shape[0]
+        x2d, x_shape = x.reshape(-1, x.shape[-1]), x.shape
+        y = x.new_empty(*x.shape[:-1], out_features)  # the sizes as ints: cheaper than a tuple
+        _, extra = backend.forward(x2d, weight, bias, activation, negative_slope, store_extra,
+                                   y.view(-1, out_features))
     save_for_fa_backward(ctx, x2d, weight, feedback, counter, y if extra is None else extra, activation,
-                         negative_slope, rule, x.shape)
+                         negative_slope, rule, x_shape)
     return y
 
 
