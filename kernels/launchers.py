@@ -40,6 +40,7 @@ from .plans import (
     ForwardPlan,
     GemmKey,
     Launch,
+    Plan,
     cdiv,
     check_out,
     clear_plans,
@@ -161,15 +162,22 @@ def fa_linear_forward(
         return y, extra
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()  # the kernels read bias with a unit stride (an expanded one included)
-    key = _new(GemmKey, ("forward", x.device, x.dtype, weight.dtype, M, N, K, x.stride(), weight.stride(),
-                         y.stride(), (bias is None, activation, store_extra), plans.dot_precision(x.dtype),
-                         None if config is None else as_config(config)))
+    key = forward_key(x, weight, bias, y, activation, store_extra, config)
     args = (x, weight, bias, y, extra, float(negative_slope))
     plan = PLANS.get(key)
     if plan is None:
         plan = ForwardPlan.build(key, args)
     plan.run(*args)
     return y, extra
+
+
+def forward_key(x, weight, bias, y, activation: str, store_extra: bool, config=None) -> GemmKey:
+    """The key of the forward's plan (``plans.PLANS``) for operands that passed its checks:
+    ``plan.run(x, weight, bias, y, extra, negative_slope)`` runs it."""
+    (M, K), N = x.shape, weight.shape[0]
+    return _new(GemmKey, ("forward", x.device, x.dtype, weight.dtype, M, N, K, x.stride(), weight.stride(),
+                          y.stride(), (bias is None, activation, store_extra), plans.dot_precision(x.dtype),
+                          None if config is None else as_config(config)))
 
 
 # ------------------------------------------------------------------------------- local error
@@ -213,21 +221,23 @@ def fa_linear_local_error(
         return delta, grad_b
     saved_arg = grad_y if saved is None else saved
     delta_arg = grad_y if delta is None else delta
-    key = _new(PassKey, (grad_y.device, grad_y.dtype, saved_arg.dtype, dtype, M, N, grad_y.stride(),
-                         saved_arg.stride(), delta_arg.stride(), activation, store_delta, bias_grad,
-                         None if config is None else as_config(config)))
+    key = local_error_key(grad_y, saved_arg, delta_arg, dtype, activation, store_delta, bias_grad, config)
     plan = PLANS.get(key)
     if plan is None:
         plan = _local_error_plan(key, grad_y, saved, delta)
-    launch, splits, rows_per_split = plan
-    partial = grad_b
-    if bias_grad and splits > 1:
-        partial = torch.empty((splits, N), device=grad_y.device, dtype=torch.float32)
-    launch(grad_y, saved_arg, delta_arg, grad_y if partial is None else partial, M, N, rows_per_split,
-           0, *key.g, 0, *key.saved, 0, *key.delta, 0, float(negative_slope))  # one model: no model strides
-    if bias_grad and splits > 1:
-        split_sum(partial, grad_b, splits)
+    plan.run(grad_y, saved_arg, delta_arg, grad_b, float(negative_slope))
     return delta, grad_b
+
+
+def local_error_key(grad_y, saved_arg, delta_arg, dtype: torch.dtype, activation: str, store_delta: bool,
+                    bias_grad: bool, config=None) -> PassKey:
+    """The key of the δ pass's plan for operands that passed its checks (``saved_arg``: saved, or
+    grad_y for the identity; ``delta_arg``: δ, or grad_y when δ is not stored; ``dtype``: δ's and
+    grad_b's): ``plan.run(grad_y, saved_arg, delta_arg, grad_b or None, negative_slope)`` runs it."""
+    M, N = grad_y.shape
+    return _new(PassKey, (grad_y.device, grad_y.dtype, saved_arg.dtype, dtype, M, N, grad_y.stride(),
+                          saved_arg.stride(), delta_arg.stride(), activation, store_delta, bias_grad,
+                          None if config is None else as_config(config)))
 
 
 class PassKey(NamedTuple):
@@ -248,8 +258,9 @@ class PassKey(NamedTuple):
     config: LaunchConfig | None
 
 
-def _local_error_plan(key: PassKey, grad_y, saved, delta) -> tuple:
-    """(launch, row slices, rows per slice) of the δ pass for ``key``, remembered."""
+def _local_error_plan(key: PassKey, grad_y, saved, delta) -> Plan:
+    """The δ pass's plan for ``key``, remembered: with grad_b over more than one row slice, fp32
+    partial sums per slice added in order (``split_sum``)."""
     M, N = key.M, key.N
     cfg = key.config or tuning.pass_config(M, N, tuning.sm_count(key.device), INTERPRETED)
     # With grad_b, every slice holds rows (its partial sums are added); without, slices only
@@ -261,7 +272,18 @@ def _local_error_plan(key: PassKey, grad_y, saved, delta) -> tuple:
         ACTIVATION=key.activation, STORE_DELTA=key.store_delta, BIAS_GRAD=key.bias_grad,
         USE_INT64=plans.needs_int64(grad_y, saved, delta), STACKED=False, BLOCK_M=cfg.block_rows,
         BLOCK_N=cfg.block_cols, num_warps=cfg.num_warps)))
-    plan = (launch, splits, rows_per_split)
+    strides = (0, *key.g, 0, *key.saved, 0, *key.delta, 0)  # one model: no model strides
+
+    def run(grad_y, saved_arg, delta_arg, grad_b, slope):
+        if grad_b is None or splits == 1:
+            launch(grad_y, saved_arg, delta_arg, grad_y if grad_b is None else grad_b, M, N, rows_per_split,
+                   *strides, slope)
+            return
+        partial = torch.empty((splits, N), device=grad_y.device, dtype=torch.float32)
+        launch(grad_y, saved_arg, delta_arg, partial, M, N, rows_per_split, *strides, slope)
+        split_sum(partial, grad_b, splits)
+
+    plan = Plan(cfg, run)
     remember(key, plan)
     return plan
 
@@ -371,15 +393,22 @@ def fa_linear_backward_input(
     if forms_b:
         feedback = fa_linear_feedback(weight, feedback, method, feedback_scale=feedback_scale, seed=seed,
                                       counter=counter)
-    key = _new(GemmKey, ("backward_input", grad_y.device, source.dtype, delta.dtype, M, N, K, delta.stride(),
-                         feedback.stride(), grad_x.stride(), (), plans.dot_precision(source.dtype),
-                         None if config is None else as_config(config)))
+    key = backward_input_key(delta, feedback, grad_x, config)
     args = (delta, feedback, grad_x)
     plan = PLANS.get(key)
     if plan is None:
         plan = BackwardInputPlan.build(key, args)
     plan.run(*args)
     return grad_x
+
+
+def backward_input_key(delta, feedback, grad_x, config=None) -> GemmKey:
+    """The key of the GEMM δ B's plan for operands that passed its checks (δ in B's dtype, B as
+    the rule formed it): ``plan.run(delta, feedback, grad_x)`` runs it."""
+    (M, N), K = delta.shape, feedback.shape[1]
+    return _new(GemmKey, ("backward_input", delta.device, feedback.dtype, delta.dtype, M, N, K, delta.stride(),
+                          feedback.stride(), grad_x.stride(), (), plans.dot_precision(feedback.dtype),
+                          None if config is None else as_config(config)))
 
 
 # --------------------------------------------------------------------------- backward weight
@@ -435,15 +464,22 @@ def fa_linear_backward_weight(
         grad_b = grad_b_out.copy_(grad_b)
     if M == 0 or K == 0 or N == 0:
         return grad_w.zero_(), grad_b
-    key = _new(GemmKey, ("backward_weight", x.device, x.dtype, delta.dtype, M, N, K, delta.stride(), x.stride(),
-                         grad_w.stride(), (split_k,), plans.dot_precision(x.dtype),
-                         None if config is None else as_config(config)))
+    key = backward_weight_key(delta, x, grad_w, split_k, config)
     args = (delta, x, grad_w)
     plan = PLANS.get(key)
     if plan is None:
         plan = BackwardWeightPlan.build(key, args)
     plan.run(*args)
     return grad_w, grad_b
+
+
+def backward_weight_key(delta, x, grad_w, split_k: int | None = None, config=None) -> GemmKey:
+    """The key of the GEMM δᵀ x's plan for operands that passed its checks (δ in x's dtype):
+    ``plan.run(delta, x, grad_w)`` runs it."""
+    (M, N), K = delta.shape, x.shape[1]
+    return _new(GemmKey, ("backward_weight", x.device, x.dtype, delta.dtype, M, N, K, delta.stride(), x.stride(),
+                          grad_w.stride(), (split_k,), plans.dot_precision(x.dtype),
+                          None if config is None else as_config(config)))
 
 
 # ------------------------------------------------------------------------------------- DFA

@@ -36,16 +36,20 @@ _INT32_MAX = 2**31 - 1
 # Plans by key; cleared when it grows past MAX_PLANS (a key per batch size and layout).
 PLANS: dict[tuple, object] = {}
 MAX_PLANS = 4096
+# GENERATION[0] changes whenever PLANS is cleared: a plan kept elsewhere (a layer's eager steps,
+# fa_triton.ops.backends.triton.LayerSteps) is valid only while it has not.
+GENERATION = [0]
 
 
 def clear_plans() -> None:
     """Forget every cached launch plan (tuned configs are kept by ``autotune``)."""
     PLANS.clear()
+    GENERATION[0] += 1
 
 
 def remember(key: tuple, plan) -> None:
     if len(PLANS) >= MAX_PLANS:
-        PLANS.clear()
+        clear_plans()
     PLANS[key] = plan
 
 
