@@ -258,6 +258,42 @@ def test_a_copy_or_a_pickled_layer_runs_on_its_own_tensors(tmp_path):
         assert not torch.allclose(clone(x), layer(x))
 
 
+def test_a_copy_or_a_pickled_triton_layer_runs_on_its_own_tensors(tmp_path):
+    # The fit holds the Triton steps' launch plans (functions, the plans' generation): a copy or a
+    # pickle leaves it behind and records its own.
+    import copy
+
+    layer = FALinear(4, 3, backend="triton")
+    x = torch.randn(2, 4)
+    for _ in range(3):
+        layer(x)
+    assert layer._fit is not None
+    for clone in (copy.deepcopy(layer), _reloaded(layer, tmp_path)):
+        assert clone._fit is None
+        with torch.no_grad():
+            clone.weight.mul_(2)
+        for _ in range(3):
+            torch.testing.assert_close(clone(x), torch.relu(x @ clone.weight.t() + clone.bias))
+        assert clone._fit is not None and not torch.allclose(clone(x), layer(x))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_activation_changed_after_a_fitted_call_is_the_one_that_runs(backend):
+    # The fit binds the activation and its slope: setting either records a new one.
+    layer = FALinear(4, 3, backend=backend)
+    x = torch.randn(5, 4)
+    expected = {"tanh": torch.tanh, "relu": torch.relu, "identity": lambda z: z}
+    for activation, slope in (("tanh", 0.01), ("leaky_relu", 0.2), ("leaky_relu", -0.3), ("identity", 0.2),
+                              ("relu", 0.2)):
+        layer(x)
+        layer.activation, layer.negative_slope = activation, slope
+        assert layer._fit is None
+        z = x @ layer.weight.detach().t() + layer.bias.detach()
+        want = torch.nn.functional.leaky_relu(z, slope) if activation == "leaky_relu" else expected[activation](z)
+        for _ in range(3):  # checked, then the fast path
+            torch.testing.assert_close(layer(x).detach(), want)
+
+
 def _reloaded(layer, tmp_path):
     torch.save(layer, tmp_path / "layer.pt")
     return torch.load(tmp_path / "layer.pt", weights_only=False)

@@ -131,9 +131,8 @@ class FALinear(FeedbackState, FusedActivation, nn.Module):
             if (fit is not None and type(x) is torch.Tensor and x.dtype is fit[4] and x.dim() != 0
                     and x.shape[-1] == fit[5] and x.device == fit[6] and not _any_autocast()
                     and not _transforms_active()):
-                weight, bias, feedback, _, _, _, _, rule, run = fit
-                return run(x, weight, bias, feedback, self._draw() if rule.draws else None, self._activation,
-                           self._negative_slope, rule)
+                weight, bias, feedback, _, _, _, _, rule, run, call = fit
+                return run(x, weight, bias, feedback, self._draw() if rule.draws else None, call)
         return self._checked_forward(x)
 
     def _checked_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,17 +151,18 @@ class FALinear(FeedbackState, FusedActivation, nn.Module):
     def _record_fit(self, weight, bias, feedback) -> None:
         """Remember a checked call for the fast path: weight, bias and feedback (checked to fit
         together, and to fit the input: its dtype, width and device are the weight's), where
-        each was found, the rule, and what runs the layer for them (``eager_runner``). Nothing
-        is recorded for tensors not held in the module's own dicts (a parametrization computes
-        them at every call)."""
+        each was found, the rule, and what runs the layer for them with its activation
+        (``eager_runner``). Nothing is recorded for tensors not held in the module's own dicts (a
+        parametrization computes them at every call)."""
         parameters = self._parameters
         holder = next((d for d in (parameters, self._buffers, self.__dict__)
                        if d.get("feedback", _MISSING) is feedback), None)
         if holder is None or parameters.get("weight") is not weight or parameters.get("bias", _MISSING) is not bias:
             return
         rule = self.rule
-        run = eager_runner(resolve(self._backend, weight), rule)  # resolve raises if the backend cannot run there
-        self._fit = (weight, bias, feedback, holder, weight.dtype, weight.shape[1], weight.device, rule, run)
+        # resolve raises if the backend cannot run there
+        run, call = eager_runner(resolve(self._backend, weight), rule, self._activation, self._negative_slope)
+        self._fit = (weight, bias, feedback, holder, weight.dtype, weight.shape[1], weight.device, rule, run, call)
 
     def _current_fit(self) -> tuple | None:
         """The recorded fit, if the layer still holds the same weight, bias and feedback objects
@@ -178,6 +178,15 @@ class FALinear(FeedbackState, FusedActivation, nn.Module):
                     and weight.dtype is fit[4] and weight.shape[1] == fit[5]):  # not changed through .data
                 return fit
         return None
+
+    def __getstate__(self):
+        # A copy or pickle records its own call: the fit holds the Triton steps' launch plans,
+        # valid only in this process (and bound to this layer's tensors).
+        return {**super().__getstate__(), "_fit": None}
+
+    def _set_activation(self, activation: str, negative_slope: float) -> None:
+        super()._set_activation(activation, negative_slope)
+        self._fit = None  # the recorded call binds the activation
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._fit = None  # assign=True with swap_tensors changes tensors in place, the objects kept

@@ -16,7 +16,7 @@ implementations with the same five steps.
 from .auto import AUTO, clear_auto_choices
 from .reference import TORCH
 from .registry import BACKENDS, REGISTRY, TRITON_DTYPES, Backend, check_backend, get, kernels, resolve
-from .triton import TRITON, TRITON_STACKED
+from .triton import TRITON, TRITON_STACKED, LayerSteps
 
 __all__ = ["AUTO", "BACKENDS", "REGISTRY", "TORCH", "TRITON", "TRITON_DTYPES", "TRITON_STACKED", "Backend",
-           "check_backend", "clear_auto_choices", "get", "kernels", "resolve"]
+           "LayerSteps", "check_backend", "clear_auto_choices", "get", "kernels", "resolve"]

@@ -98,6 +98,109 @@ TRITON = register(Backend("triton", forward, local_error, backward_input, backwa
                           feedback_matrix, chain_forward, chain_backward))
 
 
+# ------------------------------------------------------------------- one layer's eager calls
+
+class LayerSteps:
+    """The four layer steps above for one layer's eager calls (``FALinear``'s fast path, which
+    makes one per recorded fit), each remembering the launch plan of its last call and the
+    operands' layout it was made for: a call with the same layout runs that plan at once,
+    without the launcher's checks and without building and looking up its plan key (together
+    about 4 µs of host time per launch, ``bench/eager_overhead.py``). Any other call — a new
+    batch size, other strides or dtypes, other flags, PyTorch's fp32 matmul precision switched,
+    the plans cleared (``kernels.clear_plans``) — runs the step above, whose launcher checks
+    everything, and remembers its plan. Layouts are compared at every call, never assumed: a
+    ``.data`` assignment can change a parameter's shape, strides or dtype while the object
+    stays. Same signatures and results as the steps above (they run the same plans)."""
+
+    __slots__ = ("_forward", "_pass", "_input", "_weight", "_kernels", "_generation")
+    name = "triton"
+
+    def __init__(self):
+        self._kernels = kernels()
+        self._generation = self._kernels.plans.GENERATION  # a one-item list: its value changes when plans are cleared
+        # Each: (layout, the plan's runner, the output's sizes) of the last call, or None.
+        self._forward = self._pass = self._input = self._weight = None
+
+    def forward(self, x, weight, bias, activation, negative_slope, store_extra, out=None):
+        k = self._kernels
+        layout = (x.shape, x.stride(), x.dtype, weight.shape, weight.stride(), weight.dtype,
+                  None if bias is None else (bias.shape, bias.stride()), None if out is None else out.stride(),
+                  activation, store_extra, k.plans.dot_precision(x.dtype), self._generation[0])
+        memo = self._forward
+        if memo is not None and memo[0] == layout:
+            M, N = memo[2]
+            y = x.new_empty(M, N) if out is None else out
+            extra = x.new_empty(M, N) if store_extra else None
+            memo[1](x, weight, bias, y, extra, float(negative_slope))
+            return y, extra
+        y, extra = forward(x, weight, bias, activation, negative_slope, store_extra, out)
+        # An expanded or strided bias is copied by the launcher at every call: not remembered.
+        if y.numel() and (bias is None or bias.stride(0) == 1) and (extra is None or extra.is_contiguous()):
+            plan = k.plans.PLANS.get(k.launchers.forward_key(x, weight, bias, y, activation, store_extra))
+            if plan is not None:
+                self._forward = (layout, plan.run, y.shape)
+        return y, extra
+
+    def local_error(self, grad_y, saved, activation, negative_slope, need_delta, bias_grad):
+        if activation == "identity" and not bias_grad:
+            return (grad_y if need_delta else None), None  # δ = g: no pass at all
+        store = need_delta and activation != "identity"
+        layout = (grad_y.shape, grad_y.stride(), grad_y.dtype,
+                  None if saved is None else (saved.shape, saved.stride(), saved.dtype), activation, store, bias_grad,
+                  self._generation[0])
+        memo = self._pass
+        if memo is not None and memo[0] == layout:
+            M, N = memo[2]
+            delta = grad_y.new_empty(M, N) if store else None
+            grad_b = grad_y.new_empty(N) if bias_grad else None
+            memo[1](grad_y, grad_y if saved is None else saved, grad_y if delta is None else delta, grad_b,
+                    float(negative_slope))
+        else:
+            k = self._kernels
+            delta, grad_b = k.fa_linear_local_error(grad_y, saved, activation, negative_slope, store_delta=store,
+                                                    bias_grad=bias_grad)
+            if grad_y.numel() and (saved is None or saved.shape == grad_y.shape):
+                saved_arg, delta_arg = grad_y if saved is None else saved, grad_y if delta is None else delta
+                plan = k.plans.PLANS.get(k.launchers.local_error_key(grad_y, saved_arg, delta_arg, grad_y.dtype,
+                                                                       activation, store, bias_grad))
+                if plan is not None:
+                    self._pass = (layout, plan.run, grad_y.shape)
+        return (delta if store else grad_y if need_delta else None), grad_b
+
+    def backward_input(self, delta, feedback, weight, counter, rule):
+        source = feedback_matrix(weight, feedback, counter, rule)  # B as the rule forms it
+        layout = (delta.shape, delta.stride(), delta.dtype, source.shape, source.stride(), source.dtype,
+                  self._kernels.plans.dot_precision(source.dtype), self._generation[0])
+        memo = self._input
+        if memo is not None and memo[0] == layout:
+            grad_x = source.new_empty(*memo[2])
+            memo[1](delta, source, grad_x)
+            return grad_x
+        k = self._kernels
+        grad_x = k.fa_linear_backward_input(delta, None, source, "identity")  # B given as it is
+        if grad_x.numel() and delta.dtype is source.dtype:  # else the launcher converted δ first
+            plan = k.plans.PLANS.get(k.launchers.backward_input_key(delta, source, grad_x))
+            if plan is not None:
+                self._input = (layout, plan.run, grad_x.shape)
+        return grad_x
+
+    def backward_weight(self, delta, x):
+        layout = (delta.shape, delta.stride(), delta.dtype, x.shape, x.stride(), x.dtype,
+                  self._kernels.plans.dot_precision(x.dtype), self._generation[0])
+        memo = self._weight
+        if memo is not None and memo[0] == layout:
+            grad_w = x.new_empty(*memo[2])
+            memo[1](delta, x, grad_w)
+            return grad_w
+        k = self._kernels
+        grad_w = backward_weight(delta, x)
+        if grad_w.numel() and delta.shape[0] and delta.dtype is x.dtype:  # else the launcher converted δ first
+            plan = k.plans.PLANS.get(k.launchers.backward_weight_key(delta, x, grad_w))
+            if plan is not None:
+                self._weight = (layout, plan.run, grad_w.shape)
+        return grad_w
+
+
 # ------------------------------------------------------------------- E models at once
 
 def stacked_forward(x, weight, bias, activation, negative_slope, store_extra, out=None):
