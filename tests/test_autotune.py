@@ -362,3 +362,83 @@ def test_auto_times_the_fused_chain_against_the_chain_step_by_step(winner, monke
         torch.testing.assert_close(out, want[0])
     with pytest.raises(TypeError, match="unexpected keyword argument 'output'"):
         backends.AUTO.chain_forward(x.detach(), weights, biases, [], output=out, stepwise=lambda: None)
+
+
+@pytest.mark.parametrize("winner", ["torch", "triton"])
+def test_a_layers_auto_steps_keep_each_choice_for_its_layout(winner, monkeypatch, tmp_path):
+    # FALinear(backend="auto") on CPU tensors, made to resolve to AUTO (the kernels through the
+    # interpreter), the timer making ``winner`` faster: once a step has chosen for a layout, a call
+    # of that layout builds no auto key, and runs what auto chose (the layer's own plans for the
+    # kernels); another layout asks auto again. The numbers are the winner's own, bit for bit.
+    import itertools
+
+    from fa_triton import FALinear, fa_linear
+    from fa_triton.ops.backends import registry
+
+    times = itertools.cycle((1.0, 2.0) if winner == "triton" else (2.0, 1.0))  # candidates: triton, then torch
+    tuner = autotune.Tuner(timer=lambda fn: (fn(), next(times))[1], directory=tmp_path, versions_of=lambda: VERSIONS)
+    monkeypatch.setattr(autotune, "TUNER", tuner)
+    backends.clear_auto_choices()
+    resolve = registry._resolve
+    monkeypatch.setattr(registry, "_resolve", lambda backend, *args: "auto" if backend == "auto" else resolve(backend, *args))
+    monkeypatch.setattr(registry, "_RESOLVED", {})
+    keys_built, launched = [], []
+    for step in auto_backend.STEPS:
+        monkeypatch.setattr(step, "key_of", lambda *args, _step=step.step, _key_of=step.key_of:
+                            keys_built.append(_step) or _key_of(*args))
+    from fa_triton import kernels
+
+    for name in ("fa_linear_forward", "fa_linear_local_error", "fa_linear_backward_input", "fa_linear_backward_weight"):
+        monkeypatch.setattr(kernels, name, lambda *args, _launcher=getattr(kernels, name), **kwargs:
+                            launched.append(1) or _launcher(*args, **kwargs))
+
+    torch.manual_seed(0)
+    layer = FALinear(12, 7, activation="tanh", backend="auto")
+
+    def step(x, grad_y):
+        x = x.detach().requires_grad_()
+        layer.weight.grad = layer.bias.grad = None
+        y = layer(x)
+        y.backward(grad_y)
+        return y.detach(), x.grad, layer.weight.grad, layer.bias.grad
+
+    def winners_step(x, grad_y):
+        x = x.detach().requires_grad_()
+        weight, bias = (t.detach().clone().requires_grad_() for t in (layer.weight, layer.bias))
+        y = fa_linear(x, weight, bias, layer.feedback, "tanh", backend=winner)
+        y.backward(grad_y)
+        return y.detach(), x.grad, weight.grad, bias.grad
+
+    every_step = {"forward", "local_error", "backward_input", "backward_weight"}
+
+    def check(x, grad_y, asked):
+        """One step against the winner's own; ``asked``: the steps whose auto key it must build."""
+        keys_built.clear()
+        launched.clear()
+        got = step(x, grad_y)
+        built, launches = set(keys_built), len(launched)
+        for got_one, want in zip(got, winners_step(x, grad_y)):
+            torch.testing.assert_close(got_one, want, rtol=0, atol=0)
+        assert built == asked, built
+        if not asked:  # the kept choices alone: on the kernels, the layer's own plans (no launcher)
+            assert launches == 0, launches
+
+    x, grad_y = torch.randn(9, 12), torch.randn(9, 7)
+    monkeypatch.setattr(autotune, "capturing", lambda: True)  # CUDA-graph capture: auto's stand-ins, never kept
+    for _ in range(3):
+        keys_built.clear()
+        step(x, grad_y)
+        assert set(keys_built) == every_step  # the layer's steps too ask auto at every call
+    assert tuner.entries == {}
+    monkeypatch.setattr(autotune, "capturing", lambda: False)
+    check(x, grad_y, every_step)  # auto times both, and keeps its choices
+    check(x, grad_y, set())  # then the kept choices alone
+    assert {entry.choice for entry in tuner.entries.values()} == {winner} and len(tuner.entries) == 4
+    check(torch.randn(11, 12), torch.randn(11, 7), every_step)  # another batch: auto is asked (and times it)
+    check(torch.randn(11, 12), torch.randn(11, 7), set())
+    check(torch.randn(12, 11).t(), torch.randn(11, 7), {"forward", "backward_weight"})  # x transposed
+    # grad_y transposed too: δ is the kernels' own (contiguous), or torch's (in grad_y's layout)
+    x, grad_y = torch.randn(12, 11).t(), torch.randn(7, 11).t()
+    check(x, grad_y, {"local_error"} if winner == "triton" else {"local_error", "backward_input", "backward_weight"})
+    layer.feedback.data = layer.feedback.data.t().contiguous().t()  # B's strides (1, 7)
+    check(x, grad_y, {"backward_input"})

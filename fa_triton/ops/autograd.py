@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable as _torch_once_different
 
 from ..rules.activations import MAY_SAVE_EXTRA, apply_activation, saves_extra
 from ..rules.methods import FeedbackRule, feedback_matrix
-from .backends import AUTO, TORCH, TRITON, Backend, LayerSteps, resolve
+from .backends import AUTO, TORCH, TRITON, AutoLayerSteps, Backend, LayerSteps, resolve
 
 
 def once_differentiable(backward):
@@ -231,8 +231,9 @@ _FORWARDS = {"triton": _forward_2d, "torch": _forward_nd, "auto": _forward_auto}
 class LayerFunction(torch.autograd.Function):
     """The Functions above for one layer's eager calls (``FALinear``'s fast path, see
     :func:`eager_runner`): x, weight, bias, feedback and counter as they take them, then
-    ``call``, the layer's (activation, negative_slope, rule, steps, forward): the steps are its
-    backend's, or on Triton the layer's own (``LayerSteps``, which keep their launch plans), and
+    ``call``, the layer's (activation, negative_slope, rule, steps, forward): the steps are the
+    layer's own on Triton (``LayerSteps``, which keep their launch plans) and on "auto"
+    (``AutoLayerSteps``, which keep auto's choices too), the reference backend's otherwise, and
     forward is the backend's (:data:`_FORWARDS`). The same forward and :func:`fa_backward` as the
     Functions above, with six inputs instead of eight (each costs about 0.3 µs a call)."""
 
@@ -401,12 +402,13 @@ def _plain_backprop(x, weight, bias, feedback, counter, call) -> torch.Tensor:
 def eager_runner(backend: Backend, rule: FeedbackRule, activation: str, negative_slope: float) -> tuple:
     """(run, call) for one layer's eager calls on a resolved backend: ``run(x, weight, bias,
     feedback, counter, call)`` is :class:`LayerFunction`'s apply, or for backprop on the
-    reference :func:`_plain_backprop`; ``call`` binds the activation, the rule and, on Triton,
-    steps of the layer's own that keep their launch plans (``LayerSteps``). Make a new one
-    whenever any of these, or the layer's tensors, change."""
+    reference :func:`_plain_backprop`; ``call`` binds the activation, the rule and, on Triton and
+    "auto", steps of the layer's own that keep their launch plans and auto's choices
+    (``LayerSteps``, ``AutoLayerSteps``). Make a new one whenever any of these, or the layer's
+    tensors, change."""
     if rule.method == "backprop" and backend is TORCH:
         return _plain_backprop, (activation, negative_slope)
-    steps = LayerSteps() if backend is TRITON else backend
+    steps = LayerSteps() if backend is TRITON else AutoLayerSteps() if backend is AUTO else backend
     return LayerFunction.apply, (activation, negative_slope, rule, steps, _FORWARDS[backend.name])
 
 

@@ -13,10 +13,10 @@ implementations with the same five steps.
 ``triton/backends``, which this path does not.)
 """
 
-from .auto import AUTO, clear_auto_choices
+from .auto import AUTO, AutoLayerSteps, clear_auto_choices
 from .reference import TORCH
 from .registry import BACKENDS, REGISTRY, TRITON_DTYPES, Backend, check_backend, get, kernels, resolve
 from .triton import TRITON, TRITON_STACKED, LayerSteps
 
-__all__ = ["AUTO", "BACKENDS", "REGISTRY", "TORCH", "TRITON", "TRITON_DTYPES", "TRITON_STACKED", "Backend",
+__all__ = ["AUTO", "AutoLayerSteps", "BACKENDS", "REGISTRY", "TORCH", "TRITON", "TRITON_DTYPES", "TRITON_STACKED", "Backend",
            "LayerSteps", "check_backend", "clear_auto_choices", "get", "kernels", "resolve"]

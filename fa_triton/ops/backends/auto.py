@@ -14,7 +14,7 @@ import torch
 
 from .reference import TORCH
 from .registry import Backend, kernels, register
-from .triton import TRITON
+from .triton import TRITON, LayerSteps
 
 
 def _layout(t: torch.Tensor | None) -> str:
@@ -80,6 +80,10 @@ class AutoStep:
 
     def __call__(self, *args):
         return getattr(self.backend_for(*args), self.step)(*args)
+
+    def remembers(self, args: tuple, backend: Backend) -> bool:
+        """Whether ``backend`` is this step's kept choice for ``args`` (not a stand-in of CUDA-graph capture)."""
+        return self.chosen.get((args[0].device.index,) + self.key_of(*args)) is backend
 
     def _choose(self, key: tuple, args: tuple) -> Backend:
         device = args[0].device
@@ -169,6 +173,83 @@ def chain_backward(grad_y, x, outputs, form_feedback, activations, need_grad_x, 
 
 # Forming B is one memory pass (no GEMM to choose for): auto runs on CUDA, where the kernels form it.
 AUTO = register(Backend("auto", *STEPS, TRITON.feedback_matrix, chain_forward, chain_backward))
+
+
+# ------------------------------------------------------------------- one layer's eager calls
+
+# What each step's key is built from, exactly (sizes, strides, dtypes, flags, the fp32 dot
+# precision): a call with the same layout has the same key.
+def _forward_layout(x, weight, bias, activation, negative_slope, store_extra, out=None):
+    return (x.shape, x.stride(), x.dtype, weight.shape, weight.stride(), bias is None, activation, store_extra,
+            kernels().plans.dot_precision(x.dtype))
+
+
+def _local_error_layout(grad_y, saved, activation, negative_slope, need_delta, bias_grad):
+    return (grad_y.shape, grad_y.stride(), grad_y.dtype, None if saved is None else (saved.shape, saved.stride()),
+            activation, need_delta, bias_grad, kernels().plans.dot_precision(grad_y.dtype))
+
+
+def _backward_input_layout(delta, feedback, weight, counter, rule):
+    return (delta.shape, delta.stride(), delta.dtype, None if feedback is None else (feedback.shape, feedback.stride()),
+            None if weight is None else (weight.shape, weight.stride()), rule.method,
+            kernels().plans.dot_precision(delta.dtype))
+
+
+def _backward_weight_layout(delta, x):
+    return (delta.shape, delta.stride(), delta.dtype, x.shape, x.stride(), kernels().plans.dot_precision(delta.dtype))
+
+
+class LayerAutoStep:
+    """One :class:`AutoStep` for one layer's eager calls: the backend auto chose for the
+    operands' layout of the step's last call, used again for a call of the same layout without
+    building auto's key (its dtype name, batch bucket and layout classes); where auto chose the
+    kernels, the layer's own ``LayerSteps`` step, which keeps its launch plan. A call of another
+    layout asks the AutoStep (which may time both backends); a stand-in choice is not kept."""
+
+    __slots__ = ("auto", "layout_of", "triton", "memo")
+
+    def __init__(self, auto: AutoStep, layout_of: Callable, triton: LayerSteps):
+        self.auto, self.layout_of, self.triton = auto, layout_of, triton
+        self.memo = None  # (layout, the chosen steps, their step) of the last call
+
+    def backend_for(self, *args):
+        """The steps to run this step on (the layer's LayerSteps where auto chose the kernels)."""
+        layout = self.layout_of(*args)
+        memo = self.memo
+        if memo is not None and memo[0] == layout:
+            return memo[1]
+        return self._ask_auto(layout, args)[1]
+
+    def __call__(self, *args):
+        layout = self.layout_of(*args)
+        memo = self.memo
+        if memo is None or memo[0] != layout:
+            memo = self._ask_auto(layout, args)
+        return memo[2](*args)
+
+    def _ask_auto(self, layout: tuple, args: tuple) -> tuple:
+        backend = self.auto.backend_for(*args)
+        steps = self.triton if backend is TRITON else backend
+        memo = (layout, steps, getattr(steps, self.auto.step))
+        if self.auto.remembers(args, backend):
+            self.memo = memo
+        return memo
+
+
+class AutoLayerSteps:
+    """``backend="auto"``'s four layer steps for one layer's eager calls (``FALinear``'s fast
+    path, which makes one per recorded fit): each a :class:`LayerAutoStep`, all four sharing one
+    ``LayerSteps`` for what auto gives the kernels. The forward's is asked for its backend
+    (``forward.backend_for``), as AUTO's is."""
+
+    __slots__ = ("forward", "local_error", "backward_input", "backward_weight")
+    name = "auto"
+
+    def __init__(self):
+        triton = LayerSteps()
+        self.forward, self.local_error, self.backward_input, self.backward_weight = (
+            LayerAutoStep(step, layout_of, triton) for step, layout_of in zip(STEPS, (
+                _forward_layout, _local_error_layout, _backward_input_layout, _backward_weight_layout)))
 
 
 def clear_auto_choices() -> None:
