@@ -21,6 +21,11 @@ The providers, on the same tiny layer (x requires grad, so every gradient is for
   the Triton path's four launches (the layer's own kernels, argument lists, grids and
   constexprs, recorded from one of its steps) and its five allocations, and nothing else: the
   floor of the Triton path, so what lies above it is the launchers' and the layer's Python.
+- ``auto, kernels chosen (launches stubbed)``: ``backend="auto"`` as it runs on a GPU whose
+  timings chose the kernels for every step (the default there): the layer resolves "auto" to
+  the AUTO backend for these CPU tensors (its resolution cache says so while this script runs),
+  and a memory-only tuner whose timer makes the kernels faster made the four choices before the
+  timing. What auto adds to the Triton path is its choice per step.
 
 Reported: µs per step and each FA provider's ratio to nn.Linear + ReLU (goal: at most 1.1).
 The providers are timed in turn (their order rotating from round to round), ``--repeats``
@@ -33,12 +38,13 @@ interleaved rounds give every provider the same chances of a quiet one.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
 
 PROVIDERS = ("triton (launches stubbed)", "torch", "nn.Linear + ReLU", "minimal Function", "module + minimal Function",
-             "module + bare Triton Function (launches stubbed)")
+             "module + bare Triton Function (launches stubbed)", "auto, kernels chosen (launches stubbed)")
 #: The kernels of the Triton path's step at this size, in launch order (the bare Function's).
 BARE_KERNELS = ("forward_kernel", "local_error_kernel", "backward_input_kernel", "backward_weight_kernel")
 
@@ -48,7 +54,9 @@ def measure(batch: int = 4, features: int = 8, steps: int = 200, repeats: int = 
     import torch
 
     import fa_triton
+    from fa_triton.kernels import autotune
     from fa_triton.kernels.launchers import JIT_KERNELS
+    from fa_triton.ops.backends import AUTO, clear_auto_choices, registry
 
     torch.manual_seed(0)
     x = torch.randn(batch, features, requires_grad=True)
@@ -129,6 +137,13 @@ def measure(batch: int = 4, features: int = 8, steps: int = 200, repeats: int = 
         raise RuntimeError(f"the bare Function's launches take {counts} arguments, the layer's "
                            f"{[len(args) for _, args, _, _ in launches]}: update BareTriton to the kernels' signatures")
 
+    # "auto" as on a GPU that chose the kernels: resolved to AUTO (the resolution cache, restored
+    # below), its choices made by a memory-only tuner whose timer puts the kernels first.
+    resolution_key, tuner = ("auto", x.device.type, x.dtype), autotune.TUNER
+    resolution = registry._RESOLVED.get(resolution_key)
+    times = itertools.cycle((1.0, 2.0))  # the candidates are timed in order: triton, then torch
+    auto_layer = fa_triton.FALinear(features, features, activation=activation, backend="auto")
+
     steps_of = {
         PROVIDERS[0]: lambda: triton_layer(x).backward(grad),
         PROVIDERS[1]: lambda: torch_layer(x).backward(grad),
@@ -136,23 +151,35 @@ def measure(batch: int = 4, features: int = 8, steps: int = 200, repeats: int = 
         PROVIDERS[3]: lambda: Minimal.apply(x, linear.weight, linear.bias, feedback).backward(grad),
         PROVIDERS[4]: lambda: minimal_module(x).backward(grad),
         PROVIDERS[5]: lambda: bare_module(x).backward(grad),
+        PROVIDERS[6]: lambda: auto_layer(x).backward(grad),
     }
     samples = {provider: [] for provider in PROVIDERS}
     try:
+        registry._RESOLVED[resolution_key] = AUTO
+        autotune.TUNER = autotune.Tuner(timer=lambda fn: (fn(), next(times))[1], directory=None)
+        clear_auto_choices()
         for round_ in range(repeats + 1):
             # The order rotates from round to round: a provider timed always right after the same
             # other one (the stubbed Triton path's large Python) kept a bias of its own.
             shift = round_ % len(PROVIDERS)
             for provider in PROVIDERS[shift:] + PROVIDERS[:shift]:
                 step = steps_of[provider]
-                stubbed(provider in (PROVIDERS[0], PROVIDERS[5]))
+                stubbed(provider in (PROVIDERS[0], PROVIDERS[5], PROVIDERS[6]))
                 start = time.perf_counter_ns()
                 for _ in range(steps if round_ else 50):  # round 0 warms up
                     step()
                 if round_:
                     samples[provider].append((time.perf_counter_ns() - start) / steps / 1e3)
+        chosen = {entry.choice for entry in autotune.TUNER.entries.values()}
+        if chosen != {"triton"}:
+            raise RuntimeError(f"auto chose {chosen} for its steps, not the kernels alone")
     finally:
         stubbed(False)
+        registry._RESOLVED.pop(resolution_key, None)
+        if resolution is not None:
+            registry._RESOLVED[resolution_key] = resolution
+        autotune.TUNER = tuner
+        clear_auto_choices()
     return {provider: min(values) for provider, values in samples.items()}
 
 

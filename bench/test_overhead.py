@@ -1,6 +1,7 @@
 """The host-cost, memory, methods and conv benchmarks on the CPU: what they measure, not how fast."""
 
 import pytest
+import torch
 
 from bench import launch_overhead, memory
 from fa_triton.kernels.launchers import JIT_KERNELS
@@ -33,12 +34,21 @@ def test_memory_counts_what_the_layer_saves():
 def test_eager_overhead_times_both_providers_and_restores_the_kernels():
     from bench import eager_overhead
 
-    runs = _runs()
+    from fa_triton.kernels import autotune
+
+    runs, tuner = _runs(), autotune.TUNER
     results = eager_overhead.measure(steps=20, repeats=2)
     assert set(results) == {"triton (launches stubbed)", "torch", "nn.Linear + ReLU", "minimal Function",
-                            "module + minimal Function", "module + bare Triton Function (launches stubbed)"}
+                            "module + minimal Function", "module + bare Triton Function (launches stubbed)",
+                            "auto, kernels chosen (launches stubbed)"}
     assert all(us > 0 for us in results.values())
     assert _runs() == runs
+    # auto's stand-ins are gone: the resolution cache, the tuner and auto's choices are the process's own again
+    from fa_triton.kernels import autotune
+    from fa_triton.ops import backends
+
+    assert backends.resolve("auto", torch.zeros(2)) is backends.TORCH
+    assert autotune.TUNER is tuner and not any(step.chosen for step in backends.auto.STEPS)
 
 
 def test_methods_bench_dry_run(capsys):
