@@ -33,7 +33,6 @@ def test_memory_counts_what_the_layer_saves():
 
 def test_eager_overhead_times_both_providers_and_restores_the_kernels():
     from bench import eager_overhead
-
     from fa_triton.kernels import autotune
 
     runs, tuner = _runs(), autotune.TUNER

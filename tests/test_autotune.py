@@ -380,7 +380,8 @@ def test_a_layers_auto_steps_keep_each_choice_for_its_layout(winner, monkeypatch
     monkeypatch.setattr(autotune, "TUNER", tuner)
     backends.clear_auto_choices()
     resolve = registry._resolve
-    monkeypatch.setattr(registry, "_resolve", lambda backend, *args: "auto" if backend == "auto" else resolve(backend, *args))
+    monkeypatch.setattr(registry, "_resolve",
+                        lambda backend, *args: "auto" if backend == "auto" else resolve(backend, *args))
     monkeypatch.setattr(registry, "_RESOLVED", {})
     keys_built, launched = [], []
     for step in auto_backend.STEPS:
@@ -388,9 +389,11 @@ def test_a_layers_auto_steps_keep_each_choice_for_its_layout(winner, monkeypatch
                             keys_built.append(_step) or _key_of(*args))
     from fa_triton import kernels
 
+    def counted(launcher):
+        return lambda *args, **kwargs: launched.append(1) or launcher(*args, **kwargs)
+
     for name in ("fa_linear_forward", "fa_linear_local_error", "fa_linear_backward_input", "fa_linear_backward_weight"):
-        monkeypatch.setattr(kernels, name, lambda *args, _launcher=getattr(kernels, name), **kwargs:
-                            launched.append(1) or _launcher(*args, **kwargs))
+        monkeypatch.setattr(kernels, name, counted(getattr(kernels, name)))
 
     torch.manual_seed(0)
     layer = FALinear(12, 7, activation="tanh", backend="auto")

@@ -18,5 +18,5 @@ from .reference import TORCH
 from .registry import BACKENDS, REGISTRY, TRITON_DTYPES, Backend, check_backend, get, kernels, resolve
 from .triton import TRITON, TRITON_STACKED, LayerSteps
 
-__all__ = ["AUTO", "AutoLayerSteps", "BACKENDS", "REGISTRY", "TORCH", "TRITON", "TRITON_DTYPES", "TRITON_STACKED", "Backend",
-           "LayerSteps", "check_backend", "clear_auto_choices", "get", "kernels", "resolve"]
+__all__ = ["AUTO", "AutoLayerSteps", "BACKENDS", "REGISTRY", "TORCH", "TRITON", "TRITON_DTYPES", "TRITON_STACKED",
+           "Backend", "LayerSteps", "check_backend", "clear_auto_choices", "get", "kernels", "resolve"]

@@ -136,9 +136,8 @@ class LayerSteps:
         y, extra = forward(x, weight, bias, activation, negative_slope, store_extra, out)
         # An expanded or strided bias is copied by the launcher at every call: not remembered.
         if y.numel() and (bias is None or bias.stride(0) == 1) and (extra is None or extra.is_contiguous()):
-            plan = k.plans.PLANS.get(k.launchers.forward_key(x, weight, bias, y, activation, store_extra))
-            if plan is not None:
-                self._forward = (layout, plan.run, y.shape)
+            self._remember("_forward", layout, k.launchers.forward_key(x, weight, bias, y, activation, store_extra),
+                           y.shape)
         return y, extra
 
     def local_error(self, grad_y, saved, activation, negative_slope, need_delta, bias_grad):
@@ -161,10 +160,9 @@ class LayerSteps:
                                                     bias_grad=bias_grad)
             if grad_y.numel() and (saved is None or saved.shape == grad_y.shape):
                 saved_arg, delta_arg = grad_y if saved is None else saved, grad_y if delta is None else delta
-                plan = k.plans.PLANS.get(k.launchers.local_error_key(grad_y, saved_arg, delta_arg, grad_y.dtype,
-                                                                       activation, store, bias_grad))
-                if plan is not None:
-                    self._pass = (layout, plan.run, grad_y.shape)
+                key = k.launchers.local_error_key(grad_y, saved_arg, delta_arg, grad_y.dtype, activation, store,
+                                                  bias_grad)
+                self._remember("_pass", layout, key, grad_y.shape)
         return (delta if store else grad_y if need_delta else None), grad_b
 
     def backward_input(self, delta, feedback, weight, counter, rule):
@@ -179,9 +177,7 @@ class LayerSteps:
         k = self._kernels
         grad_x = k.fa_linear_backward_input(delta, None, source, "identity")  # B given as it is
         if grad_x.numel() and delta.dtype is source.dtype:  # else the launcher converted δ first
-            plan = k.plans.PLANS.get(k.launchers.backward_input_key(delta, source, grad_x))
-            if plan is not None:
-                self._input = (layout, plan.run, grad_x.shape)
+            self._remember("_input", layout, k.launchers.backward_input_key(delta, source, grad_x), grad_x.shape)
         return grad_x
 
     def backward_weight(self, delta, x):
@@ -195,10 +191,15 @@ class LayerSteps:
         k = self._kernels
         grad_w = backward_weight(delta, x)
         if grad_w.numel() and delta.shape[0] and delta.dtype is x.dtype:  # else the launcher converted δ first
-            plan = k.plans.PLANS.get(k.launchers.backward_weight_key(delta, x, grad_w))
-            if plan is not None:
-                self._weight = (layout, plan.run, grad_w.shape)
+            self._remember("_weight", layout, k.launchers.backward_weight_key(delta, x, grad_w), grad_w.shape)
         return grad_w
+
+    def _remember(self, step: str, layout: tuple, key: tuple, sizes: tuple) -> None:
+        """Keep for ``layout`` the plan the launcher kept for ``key``, if it kept one (it does not
+        keep the stand-in config chosen during CUDA-graph capture)."""
+        plan = self._kernels.plans.PLANS.get(key)
+        if plan is not None:
+            setattr(self, step, (layout, plan.run, sizes))
 
 
 # ------------------------------------------------------------------- E models at once
