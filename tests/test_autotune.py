@@ -445,3 +445,6 @@ def test_a_layers_auto_steps_keep_each_choice_for_its_layout(winner, monkeypatch
     check(x, grad_y, {"local_error"} if winner == "triton" else {"local_error", "backward_input", "backward_weight"})
     layer.feedback.data = layer.feedback.data.t().contiguous().t()  # B's strides (1, 7)
     check(x, grad_y, {"backward_input"})
+    check(x, grad_y, set())
+    backends.clear_auto_choices()  # reaches the choices the layer kept: it asks auto again
+    check(x, grad_y, every_step)

@@ -256,3 +256,19 @@ def test_layer_steps_tell_operands_of_equal_strides_apart(launcher_calls):
                 got = step(layer_steps, *m_n_k)
                 assert launcher_calls[name] == (1 if call == 0 else 0), (name, m_n_k, call)
                 _assert_same(got, step(TRITON, *m_n_k))
+
+
+def test_layer_steps_form_no_b_for_an_empty_batch(monkeypatch):
+    # As the launcher: a sign rule's B is formed only for rows to send back through it.
+    from fa_triton import FALinear
+
+    formed = []
+    kernel = kernels.launchers.JIT_KERNELS["feedback_kernel"]
+    run = kernel.run
+    monkeypatch.setattr(kernel, "run", lambda *args, **kwargs: formed.append(1) or run(*args, **kwargs))
+    layer = FALinear(7, 5, method="usf", backend="triton")
+    for rows in (3, 3, 3, 0):  # checked, then the layer's steps (their plans kept)
+        formed.clear()
+        x = torch.randn(rows, 7, requires_grad=True)
+        layer(x).sum().backward()
+        assert x.grad.shape == (rows, 7) and len(formed) == (1 if rows else 0), (rows, formed)

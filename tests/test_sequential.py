@@ -537,3 +537,25 @@ def test_each_b_is_formed_once_when_the_chain_is_not_fused(backend, dtype, monke
     x = torch.randn(7, 6, dtype=dtype, device=KERNEL_DEVICE)  # no gradient for x: B_1 is not needed
     FASequential(*layers)(x).sum().backward()
     assert formed == ["usf", "usf"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_copy_or_a_pickle_of_a_called_chain_runs_on_its_own_tensors(backend, tmp_path):
+    # The chain's cached plan and fits (ids, resolved backends, the layers' kept plans) stay behind.
+    import copy
+
+    torch.manual_seed(0)
+    model = FASequential(FALinear(4, 8, backend=backend), FALinear(8, 3, activation="identity", backend=backend))
+    x = torch.randn(2, 4)
+    for _ in range(3):
+        model(x).sum().backward()
+    torch.save(model, tmp_path / "model.pt")
+    for clone in (copy.deepcopy(model), torch.load(tmp_path / "model.pt", weights_only=False)):
+        with torch.no_grad():
+            clone[1].weight.mul_(2)
+        for _ in range(3):
+            y = clone(x)
+            first = torch.relu(x @ clone[0].weight.detach().t() + clone[0].bias.detach())
+            torch.testing.assert_close(y.detach(), first @ clone[1].weight.detach().t() + clone[1].bias.detach())
+            y.sum().backward()
+        assert not torch.allclose(clone(x), model(x))

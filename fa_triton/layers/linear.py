@@ -180,8 +180,8 @@ class FALinear(FeedbackState, FusedActivation, nn.Module):
         return None
 
     def __getstate__(self):
-        # A copy or pickle records its own call: the fit holds the Triton steps' launch plans,
-        # valid only in this process (and bound to this layer's tensors).
+        # A copy or pickle records its own call: the fit holds this layer's tensors and, on Triton
+        # and "auto", its steps' launch plans and choices, valid only in this process.
         return {**super().__getstate__(), "_fit": None}
 
     def _set_activation(self, activation: str, negative_slope: float) -> None:

@@ -60,6 +60,11 @@ class FASequential(nn.Sequential):
         self._plan_cache = None
         self._chain_fits = {}  # id(chain step of the cached plan) -> (its layers' fits, the chain's fit)
 
+    def __getstate__(self):
+        # A copy or pickle plans its own chains: the cached plan and fits are keyed by this
+        # object's ids, and hold resolved backends (their torch.library ops cannot be pickled).
+        return {**super().__getstate__(), "_plan_cache": None, "_chain_fits": {}}
+
     def _plan(self) -> tuple[list, list[str]]:
         """(steps, notes): each step a child module or a list of (name, FALinear) (a fused
         chain); notes: why children next to FA layers are not fused. Cached per children, their

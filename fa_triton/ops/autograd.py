@@ -67,8 +67,7 @@ def save_for_fa_backward(ctx, x, weight, feedback, counter, saved, activation: s
         weight if need_x and rule.reads_weight else None,
         feedback if need_x and rule.reads_feedback else None,
         counter if need_x and rule.draws else None,
-        # _reads_saved, inlined: this runs at every call
-        saved if activation != "identity" and (need_x or need_w or need_b or need_feedback) else None,
+        saved if _reads_saved(activation, need_x, need_w, need_b, need_feedback) else None,
     )
     ctx.layer = (activation, negative_slope, rule, x_shape)  # one attribute: each costs a fraction of a µs
 
@@ -130,8 +129,7 @@ _NO_GRADS = (None, None, None, None)
 
 def _store_extra(ctx, activation: str, negative_slope: float, rule: FeedbackRule) -> bool:
     """Whether the forward stores the extra tensor (``saves_extra``) because backward reads it (a set
-    test first: for most activations that is all it costs; the forwards below make that test
-    before the call, which saves the call)."""
+    test first: for most activations that is all it costs)."""
     return activation in MAY_SAVE_EXTRA and saves_extra(activation, negative_slope) and needs_saved(ctx, activation,
                                                                                                    rule)
 
@@ -142,7 +140,7 @@ def _forward_2d(ctx, backend: Backend, x, weight, bias, feedback, counter, activ
     not a view (views made inside a Function cannot be modified in place), and x is flattened by
     a view whenever its strides allow (the kernels take any strides, so only un-viewable layouts
     are copied); a 2-D x's y is the backend's own (no given tensor to check)."""
-    store_extra = activation in MAY_SAVE_EXTRA and _store_extra(ctx, activation, negative_slope, rule)
+    store_extra = _store_extra(ctx, activation, negative_slope, rule)
     if x.dim() == 2:
         x2d, x_shape = x, None
         y, extra = backend.forward(x, weight, bias, activation, negative_slope, store_extra)
@@ -159,7 +157,7 @@ def _forward_2d(ctx, backend: Backend, x, weight, bias, feedback, counter, activ
 
 def _forward_nd(ctx, backend: Backend, x, weight, bias, feedback, counter, activation, negative_slope, rule):
     """The forward of a backend that takes x [..., K] as it is (the reference: F.linear)."""
-    store_extra = activation in MAY_SAVE_EXTRA and _store_extra(ctx, activation, negative_slope, rule)
+    store_extra = _store_extra(ctx, activation, negative_slope, rule)
     y, extra = backend.forward(x, weight, bias, activation, negative_slope, store_extra)
     save_for_fa_backward(ctx, x, weight, feedback, counter, y if extra is None else extra, activation, negative_slope,
                          rule, None if x.dim() == 2 else x.shape)

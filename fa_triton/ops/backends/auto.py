@@ -177,26 +177,31 @@ AUTO = register(Backend("auto", *STEPS, TRITON.feedback_matrix, chain_forward, c
 
 # ------------------------------------------------------------------- one layer's eager calls
 
+# CHOICES[0] changes whenever clear_auto_choices() runs: a choice a layer kept is valid only while it has not.
+CHOICES = [0]
+
+
 # What each step's key is built from, exactly (sizes, strides, dtypes, flags, the fp32 dot
-# precision): a call with the same layout has the same key.
+# precision), and CHOICES: a call with the same layout has the same key and the same choice.
 def _forward_layout(x, weight, bias, activation, negative_slope, store_extra, out=None):
     return (x.shape, x.stride(), x.dtype, weight.shape, weight.stride(), bias is None, activation, store_extra,
-            kernels().plans.dot_precision(x.dtype))
+            kernels().plans.dot_precision(x.dtype), CHOICES[0])
 
 
 def _local_error_layout(grad_y, saved, activation, negative_slope, need_delta, bias_grad):
     return (grad_y.shape, grad_y.stride(), grad_y.dtype, None if saved is None else (saved.shape, saved.stride()),
-            activation, need_delta, bias_grad, kernels().plans.dot_precision(grad_y.dtype))
+            activation, need_delta, bias_grad, kernels().plans.dot_precision(grad_y.dtype), CHOICES[0])
 
 
 def _backward_input_layout(delta, feedback, weight, counter, rule):
     return (delta.shape, delta.stride(), delta.dtype, None if feedback is None else (feedback.shape, feedback.stride()),
             None if weight is None else (weight.shape, weight.stride()), rule.method,
-            kernels().plans.dot_precision(delta.dtype))
+            kernels().plans.dot_precision(delta.dtype), CHOICES[0])
 
 
 def _backward_weight_layout(delta, x):
-    return (delta.shape, delta.stride(), delta.dtype, x.shape, x.stride(), kernels().plans.dot_precision(delta.dtype))
+    return (delta.shape, delta.stride(), delta.dtype, x.shape, x.stride(), kernels().plans.dot_precision(delta.dtype),
+            CHOICES[0])
 
 
 class LayerAutoStep:
@@ -253,6 +258,8 @@ class AutoLayerSteps:
 
 
 def clear_auto_choices() -> None:
-    """Forget this process's fast lookup of auto choices (the tuner keeps its own)."""
+    """Forget this process's fast lookup of auto choices, the layers' kept ones included (the
+    tuner keeps its own)."""
     for step in STEPS + CHAIN_STEPS:
         step.chosen.clear()
+    CHOICES[0] += 1

@@ -166,6 +166,8 @@ class LayerSteps:
         return (delta if store else grad_y if need_delta else None), grad_b
 
     def backward_input(self, delta, feedback, weight, counter, rule):
+        if not delta.shape[0]:
+            return backward_input(delta, feedback, weight, counter, rule)  # an empty batch: no B is formed
         source = feedback_matrix(weight, feedback, counter, rule)  # B as the rule forms it
         layout = (delta.shape, delta.stride(), delta.dtype, source.shape, source.stride(), source.dtype,
                   self._kernels.plans.dot_precision(source.dtype), self._generation[0])
