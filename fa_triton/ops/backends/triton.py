@@ -105,7 +105,7 @@ class LayerSteps:
     makes one per recorded fit), each remembering the launch plan of its last call and the
     operands' layout it was made for: a call with the same layout runs that plan at once,
     without the launcher's checks and without building and looking up its plan key (together
-    about 4 µs of host time per launch, ``bench/eager_overhead.py``). Any other call — a new
+    4–5 µs of host time per launch on the dev CPU, ``bench/README.md``). Any other call — a new
     batch size, other strides or dtypes, other flags, PyTorch's fp32 matmul precision switched,
     the plans cleared (``kernels.clear_plans``) — runs the step above, whose launcher checks
     everything, and remembers its plan. Layouts are compared at every call, never assumed: a
