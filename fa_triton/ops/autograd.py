@@ -233,7 +233,7 @@ class LayerFunction(torch.autograd.Function):
     layer's own on Triton (``LayerSteps``, which keep their launch plans) and on "auto"
     (``AutoLayerSteps``, which keep auto's choices too), the reference backend's otherwise, and
     forward is the backend's (:data:`_FORWARDS`). The same forward and :func:`fa_backward` as the
-    Functions above, with six inputs instead of eight (each costs about 0.3 µs a call)."""
+    Functions above, with six inputs instead of eight (each input costs the call some host time)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, feedback, counter, call):
