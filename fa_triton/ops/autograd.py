@@ -413,9 +413,9 @@ def eager_runner(backend: Backend, rule: FeedbackRule, activation: str, negative
 def _run_eager(backend: Backend, x, weight, bias, feedback, counter, activation: str, negative_slope: float,
                rule: FeedbackRule) -> torch.Tensor:
     """The layer in eager mode on a resolved backend, for one call: its autograd Function, or
-    for backprop on the reference :func:`_plain_backprop`'s ops."""
+    for backprop on the reference :func:`_plain_backprop`."""
     if rule.method == "backprop" and backend is TORCH:
-        return apply_activation(F.linear(x, weight, bias), activation, negative_slope)
+        return _plain_backprop(x, weight, bias, feedback, counter, (activation, negative_slope))
     return backend.function.apply(x, weight, bias, feedback, counter, activation, negative_slope, rule)
 
 
